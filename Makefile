@@ -1,0 +1,35 @@
+# Two entry points a newcomer needs: `make demo` and `make test` (both set up first).
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench-emulated bench-deepspeed clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+# The main job: 4 CPU ranks, 2 pipelines x 2 stages, the example GPT; writes a report.
+demo: setup
+	rm -rf $(RUN_DIR)
+	$(BIN)/odyssey run --standalone --nproc-per-node 4 --run-dir $(RUN_DIR) \
+	    examples/train_gpt.py --dp 2 --pp 2 --steps 60 --log-every 10
+	$(BIN)/python -m odyssey.summary $(RUN_DIR)/report.json
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench-emulated: setup
+	$(BIN)/python benchmarks/emulated_step_time.py
+
+bench-deepspeed: setup
+	EXTRAS=dev,plot,deepspeed bash scripts/setup_deepspeed.sh
+	$(BIN)/python benchmarks/engine_vs_deepspeed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

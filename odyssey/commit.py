@@ -1,0 +1,77 @@
+"""Atomic step commit: every member votes, one compare-and-set key decides.
+
+The last voter sets `decision` to "commit"; anyone who learns of a failure sets it to
+"abort". Whoever writes first wins, so every survivor reads one outcome and either all
+apply the optimizer step or none does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from odyssey.comm import StepAborted
+
+COMMIT = "commit"
+ABORT = "abort"
+
+
+def step_prefix(generation: int, step: int) -> str:
+    return f"odyssey/gen{generation}/step{step}"
+
+
+class CommitProtocol:
+    """Votes and the decision for the steps of one generation."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        generation: int,
+        members: list[int],
+        poll_s: float = 0.05,
+        abort_check: Callable[[], str | None] | None = None,
+    ):
+        self.store = store
+        self.generation = generation
+        self.members = sorted(members)
+        self.poll = timedelta(seconds=poll_s)
+        self.abort_check = abort_check or (lambda: None)
+
+    def vote(self, worker_id: int, step: int, payload: dict) -> str:
+        """Record this rank's vote; block until the step is decided; return the decision."""
+        p = step_prefix(self.generation, step)
+        self.store.set(f"{p}/vote/{worker_id}", json.dumps(payload))
+        if self.store.add(f"{p}/votes", 1) == len(self.members):
+            self.store.compare_set(f"{p}/decision", "", COMMIT)
+        return self.wait_decision(step)
+
+    def abort(self, step: int, reason: str) -> str:
+        """Try to abort `step`; returns the decision that stands (commit may have won)."""
+        p = step_prefix(self.generation, step)
+        self.store.compare_set(f"{p}/reason", "", reason)
+        return self.store.compare_set(f"{p}/decision", "", ABORT).decode()
+
+    def wait_decision(self, step: int) -> str:
+        key = f"{step_prefix(self.generation, step)}/decision"
+        while True:
+            try:
+                self.store.wait([key], self.poll)
+                return self.store.get(key).decode()
+            except dist.DistStoreError:
+                reason = self.abort_check()
+                if reason:
+                    return self.abort(step, reason)
+
+    def votes(self, step: int) -> dict[int, dict]:
+        """All members' vote payloads of a decided step (leader only: one round trip)."""
+        p = step_prefix(self.generation, step)
+        raw = self.store.multi_get([f"{p}/vote/{w}" for w in self.members])
+        return {w: json.loads(v) for w, v in zip(self.members, raw)}
+
+
+def raise_if_aborted(decision: str, step: int) -> None:
+    if decision != COMMIT:
+        raise StepAborted(f"step {step} aborted")

@@ -1,0 +1,63 @@
+"""Who this worker is and where the job's store lives, read from the environment.
+
+Under `odyssey run` the launcher hosts the store (ODYSSEY_STORE_ADDR/PORT) so it outlives
+any worker. Under plain `torchrun` we use torchrun's store, under a prefix per restart
+attempt so a restarted group never reads keys of the previous attempt.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+
+@dataclass
+class WorkerInfo:
+    """Identity of one worker and its handle on the job's store."""
+
+    rank: int
+    """Stable worker id (the global rank it was launched with)."""
+    world_size: int
+    """Workers launched."""
+    store: dist.Store
+    """Client of the job's key-value store."""
+    local_rank: int = 0
+    """Rank on its node."""
+    attempt: int = 0
+    """torchrun restart attempt (always 0 under `odyssey run`)."""
+    launcher: str = "odyssey"
+    """'odyssey' (survivors kept) or 'torchrun' (group restarts on failure)."""
+    run_dir: str | None = None
+    """Run directory handed down by the launcher, if any."""
+    host: str = "127.0.0.1"
+    """Address for this worker's communication transport."""
+
+
+def store_client(addr: str, port: int, timeout_s: float = 120.0) -> dist.TCPStore:
+    return dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=timeout_s),
+                         use_libuv=True)
+
+
+def worker_from_env(timeout_s: float = 120.0) -> WorkerInfo:
+    """Build `WorkerInfo` from the variables `odyssey run` or `torchrun` exported."""
+    env = os.environ
+    missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
+    if missing:
+        raise RuntimeError(
+            f"environment variables {missing} are not set: start this script with "
+            "`odyssey run --nproc-per-node N script.py` or `torchrun ...`"
+        )
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    host = env.get("ODYSSEY_HOST", "127.0.0.1")
+    if "ODYSSEY_STORE_ADDR" in env:
+        store = store_client(env["ODYSSEY_STORE_ADDR"], int(env["ODYSSEY_STORE_PORT"]), timeout_s)
+        return WorkerInfo(rank, world, store, int(env.get("LOCAL_RANK", 0)), 0, "odyssey",
+                          env.get("ODYSSEY_RUN_DIR"), host)
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+    base = store_client(env["MASTER_ADDR"], int(env["MASTER_PORT"]), timeout_s)
+    store = dist.PrefixStore(f"attempt{attempt}", base)
+    return WorkerInfo(rank, world, store, int(env.get("LOCAL_RANK", 0)), attempt, "torchrun",
+                      env.get("ODYSSEY_RUN_DIR"), host)

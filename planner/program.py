@@ -1,0 +1,188 @@
+"""`Program`: per-rank instruction lists compiled from a `Plan`.
+
+Both interpreters consume the same instructions: the simulator (planner) times them,
+the engine (odyssey) executes them. Point-to-point traffic travels on *channels*: one
+ordered queue per (src, dst, kind). Senders and receivers visit a channel's microbatches
+in the same order under both schedules, so a channel can be a plain FIFO.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from planner.plan import Plan, Stage
+
+
+class Op(str, Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    SEND_ACT = "send_act"
+    RECV_ACT = "recv_act"
+    SEND_GRAD = "send_grad"
+    RECV_GRAD = "recv_grad"
+    ALLREDUCE = "allreduce"
+    COMMIT = "commit"
+    OPTIMIZER_STEP = "optimizer_step"
+
+
+P2P_OPS = (Op.SEND_ACT, Op.RECV_ACT, Op.SEND_GRAD, Op.RECV_GRAD)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One step of a rank's program."""
+
+    op: Op
+    microbatch: int = -1
+    """Microbatch id (compute and p2p ops)."""
+    start: int = 0
+    """First layer of the range this op covers (compute and all-reduce ops)."""
+    end: int = 0
+    """One past the last layer of the range."""
+    peer: int = -1
+    """The other worker id (p2p ops)."""
+    group: tuple[int, ...] = ()
+    """Worker ids taking part (all-reduce)."""
+
+    def __str__(self) -> str:
+        if self.op in (Op.FORWARD, Op.BACKWARD):
+            return f"{self.op.value}(mb={self.microbatch}, layers={self.start}..{self.end - 1})"
+        if self.op in P2P_OPS:
+            return f"{self.op.value}(mb={self.microbatch}, peer={self.peer})"
+        if self.op is Op.ALLREDUCE:
+            return f"allreduce(layers={self.start}..{self.end - 1}, group={list(self.group)})"
+        return self.op.value
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A one-directional ordered p2p queue."""
+
+    src: int
+    dst: int
+    kind: str
+    """'act' (forward activations) or 'grad' (gradients flowing back)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.src}-{self.dst}"
+
+
+@dataclass
+class Program:
+    """The compiled form of a plan: what each rank executes for one training step."""
+
+    plan: Plan
+    instructions: dict[int, list[Instruction]] = field(default_factory=dict)
+
+    def for_rank(self, rank: int) -> list[Instruction]:
+        return self.instructions[rank]
+
+    def channels(self) -> list[Channel]:
+        """Every p2p channel the program uses, in a deterministic order."""
+        seen = set()
+        for rank, instrs in self.instructions.items():
+            for ins in instrs:
+                if ins.op is Op.SEND_ACT:
+                    seen.add(Channel(rank, ins.peer, "act"))
+                elif ins.op is Op.SEND_GRAD:
+                    seen.add(Channel(rank, ins.peer, "grad"))
+        return sorted(seen, key=lambda c: (min(c.src, c.dst), max(c.src, c.dst), c.kind, c.src))
+
+    def allreduce_groups(self) -> list[tuple[int, ...]]:
+        """Distinct all-reduce member sets, in a deterministic order."""
+        groups = {ins.group for instrs in self.instructions.values() for ins in instrs
+                  if ins.op is Op.ALLREDUCE}
+        return sorted(groups)
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan.to_dict(),
+            "instructions": {
+                str(r): [
+                    {k: (v.value if isinstance(v, Op) else list(v) if isinstance(v, tuple) else v)
+                     for k, v in asdict(i).items()}
+                    for i in instrs
+                ]
+                for r, instrs in self.instructions.items()
+            },
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def dump(self) -> str:
+        """Human-readable listing, one rank per block."""
+        lines = []
+        for r in sorted(self.instructions):
+            lines.append(f"rank {r}:")
+            lines += [f"  {i}" for i in self.instructions[r]]
+        return "\n".join(lines)
+
+
+def _forward_ops(stages: list[Stage], s: int, mb: int) -> list[Instruction]:
+    st = stages[s]
+    ops = []
+    if s > 0:
+        ops.append(Instruction(Op.RECV_ACT, mb, peer=stages[s - 1].rank))
+    ops.append(Instruction(Op.FORWARD, mb, st.start, st.end))
+    if s < len(stages) - 1:
+        ops.append(Instruction(Op.SEND_ACT, mb, peer=stages[s + 1].rank))
+    return ops
+
+
+def _backward_ops(stages: list[Stage], s: int, mb: int) -> list[Instruction]:
+    st = stages[s]
+    ops = []
+    if s < len(stages) - 1:
+        ops.append(Instruction(Op.RECV_GRAD, mb, peer=stages[s + 1].rank))
+    ops.append(Instruction(Op.BACKWARD, mb, st.start, st.end))
+    if s > 0:
+        ops.append(Instruction(Op.SEND_GRAD, mb, peer=stages[s - 1].rank))
+    return ops
+
+
+def _stage_schedule(stages: list[Stage], s: int, mbs: list[int], schedule: str):
+    if schedule == "gpipe":
+        ops = []
+        for m in mbs:
+            ops += _forward_ops(stages, s, m)
+        for m in mbs:
+            ops += _backward_ops(stages, s, m)
+        return ops
+    # 1F1B: warm up with p-s-1 forwards, then alternate, then drain the backwards.
+    p, n = len(stages), len(mbs)
+    warmup = min(p - s - 1, n)
+    ops = []
+    for i in range(warmup):
+        ops += _forward_ops(stages, s, mbs[i])
+    for i in range(n - warmup):
+        ops += _forward_ops(stages, s, mbs[warmup + i])
+        ops += _backward_ops(stages, s, mbs[i])
+    for i in range(n - warmup, n):
+        ops += _backward_ops(stages, s, mbs[i])
+    return ops
+
+
+def compile_plan(plan: Plan) -> Program:
+    """Compile a validated plan into per-rank instruction lists.
+
+    Each rank: its stage's pipeline schedule, then one all-reduce per layer group it
+    shares with other ranks (latest layers first: their gradients are ready first),
+    then commit and optimizer step.
+    """
+    plan.validate()
+    program = Program(plan)
+    groups = plan.layer_groups()
+    for pipe in plan.pipelines:
+        for s, st in enumerate(pipe.stages):
+            ops = _stage_schedule(pipe.stages, s, pipe.microbatches, plan.schedule)
+            for (a, b), members in sorted(groups, key=lambda g: -g[0][0]):
+                if st.rank in members and len(members) > 1:
+                    ops.append(Instruction(Op.ALLREDUCE, start=a, end=b, group=members))
+            ops.append(Instruction(Op.COMMIT))
+            ops.append(Instruction(Op.OPTIMIZER_STEP, start=st.start, end=st.end))
+            program.instructions[st.rank] = ops
+    return program

@@ -1,0 +1,95 @@
+"""Plan validation, JSON round-trip and the compiled Program's structure."""
+
+import pytest
+
+from planner import Op, Pipeline, Plan, PlanError, Stage, compile_plan
+
+
+def unequal_plan(schedule="1f1b") -> Plan:
+    # one pipeline of 2 stages and one of 1 stage, microbatches split 2:1
+    return Plan(6, 6, 2, [
+        Pipeline([Stage(0, 0, 3), Stage(1, 3, 6)], [0, 1, 3, 4]),
+        Pipeline([Stage(2, 0, 6)], [2, 5]),
+    ], schedule).validate()
+
+
+def test_uniform_plan_shape_and_json_roundtrip():
+    p = Plan.uniform(8, dp=2, pp=2, num_microbatches=4, microbatch_size=3, schedule="gpipe")
+    assert p.ranks == [0, 1, 2, 3] and p.global_batch == 12
+    assert [s.layers for s in p.pipelines[0].stages] == [range(0, 4), range(4, 8)]
+    assert p.pipelines[1].microbatches == [1, 3]
+    assert Plan.from_json(p.to_json()) == p
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.pipelines[0].stages.__setitem__(1, Stage(1, 5, 8)),
+     "pipeline 0: layer 4 is held by no rank (hole)"),
+    (lambda p: p.pipelines[0].stages.__setitem__(1, Stage(1, 3, 8)),
+     "pipeline 0: layer 3 is held by ranks [0, 1] (overlap)"),
+    (lambda p: p.pipelines[1].stages.__setitem__(0, Stage(0, 0, 4)),
+     "rank 0 is used 2 times"),
+    (lambda p: p.pipelines[1].microbatches.remove(3),
+     "microbatch(es) [3] are missing"),
+    (lambda p: p.pipelines[1].microbatches.append(0),
+     "microbatch 0 is duplicated"),
+    (lambda p: p.pipelines[0].microbatches.append(9),
+     "microbatch 9 is out of range"),
+])
+def test_invalid_plans_are_rejected_with_a_precise_message(mutate, message):
+    p = Plan.uniform(8, dp=2, pp=2, num_microbatches=4, microbatch_size=1)
+    mutate(p)
+    with pytest.raises(PlanError) as e:
+        p.validate()
+    assert message in str(e.value)
+
+
+def test_malformed_json_and_bad_uniform_args():
+    with pytest.raises(PlanError, match="malformed plan JSON"):
+        Plan.from_json("{not json")
+    with pytest.raises(PlanError, match="malformed plan JSON"):
+        Plan.from_json('{"num_layers": 4}')
+    with pytest.raises(PlanError, match="cannot split"):
+        Plan.uniform(2, dp=1, pp=3, num_microbatches=4, microbatch_size=1)
+    with pytest.raises(PlanError, match="partition"):
+        Plan.uniform(8, dp=1, pp=2, num_microbatches=4, microbatch_size=1, partition=[3, 3])
+
+
+def _counts(instrs):
+    out = {}
+    for i in instrs:
+        out[i.op] = out.get(i.op, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_compiled_program_sends_match_receives(schedule):
+    prog = compile_plan(unequal_plan(schedule))
+    sends = sorted((r, i.peer, i.microbatch, i.op.value[5:]) for r, ins in prog.instructions.items()
+                   for i in ins if i.op in (Op.SEND_ACT, Op.SEND_GRAD))
+    recvs = sorted((i.peer, r, i.microbatch, i.op.value[5:]) for r, ins in prog.instructions.items()
+                   for i in ins if i.op in (Op.RECV_ACT, Op.RECV_GRAD))
+    assert sends == recvs and len(sends) == 8  # 4 microbatches x (act + grad) on one edge
+    # every rank: each of its microbatches forward and backward once, then commit + step
+    for r, ins in prog.instructions.items():
+        c = _counts(ins)
+        assert c[Op.FORWARD] == c[Op.BACKWARD] == (2 if r == 2 else 4)
+        assert ins[-2].op is Op.COMMIT and ins[-1].op is Op.OPTIMIZER_STEP
+    # layers 0..2 are shared by ranks 0 and 2, layers 3..5 by ranks 1 and 2
+    ar = {r: [(i.start, i.end, i.group) for i in ins if i.op is Op.ALLREDUCE]
+          for r, ins in prog.instructions.items()}
+    assert ar == {0: [(0, 3, (0, 2))], 1: [(3, 6, (1, 2))],
+                  2: [(3, 6, (1, 2)), (0, 3, (0, 2))]}
+
+
+def test_1f1b_limits_microbatches_in_flight():
+    p = Plan.uniform(4, dp=1, pp=4, num_microbatches=8, microbatch_size=1)
+    prog = compile_plan(p)
+    for s, rank in enumerate(p.pipelines[0].ranks):
+        live = peak = 0
+        for i in prog.for_rank(rank):
+            live += (i.op is Op.FORWARD) - (i.op is Op.BACKWARD)
+            peak = max(peak, live)
+        assert peak == 4 - s  # stage s keeps at most p - s microbatches alive
+    gp = compile_plan(Plan.uniform(4, 1, 4, 8, 1, schedule="gpipe"))
+    first = [i.op for i in gp.for_rank(0) if i.op in (Op.FORWARD, Op.BACKWARD)]
+    assert first == [Op.FORWARD] * 8 + [Op.BACKWARD] * 8
