@@ -70,7 +70,7 @@ class Plan:
 
     @property
     def ranks(self) -> list[int]:
-        return sorted(r for p in self.pipelines for r in p.ranks)
+        return sorted({r for p in self.pipelines for r in p.ranks})
 
     @property
     def world_size(self) -> int:
@@ -86,7 +86,18 @@ class Plan:
 
     def holders(self, layer: int) -> list[int]:
         """Worker ids holding `layer`, sorted."""
-        return sorted(s.rank for p in self.pipelines for s in p.stages if s.start <= layer < s.end)
+        return sorted({s.rank for p in self.pipelines for s in p.stages
+                       if s.start <= layer < s.end})
+
+    def stage(self, rank: int) -> Stage:
+        """The stage a worker id executes (shared stages have one range everywhere)."""
+        pi, si = self.stage_of(rank)
+        return self.pipelines[pi].stages[si]
+
+    @property
+    def has_shared_stages(self) -> bool:
+        """True when some rank serves several pipelines (a rerouted plan)."""
+        return sum(len(p.stages) for p in self.pipelines) > len(self.ranks)
 
     def layer_groups(self) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
         """Maximal contiguous layer ranges with one holder set: ((start, end), holders).
@@ -115,12 +126,23 @@ class Plan:
             errors.append(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
         if not self.pipelines:
             errors.append("plan has no pipelines")
-        rank_uses = Counter(r for p in self.pipelines for r in p.ranks)
-        for r, n in sorted(rank_uses.items()):
+        # A rank executes one stage. It may serve several pipelines with that same stage
+        # (a shared stage: how a rerouted plan sends a lost stage's microbatches to a
+        # peer), but never twice in one pipeline or with different layer ranges.
+        ranges: dict[int, set[tuple[int, int]]] = {}
+        for p in self.pipelines:
+            for st in p.stages:
+                ranges.setdefault(st.rank, set()).add((st.start, st.end))
+        for r in sorted(ranges):
             if r < 0:
                 errors.append(f"rank {r} is negative")
-            if n > 1:
-                errors.append(f"rank {r} is used {n} times (a rank executes one stage)")
+            if len(ranges[r]) > 1:
+                errors.append(f"rank {r} is used with different layer ranges "
+                              f"{sorted(ranges[r])} (a rank executes one stage)")
+        for pi, p in enumerate(self.pipelines):
+            for r, n in sorted(Counter(p.ranks).items()):
+                if n > 1:
+                    errors.append(f"pipeline {pi}: rank {r} is used {n} times")
         for pi, p in enumerate(self.pipelines):
             if not p.stages:
                 errors.append(f"pipeline {pi} has no stages")

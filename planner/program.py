@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from planner.plan import Plan, Stage
+from planner.schedule import list_schedule
 
 
 class Op(str, Enum):
@@ -176,13 +177,26 @@ def compile_plan(plan: Plan) -> Program:
     plan.validate()
     program = Program(plan)
     groups = plan.layer_groups()
-    for pipe in plan.pipelines:
-        for s, st in enumerate(pipe.stages):
-            ops = _stage_schedule(pipe.stages, s, pipe.microbatches, plan.schedule)
-            for (a, b), members in sorted(groups, key=lambda g: -g[0][0]):
-                if st.rank in members and len(members) > 1:
-                    ops.append(Instruction(Op.ALLREDUCE, start=a, end=b, group=members))
-            ops.append(Instruction(Op.COMMIT))
-            ops.append(Instruction(Op.OPTIMIZER_STEP, start=st.start, end=st.end))
-            program.instructions[st.rank] = ops
+    compute: dict[int, list[Instruction]] = {}
+    if plan.has_shared_stages:
+        pos = {(pi, r): si for pi, p in enumerate(plan.pipelines) for si, r in enumerate(p.ranks)}
+        for r, ops in list_schedule(plan).items():
+            compute[r] = []
+            for kind, pi, m in ops:
+                stages = plan.pipelines[pi].stages
+                expand = _forward_ops if kind == "F" else _backward_ops
+                compute[r] += expand(stages, pos[(pi, r)], m)
+    else:
+        for pipe in plan.pipelines:
+            for s, st in enumerate(pipe.stages):
+                compute[st.rank] = _stage_schedule(pipe.stages, s, pipe.microbatches,
+                                                   plan.schedule)
+    for r, ops in compute.items():
+        st = plan.stage(r)
+        for (a, b), members in sorted(groups, key=lambda g: -g[0][0]):
+            if r in members and len(members) > 1:
+                ops.append(Instruction(Op.ALLREDUCE, start=a, end=b, group=members))
+        ops.append(Instruction(Op.COMMIT))
+        ops.append(Instruction(Op.OPTIMIZER_STEP, start=st.start, end=st.end))
+        program.instructions[r] = ops
     return program

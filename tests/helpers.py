@@ -46,4 +46,5 @@ def max_rel(a: float, b: float) -> float:
 def assert_close_state(sd: dict, ref: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     assert sd.keys() == ref.keys()
     for k in sd:
-        torch.testing.assert_close(sd[k], ref[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(sd[k], ref[k], rtol=rtol, atol=atol,
+                                   msg=lambda m, k=k: f"{k}: {m}")

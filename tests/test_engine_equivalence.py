@@ -80,3 +80,19 @@ def test_reference_is_deterministic():
     cfg = TrainConfig(steps=3, num_microbatches=2, microbatch_size=2)
     a, b = reference(cfg)[0], reference(cfg)[0]
     assert a == b and all(torch.isfinite(torch.tensor(a)))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_shared_stage_reroute_matches_reference(schedule, ref, tmp_path):
+    # ReCycle-style: rank 2 serves the second stage of both pipelines
+    plan = Plan(4, 4, 2, [
+        Pipeline([Stage(0, 0, 2), Stage(2, 2, 4)], [0, 2]),
+        Pipeline([Stage(1, 0, 2), Stage(2, 2, 4)], [1, 3]),
+    ], schedule).validate()
+    assert plan.has_shared_stages and plan.world_size == 3
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    cfg = TrainConfig(steps=STEPS, plan_file=str(path), num_microbatches=4, microbatch_size=2,
+                      run_dir=str(tmp_path), log_every=100)
+    check_run(cfg, 3, ref, tmp_path)

@@ -26,8 +26,10 @@ def test_uniform_plan_shape_and_json_roundtrip():
      "pipeline 0: layer 4 is held by no rank (hole)"),
     (lambda p: p.pipelines[0].stages.__setitem__(1, Stage(1, 3, 8)),
      "pipeline 0: layer 3 is held by ranks [0, 1] (overlap)"),
-    (lambda p: p.pipelines[1].stages.__setitem__(0, Stage(0, 0, 4)),
-     "rank 0 is used 2 times"),
+    (lambda p: p.pipelines[1].stages.__setitem__(1, Stage(0, 4, 8)),
+     "rank 0 is used with different layer ranges [(0, 4), (4, 8)]"),
+    (lambda p: p.pipelines[0].stages.__setitem__(1, Stage(0, 4, 8)),
+     "pipeline 0: rank 0 is used 2 times"),
     (lambda p: p.pipelines[1].microbatches.remove(3),
      "microbatch(es) [3] are missing"),
     (lambda p: p.pipelines[1].microbatches.append(0),
@@ -93,3 +95,24 @@ def test_1f1b_limits_microbatches_in_flight():
     gp = compile_plan(Plan.uniform(4, 1, 4, 8, 1, schedule="gpipe"))
     first = [i.op for i in gp.for_rank(0) if i.op in (Op.FORWARD, Op.BACKWARD)]
     assert first == [Op.FORWARD] * 8 + [Op.BACKWARD] * 8
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_shared_stage_program_is_consistent(schedule):
+    # 2 x 4, rank 1 lost: pipeline 0's second stage is served by rank 5 (ReCycle reroute)
+    p = Plan(8, 8, 1, [
+        Pipeline([Stage(0, 0, 2), Stage(5, 2, 4), Stage(2, 4, 6), Stage(3, 6, 8)], [0, 2, 4, 6]),
+        Pipeline([Stage(4, 0, 2), Stage(5, 2, 4), Stage(6, 4, 6), Stage(7, 6, 8)], [1, 3, 5, 7]),
+    ], schedule).validate()
+    prog = compile_plan(p)
+    assert sorted(prog.instructions) == [0, 2, 3, 4, 5, 6, 7]
+    assert _counts(prog.for_rank(5))[Op.FORWARD] == 8
+    # each channel's sends and receives visit microbatches in the same order (FIFO)
+    for ch in prog.channels():
+        op_s, op_r = (Op.SEND_ACT, Op.RECV_ACT) if ch.kind == "act" else (Op.SEND_GRAD,
+                                                                          Op.RECV_GRAD)
+        sent = [i.microbatch for i in prog.for_rank(ch.src) if i.op is op_s and i.peer == ch.dst]
+        got = [i.microbatch for i in prog.for_rank(ch.dst) if i.op is op_r and i.peer == ch.src]
+        assert sent == got and sent
+    # layers 2..3 now live on rank 5 alone: no all-reduce for them
+    assert (5,) not in prog.allreduce_groups() and (1, 5) not in prog.allreduce_groups()

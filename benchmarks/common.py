@@ -1,0 +1,44 @@
+"""Helpers shared by the benchmarks: launch a training run and read its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "examples" / "train_gpt.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, run_dir: Path, script_args: list[str], launcher: str = "odyssey",
+           timeout_s: float = 600) -> dict:
+    """Run examples/train_gpt.py on `nproc` local ranks; return its report.json."""
+    if launcher == "odyssey":
+        cmd = [sys.executable, "-m", "launch.cli", "run", "--standalone",
+               "--nproc-per-node", str(nproc), "--run-dir", str(run_dir), str(TRAIN)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+               "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TRAIN),
+               "--run-dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    proc = subprocess.run(cmd + script_args, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-2000:]}")
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def step_times(run_dir: Path, skip: int) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["step_time_s"] for x in lines if x.strip()][skip:]
