@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         sys.exit(f"--mode must be 'real' or 'emulated', got {cfg.mode!r}")
     worker = worker_from_env()
-    Trainer(model, data, cfg, worker).fit()
+    try:
+        Trainer(model, data, cfg, worker).fit()
+    except BaseException:  # report, then leave at once: group destructors can hang
+        traceback.print_exc()
+        exit_cleanly(1)
     exit_cleanly(0)
 
 

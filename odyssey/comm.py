@@ -46,6 +46,9 @@ class CommConfig:
     """Last-resort timeout of a single op inside the backend."""
     poll_s: float = 0.05
     """How often a waiting rank checks whether the step was aborted."""
+    setup_timeout_s: float = 10.0
+    """How long creating a group may wait for its members (a member that died during a
+    recovery must not hold the survivors for the whole op timeout)."""
 
 
 class Pending:
@@ -85,26 +88,32 @@ class Comm:
         pstore = dist.PrefixStore(prefix, self.store)
         rank, size = members.index(self.worker_id), len(members)
         timeout = timedelta(seconds=self.cfg.timeout_s)
-        if self.cfg.backend == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.cfg.host)]
-            opts._timeout = timeout
-            opts._threads = 1
-            return dist.ProcessGroupGloo(pstore, rank, size, opts)
+        setup = timedelta(seconds=min(self.cfg.setup_timeout_s, self.cfg.timeout_s))
+        try:
+            if self.cfg.backend == "gloo":
+                opts = dist.ProcessGroupGloo._Options()
+                opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.cfg.host)]
+                opts._timeout = setup
+                opts._threads = 1
+                pg = dist.ProcessGroupGloo(pstore, rank, size, opts)
+                pg._set_default_timeout(timeout)
+                return pg
+        except (RuntimeError, dist.DistStoreError) as e:
+            raise CommError(f"could not build group {name} {list(members)}: {e}") from e
         if self.cfg.backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             return dist.ProcessGroupNCCL(pstore, rank, size, opts)
         raise ValueError(f"unknown backend {self.cfg.backend!r} (expected 'gloo' or 'nccl')")
 
-    def setup(self, program: Program) -> Comm:
-        """Create every group of `program` this rank belongs to.
+    def setup(self, program: Program, extra: list[Channel] | None = None) -> Comm:
+        """Create every group of `program` (and `extra` channels) this rank belongs to.
 
         Creation is a barrier among a group's members; visiting groups in one global
         order on every rank makes the sequence of barriers deadlock-free.
         """
         wanted: list[tuple[tuple[int, ...], str]] = []
-        for ch in program.channels():
+        for ch in [*program.channels(), *(extra or [])]:
             wanted.append(((ch.src, ch.dst), _channel_key(ch)))
         for members in program.allreduce_groups():
             wanted.append((members, "ar-" + "-".join(map(str, members))))

@@ -20,6 +20,7 @@ from odyssey.comm import Comm, Pending, StepAborted
 from odyssey.commit import COMMIT, CommitProtocol
 from odyssey.data import Sampler
 from odyssey.model import LayeredModel
+from odyssey.online_profile import stage_timing
 from planner.program import Instruction, Op, Program
 
 
@@ -82,17 +83,31 @@ class Engine:
         """Called before each instruction (fault injection, tracing)."""
 
     # ---- configuration -------------------------------------------------------------
-    def install(self, program: Program, comm: Comm, commit: CommitProtocol) -> None:
-        """Adopt a program: build the layers this rank now holds, drop the others."""
+    def install(self, program: Program, comm: Comm, commit: CommitProtocol,
+                keep: bool = False) -> None:
+        """Adopt a program: build the layers this rank now holds.
+
+        Layers no longer held are dropped now, or kept until `prune()` when `keep` is
+        set (a transition that fails half-way must still find the old state intact).
+        """
         self.program, self.comm, self.commit = program, comm, commit
-        pi, si = program.plan.stage_of(self.worker_id)
-        stage = program.plan.pipelines[pi].stages[si]
-        for i in [i for i in self.layers if i not in stage.layers]:
-            del self.layers[i], self.optimizers[i]
+        stage = program.plan.stage(self.worker_id)
+        if not keep:
+            self.prune()
         for i in stage.layers:
             if i not in self.layers:
-                self.layers[i] = self.model.build_layer(i).to(self.device)
-                self.optimizers[i] = make_optimizer(self.layers[i], self.optim_cfg)
+                self.reset_layer(i)
+
+    def prune(self) -> None:
+        """Drop layers outside the current program's stage."""
+        stage = self.program.plan.stage(self.worker_id)
+        for i in [i for i in self.layers if i not in stage.layers]:
+            del self.layers[i], self.optimizers[i]
+
+    def reset_layer(self, i: int) -> None:
+        """(Re)build layer i with its initial weights and a fresh optimizer."""
+        self.layers[i] = self.model.build_layer(i).to(self.device)
+        self.optimizers[i] = make_optimizer(self.layers[i], self.optim_cfg)
 
     @property
     def held_layers(self) -> list[int]:
@@ -104,7 +119,7 @@ class Engine:
         assert self.program is not None and self.comm is not None and self.commit is not None
         t0 = time.perf_counter()
         st = _StepState(step)
-        op_s: dict[str, float] = defaultdict(float)
+        op_s = st.op_seconds
         try:
             for ins in self.program.for_rank(self.worker_id):
                 if self.before_op is not None:
@@ -140,7 +155,7 @@ class Engine:
         elif op is Op.COMMIT:
             self._commit(st)
         elif op is Op.OPTIMIZER_STEP:
-            for i in sorted(self.layers):
+            for i in range(ins.start, ins.end):
                 self.optimizers[i].step()
             self.zero_grad()
         else:  # pragma: no cover - Op is closed
@@ -207,7 +222,11 @@ class Engine:
                 n = param.numel()
                 param.grad = flat[offset:offset + n].view_as(param).clone()
                 offset += n
-        payload = {"loss_sum": st.loss_sum, "samples": _ranges(st.sample_ids)}
+        stage = self.program.plan.stage(self.worker_id)
+        n_mb = sum(1 for i in self.program.for_rank(self.worker_id) if i.op is Op.FORWARD)
+        params = [sum(p.numel() for p in self.layers[i].parameters()) for i in stage.layers]
+        payload = {"loss_sum": st.loss_sum, "samples": _ranges(st.sample_ids),
+                   "timing": stage_timing(st.op_seconds, stage.start, stage.end, n_mb, params)}
         decision = self.commit.vote(self.worker_id, st.step, payload)
         if decision != COMMIT:
             raise StepAborted(f"step {st.step} aborted by the commit protocol")
@@ -238,6 +257,7 @@ class _StepState:
     reductions: list[tuple[Instruction, Pending]] = field(default_factory=list)
     loss_sum: float = 0.0
     sample_ids: list[int] = field(default_factory=list)
+    op_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
 def _ranges(ids: list[int]) -> list[list[int]]:

@@ -8,6 +8,7 @@ attempt so a restarted group never reads keys of the previous attempt.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,6 +35,10 @@ class WorkerInfo:
     """Run directory handed down by the launcher, if any."""
     host: str = "127.0.0.1"
     """Address for this worker's communication transport."""
+    store_factory: Callable[[], dist.Store] | None = None
+    """Opens another client of the same store (for the heartbeat thread)."""
+    joining: bool = False
+    """A replacement worker joining a running job (ODYSSEY_JOIN=1)."""
 
 
 def store_client(addr: str, port: int, timeout_s: float = 120.0) -> dist.TCPStore:
@@ -53,11 +58,17 @@ def worker_from_env(timeout_s: float = 120.0) -> WorkerInfo:
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     host = env.get("ODYSSEY_HOST", "127.0.0.1")
     if "ODYSSEY_STORE_ADDR" in env:
-        store = store_client(env["ODYSSEY_STORE_ADDR"], int(env["ODYSSEY_STORE_PORT"]), timeout_s)
-        return WorkerInfo(rank, world, store, int(env.get("LOCAL_RANK", 0)), 0, "odyssey",
-                          env.get("ODYSSEY_RUN_DIR"), host)
+        addr, port = env["ODYSSEY_STORE_ADDR"], int(env["ODYSSEY_STORE_PORT"])
+        return WorkerInfo(rank, world, store_client(addr, port, timeout_s),
+                          int(env.get("LOCAL_RANK", 0)), 0, "odyssey",
+                          env.get("ODYSSEY_RUN_DIR"), host,
+                          lambda: store_client(addr, port, timeout_s),
+                          env.get("ODYSSEY_JOIN") == "1")
     attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
-    base = store_client(env["MASTER_ADDR"], int(env["MASTER_PORT"]), timeout_s)
-    store = dist.PrefixStore(f"attempt{attempt}", base)
-    return WorkerInfo(rank, world, store, int(env.get("LOCAL_RANK", 0)), attempt, "torchrun",
-                      env.get("ODYSSEY_RUN_DIR"), host)
+    addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+
+    def open_store() -> dist.Store:
+        return dist.PrefixStore(f"attempt{attempt}", store_client(addr, port, timeout_s))
+
+    return WorkerInfo(rank, world, open_store(), int(env.get("LOCAL_RANK", 0)), attempt,
+                      "torchrun", env.get("ODYSSEY_RUN_DIR"), host, open_store)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.program import Op
@@ -80,8 +81,10 @@ class FaultSpec:
 class FaultInjector:
     """Fires this rank's faults once each, at their step and phase."""
 
-    def __init__(self, specs: list[FaultSpec], worker_id: int):
+    def __init__(self, specs: list[FaultSpec], worker_id: int,
+                 on_fire: Callable[[FaultSpec], None] | None = None):
         self.pending = [s for s in specs if s.rank == worker_id]
+        self.on_fire = on_fire
 
     def before_step(self, step: int) -> None:
         self._fire(step, None)
@@ -93,4 +96,6 @@ class FaultInjector:
         for spec in list(self.pending):
             if spec.step == step and PHASES[spec.phase] is op:
                 self.pending.remove(spec)
+                if self.on_fire is not None:
+                    self.on_fire(spec)  # record the time first: a killed rank says nothing
                 spec.fire()

@@ -33,7 +33,9 @@ def run_threads(world_size: int, fn: Callable[[WorkerInfo], T], timeout_s: float
     def target(rank: int) -> None:
         try:
             store = store_client("127.0.0.1", master.port, timeout_s)
-            results[rank] = fn(WorkerInfo(rank, world_size, store, rank, 0, "threads", run_dir))
+            results[rank] = fn(WorkerInfo(
+                rank, world_size, store, rank, 0, "threads", run_dir,
+                store_factory=lambda: store_client("127.0.0.1", master.port, timeout_s)))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             errors[rank] = e
 

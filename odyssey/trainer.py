@@ -1,33 +1,43 @@
-"""The user-facing `Trainer`: plan, compile, execute, commit, checkpoint, report.
+"""The user-facing `Trainer`: plan, compile, execute, commit, recover, checkpoint, report.
 
-One `Trainer` runs in each worker. The leader (lowest worker id in the plan) prints
-progress, appends metrics and the sample ledger, and writes `report.json` at the end.
+One `Trainer` runs in each worker. Under `odyssey run` (or ranks as threads) a lost rank
+triggers in-place recovery (odyssey.coordinator); under plain torchrun the failure ends
+the attempt and torchrun restarts the group, which resumes from the last checkpoint.
+The leader (lowest member of the current generation) prints progress, appends metrics
+and the sample ledger, and writes `report.json` at the end.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from odyssey import checkpoint as ckpt
-from odyssey.comm import Comm, CommConfig
-from odyssey.commit import CommitProtocol
+from odyssey import keys
+from odyssey.comm import CommConfig, CommError, StepAborted
+from odyssey.commit import step_prefix
+from odyssey.coordinator import Coordinator, Generation
 from odyssey.data import Sampler
 from odyssey.engine import Engine, OptimizerConfig, StepResult
 from odyssey.env import WorkerInfo
+from odyssey.events import recovery_event
 from odyssey.inject import FaultInjector, FaultSpec
 from odyssey.model import LayeredModel
-from odyssey.report import RunLog, build_report
+from odyssey.monitor import FailureMonitor, MonitorConfig
+from odyssey.online_profile import OnlineProfile
+from odyssey.report import RunLog, build_report, read_jsonl
+from planner.cost import CostModel
 from planner.plan import Plan, PlanError
-from planner.program import compile_plan
-
-log = logging.getLogger("odyssey")
+from planner.recovery import POLICIES, RecoveryConfig
+from planner.simulate import simulate_plan
+from profiler.profile import Profile
 
 
 @dataclass
@@ -65,6 +75,12 @@ class TrainConfig:
     """Faults to inject, e.g. kill:rank=1,step=6 (fire on the first attempt only)."""
     comm_timeout_s: float = 60.0
     """Last-resort timeout of one communication op."""
+    ft_policy: str = "adaptive"
+    """Recovery policy: adaptive, reroute, redundant, reparallelize or restart."""
+    horizon_s: float = 600.0
+    """Expected time to the next membership change; recovery maximises work over it."""
+    heartbeat_timeout_s: float = 3.0
+    """A rank whose heartbeat stalls this long is declared hung and fenced."""
     lr: float = 3e-3
     """AdamW learning rate."""
 
@@ -85,7 +101,10 @@ class Trainer:
     """Runs one worker of a training job."""
 
     def __init__(self, model: LayeredModel, data, cfg: TrainConfig, worker: WorkerInfo,
-                 device: str = "cpu", comm: CommConfig | None = None):
+                 device: str = "cpu", comm: CommConfig | None = None,
+                 profile: Profile | None = None, monitor: MonitorConfig | None = None):
+        if cfg.ft_policy not in POLICIES:
+            raise ValueError(f"--ft-policy must be one of {POLICIES}, got {cfg.ft_policy!r}")
         self.model = model
         self.data = data
         self.cfg = cfg
@@ -97,14 +116,26 @@ class Trainer:
         self.engine = Engine(model, data, self.sampler, worker.rank,
                              OptimizerConfig(lr=cfg.lr), device)
         specs = [FaultSpec.parse(s, worker.world_size) for s in cfg.inject]
-        self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank)
+        self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank,
+                                    on_fire=self._mark_injected)
         self.engine.before_op = self.faults.before_op
-        self.leader = worker.rank == min(self.plan.ranks)
         self.run_dir = Path(cfg.run_dir or worker.run_dir or "runs/latest")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir)
-        self.run_log = RunLog(self.run_dir) if self.leader else None
-        self.generation = 0
+        self.run_log: RunLog | None = None
+        self.in_place = worker.launcher in ("odyssey", "threads")
+        mcfg = monitor or MonitorConfig(heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+                                        poll_s=self.comm_cfg.poll_s)
+        self.monitor = FailureMonitor(worker.store, worker.rank, mcfg, worker.store_factory)
+        self.profile = profile
+        self.online = OnlineProfile(model.num_layers)
+        self.coord = Coordinator(
+            worker.store, worker.rank, self.engine, self.monitor, self.comm_cfg,
+            RecoveryConfig(policy=cfg.ft_policy, horizon_s=cfg.horizon_s), self.ckpt_dir,
+            self._predictor, self._layer_bytes, lambda msg: self._say(msg, -1, always=True))
+        self.gen: Generation | None = None
+        self.last_commit_gen = 0
+        self._pending_event: dict | None = None
 
     # ---- setup ---------------------------------------------------------------------
     def _make_plan(self) -> Plan:
@@ -124,6 +155,15 @@ class Trainer:
                             f"(ranks 0..{n - 1}); adjust --dp/--pp or the plan file")
         return plan
 
+    @property
+    def leader(self) -> bool:
+        return self.gen is not None and self.worker.rank == min(self.gen.members)
+
+    def _log(self) -> RunLog:
+        if self.run_log is None:
+            self.run_log = RunLog(self.run_dir)
+        return self.run_log
+
     def _resume(self) -> int:
         """Load the latest complete checkpoint if allowed; return the first step to run."""
         start = 0
@@ -133,86 +173,178 @@ class Trainer:
             for i in self.engine.held_layers:
                 self.engine.load_layer_state(i, ckpt.load_layer(self.ckpt_dir, step, i))
             start = meta["next_step"]
-            if self.leader:
-                self._say(f"resumed from checkpoint of step {step} (written under a "
+            self._say(f"resumed from checkpoint of step {step} (written under a "
                       f"{len(meta['plan']['pipelines'])}-pipeline plan)", step=start)
-        if self.run_log is not None:
-            self.run_log.rollback_to(start - 1)
+        if self.leader:
+            self._log().rollback_to(start - 1)
             if step is not None:
-                self.run_log.event({"kind": "resume", "checkpoint_step": step,
-                                    "attempt": self.worker.attempt})
+                self._log().event({"kind": "resume", "checkpoint_step": step,
+                                   "attempt": self.worker.attempt})
         return start
+
+    def _join(self) -> int:
+        """A replacement worker: announce itself, then enter the next generation."""
+        store, me = self.worker.store, self.worker.rank
+        idx = store.add(keys.NEWCOMERS_COUNT, 1) - 1
+        store.set(keys.newcomer_key(idx), str(me))
+        store.wait(["odyssey/generation"])
+        g = int(store.get("odyssey/generation"))
+        members = (json.loads(store.get(keys.members_key(g)))["members"] if g > 0
+                   else self.plan.ranks)
+        self.monitor.watch(g, members)
+        self.monitor.publish("join", f"rank {me} joins the job", generation=g)
+        self.coord.trained_plan = self.plan
+        self.coord.current = Generation(g, self.plan, None, None, None, members)
+        self.gen, step = self.coord.recover(-1, "joining")
+        self._say(f"joined in generation {self.gen.number}", step, always=True)
+        return step
 
     # ---- main loop -----------------------------------------------------------------
     def fit(self) -> FitResult:
         w, cfg = self.worker, self.cfg
         torch.manual_seed(0)
-        program = compile_plan(self.plan)
-        comm = Comm(w.store, w.rank, self.generation, self.comm_cfg).setup(program)
-        commit = CommitProtocol(w.store, self.generation, self.plan.ranks)
-        self.engine.install(program, comm, commit)
-        start = self._resume()
-        if self.leader:
-            self._say(f"training {self.model.name} ({cfg.mode} compute) on {w.world_size} ranks: "
-                      f"{_describe(self.plan)}, global batch {self.plan.global_batch}, "
-                      f"steps {start}..{cfg.steps - 1}", step=start)
+        self.monitor.start_heartbeat()
+        if w.joining:
+            step = self._join()
+        else:
+            self.gen = self.coord.begin(self.plan)
+            step = self._resume()
+            self.last_commit_gen = self.gen.number
+            self._say(f"training {self.model.name} ({cfg.mode} compute) on {w.world_size} "
+                      f"ranks: {_describe(self.plan)}, global batch {self.plan.global_batch}, "
+                      f"steps {step}..{cfg.steps - 1}, recovery: "
+                      f"{cfg.ft_policy if self.in_place else 'torchrun restart'}", step=step)
+        committed = step - 1
         result = FitResult(w.rank, 0)
         t_start = last = time.perf_counter()
-        for step in range(start, cfg.steps):
-            self.faults.before_step(step)
-            res = self.engine.run_step(step)
+        while step < cfg.steps:
+            try:
+                if self.in_place and self.monitor.notice() is not None:
+                    raise StepAborted("membership change announced")
+                self.faults.before_step(step)
+                res = self.engine.run_step(step)
+            except (StepAborted, CommError) as e:
+                if not self.in_place:
+                    raise
+                self.engine.zero_grad()
+                self.monitor.publish("failure", f"{type(e).__name__}: {e}")
+                self.gen, step = self.coord.recover(committed, str(e))
+                if self.gen.decision["chosen"]["from_checkpoint"]:
+                    committed = step - 1
+                self._pending_event = self.gen.decision
+                last = time.perf_counter()
+                continue
             now = time.perf_counter()
+            self.coord.committed()
             if self.leader:
-                result.losses[step] = self._record(step, res, commit, now - last)
+                self._take_over(committed)
+                result.losses[step] = self._record(step, res, now - last)
+            self.last_commit_gen = self.gen.number
+            committed = step
             last = now
             result.steps_run += 1
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 self._checkpoint(step)
+            step += 1
         train_s = time.perf_counter() - t_start
         self.checkpointer.wait()
         if self.leader:
             result.report = build_report(
-                self.run_log, mode=cfg.mode, world_size=w.world_size, plan=self.plan.to_dict(),
+                self._log(), mode=cfg.mode, world_size=w.world_size, plan=self.gen.plan.to_dict(),
                 steps=cfg.steps, global_batch=self.plan.global_batch,
                 samples_this_run=result.steps_run * self.plan.global_batch, train_seconds=train_s,
-                extra={"model": self.model.name, "launcher": w.launcher,
-                       "attempt": w.attempt, "schedule": self.plan.schedule})
-            w.store.set("odyssey/job/status", "done")
+                extra={"model": self.model.name, "launcher": w.launcher, "attempt": w.attempt,
+                       "schedule": self.plan.schedule, "ft_policy": cfg.ft_policy,
+                       "initial_plan": self.plan.to_dict(), "generation": self.gen.number})
+            w.store.set(keys.JOB_STATUS, keys.JOB_DONE)
             s = result.report["samples"]
             self._say(f"done: loss {result.report['loss']['first']:.4f} -> "
                       f"{result.report['loss']['final']:.4f}, samples trained {s['trained']}/"
                       f"{s['expected']} (lost {s['lost']}, duplicated {s['duplicated']}), "
                       f"report {self.run_dir / 'report.json'}", step=cfg.steps - 1)
-        comm.close()
+        self.monitor.stop()
         return result
 
-    def _record(self, step: int, res: StepResult, commit: CommitProtocol, dt: float) -> float:
-        votes = commit.votes(step)
+    def _take_over(self, committed: int) -> None:
+        """A new leader fills ledger lines the old one may have missed (it died right
+        after a commit), from the votes still in the store."""
+        log = self._log()
+        logged = {rec["step"] for rec in read_jsonl(log.ledger_path)}
+        if committed >= 0 and committed not in logged:
+            p = step_prefix(self.last_commit_gen, committed)
+            ranks = json.loads(self.worker.store.get(
+                keys.members_key(self.last_commit_gen)))["members"] \
+                if self.last_commit_gen > 0 else self.plan.ranks
+            votes = [json.loads(v) for v in self.worker.store.multi_get(
+                [f"{p}/vote/{r}" for r in ranks])]
+            gb = self.plan.global_batch
+            log.ledger(committed, self.last_commit_gen,
+                       sorted(r for v in votes for r in v["samples"]))
+            log.metric({"step": committed, "loss": sum(v["loss_sum"] for v in votes) / gb,
+                        "mode": self.cfg.mode, "gen": self.last_commit_gen,
+                        "recovered_by_new_leader": True})
+
+    def _record(self, step: int, res: StepResult, dt: float) -> float:
+        votes = self.gen.commit.votes(step)
+        for v in votes.values():
+            self.online.observe(v["timing"])
         gb = self.plan.global_batch
         loss = sum(v["loss_sum"] for v in votes.values()) / gb
         samples = sorted(r for v in votes.values() for r in v["samples"])
-        self.run_log.ledger(step, self.generation, samples)
-        self.run_log.metric({"step": step, "loss": loss, "step_time_s": dt,
-                             "samples_per_s": gb / dt if dt > 0 else None,
-                             "mode": self.cfg.mode, "gen": self.generation})
+        log = self._log()
+        if self._pending_event is not None:
+            event = recovery_event(self.worker.store, self.gen.number, self._pending_event, dt)
+            log.event(event)
+            log.rollback_to(event["resume_step"] - 1)
+            self._pending_event = None
+            self._say(f"recovered from {event['ranks_lost'] or event['newcomers']} "
+                      f"({event['cause']}) with {event['chosen']}: MTTR "
+                      f"{event['mttr_s'] * 1e3:.0f} ms", step=step)
+        log.ledger(step, self.gen.number, samples)
+        log.metric({"step": step, "loss": loss, "step_time_s": dt,
+                    "samples_per_s": gb / dt if dt > 0 else None,
+                    "mode": self.cfg.mode, "gen": self.gen.number,
+                    "world": len(self.gen.members)})
         if step % max(1, self.cfg.log_every) == 0 or step == self.cfg.steps - 1:
             self._say(f"loss {loss:.4f} | {gb / dt:8.1f} samples/s | step {dt * 1e3:7.1f} ms "
-                      f"| {self.cfg.mode}", step=step)
+                      f"| {self.cfg.mode} | {len(self.gen.members)} ranks", step=step)
         return loss
 
     def _checkpoint(self, step: int) -> None:
-        held = [i for i in self.engine.held_layers
-                if self.plan.holders(i)[0] == self.worker.rank]
+        plan = self.gen.plan
+        held = [i for i in plan.stage(self.worker.rank).layers
+                if plan.holders(i)[0] == self.worker.rank]
         meta = None
         if self.leader:
             meta = {"num_layers": self.model.num_layers, "next_step": step + 1,
-                    "plan": self.plan.to_dict(), "global_batch": self.plan.global_batch,
+                    "plan": plan.to_dict(), "global_batch": plan.global_batch,
                     "model": self.model.name}
         self.checkpointer.save_async(step, {i: self.engine.layer_state(i) for i in held}, meta)
 
-    def _say(self, msg: str, step: int) -> None:
-        line = f"[gen {self.generation} step {step} rank {self.worker.rank}] {msg}"
-        print(line, flush=True)
+    # ---- cost model hooks (leader, at recovery time) ---------------------------------
+    def _predictor(self) -> Callable[[Plan], float]:
+        profile = self.profile
+        if profile is None:
+            spec = self.model.activation_spec(self.plan.microbatch_size)
+            act = float(torch.Size(spec.shape).numel() * 4)
+            profile = self.online.to_profile(self.model.name, self.plan.microbatch_size, act)
+        cost = CostModel(profile)
+        return lambda plan: simulate_plan(plan, cost, reduce=not plan.has_shared_stages
+                                          ).step_time_s
+
+    def _layer_bytes(self) -> list[float]:
+        if self.profile is not None:
+            return [3.0 * lp.param_bytes for lp in self.profile.layers]
+        return [12.0 * n for n in self.online.params]  # fp32 params + two Adam moments
+
+    def _mark_injected(self, spec: FaultSpec) -> None:
+        self.worker.store.set(keys.injected_key(self.worker.rank),
+                              json.dumps({"time": time.time(), "spec": spec.__dict__}))
+
+    def _say(self, msg: str, step: int, always: bool = False) -> None:
+        if always or self.leader:
+            gen = self.gen.number if self.gen else 0
+            print(f"[gen {gen} step {step} rank {self.worker.rank}] {msg}", flush=True)
 
 
 def _describe(plan: Plan) -> str:

@@ -1,0 +1,5 @@
+"""``python -m launch ...`` is the same as the ``odyssey`` console script."""
+
+from launch.cli import main
+
+raise SystemExit(main())

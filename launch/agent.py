@@ -1,0 +1,271 @@
+"""The supervision loop: keeps survivors, records exits, executes fences, handles signals.
+
+Unlike torch's elastic agent, a worker exit never stops the others: it is recorded in
+the store (``odyssey/exits/{rank}``) and the training runtime decides what happens next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+
+from launch import contract
+from launch.store import SafeStore
+from launch.workers import Worker, kill_leftovers, signal_group
+
+log = logging.getLogger("launch")
+
+_FENCE_REAP_WAIT_S = 2.0
+"""How long a fence waits in line for the SIGKILLed process to be reaped. A process in
+uninterruptible sleep can take longer; then ``fenced`` is written when the reaping loop
+sees it die, never before."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How the supervision loop behaves."""
+
+    poll_interval_s: float = 0.1
+    """Period of the loop: reaping exits, reading fence keys and the job status."""
+    shutdown_timeout_s: float = 5.0
+    """After forwarding SIGINT/SIGTERM, how long workers get before SIGKILL."""
+    finish_grace_s: float = 60.0
+    """Once ``odyssey/job/status`` is set, how long stragglers get before being stopped."""
+    signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
+    """Signals that make the launcher forward them and shut the workers down."""
+    beat_key: str | None = None
+    """Counter to bump about once a second so node 0 knows this node lives (multi-node)."""
+
+
+@dataclass
+class AgentResult:
+    """What happened, for the exit status and the summary."""
+
+    exits: dict[int, contract.ExitRecord]
+    fenced: dict[int, str] = field(default_factory=dict)
+    job_status: str | None = None
+    received_signal: signal.Signals | None = None
+
+
+class Agent:
+    """Supervises this node's workers until all of them have exited."""
+
+    def __init__(self, workers: Sequence[Worker], store: SafeStore, config: AgentConfig) -> None:
+        self.workers = {w.rank: w for w in workers}
+        self.store = store
+        self.config = config
+        self._fenced: dict[int, str] = {}
+        self._fencing: dict[int, str] = {}  # SIGKILL sent, death not yet confirmed
+        self._signal: signal.Signals | None = None
+        self._job_status: str | None = None
+        self._status_seen_at: float | None = None
+        self._stopping_at: float | None = None  # SIGKILL deadline once stopping
+        self._last_beat = 0.0
+
+    @property
+    def received_signal(self) -> signal.Signals | None:
+        """The first handled signal received, if any."""
+        return self._signal
+
+    def add_worker(self, worker: Worker) -> None:
+        """Supervise one more worker (called as each one is spawned)."""
+        self.workers[worker.rank] = worker
+
+    # -- signals -------------------------------------------------------------------
+    def install_signal_handlers(self) -> Callable[[], None]:
+        """Route the configured signals to this agent; returns a function restoring them."""
+        previous = {s: signal.signal(s, self._on_signal) for s in self.config.signals}
+
+        def restore() -> None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+        return restore
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Only flag it: the loop does the work, so no store call runs inside a handler.
+        if self._signal is not None:
+            # Second signal: the user is impatient, stop waiting for a graceful exit.
+            self._stopping_at = time.monotonic()
+        self._signal = signal.Signals(signum)
+
+    # -- main loop -----------------------------------------------------------------
+    def run(self) -> AgentResult:
+        """Loop until every worker has exited; returns what happened."""
+        forwarded = False
+        while True:
+            self._reap()
+            if self._signal is not None and not forwarded:
+                forwarded = True
+                log.warning("received %s: forwarding to workers, SIGKILL in %.1fs",
+                            self._signal.name, self.config.shutdown_timeout_s)
+                self._stop_all(self._signal)
+            self._poll_fences()
+            self._poll_job_status()
+            self._enforce_deadline()
+            self._beat()
+            if not any(w.alive for w in self.workers.values()):
+                break
+            time.sleep(self.config.poll_interval_s)
+        # Fences requested in the last poll period still deserve an answer.
+        self._poll_fences()
+        return AgentResult(
+            exits={r: w.exit for r, w in self.workers.items() if w.exit is not None},
+            fenced=dict(self._fenced),
+            job_status=self._job_status,
+            received_signal=self._signal,
+        )
+
+    def _reap(self) -> None:
+        for worker in self.workers.values():
+            if worker.alive and worker.proc.poll() is not None:
+                self._record_exit(worker)
+
+    def _record_exit(self, worker: Worker) -> None:
+        record = contract.ExitRecord.from_returncode(
+            worker.rank, worker.pid, worker.proc.returncode, time.time()
+        )
+        worker.exit = record
+        kill_leftovers(worker)
+        # Record before counting, so whoever sees the count move can read the record.
+        self.store.set(contract.exit_key(worker.rank), record.to_json())
+        self.store.add(contract.EXITS_COUNT, 1)
+        log.warning("rank %d (pid %d) %s", worker.rank, worker.pid, record.describe())
+        if worker.rank in self._fencing:
+            self._confirm_fence(worker.rank, self._fencing.pop(worker.rank))
+
+    # -- fencing -------------------------------------------------------------------
+    def _poll_fences(self) -> None:
+        # One cheap `check` per local rank not yet fenced: ~40 us each on a local store.
+        for rank, worker in self.workers.items():
+            if rank in self._fenced or rank in self._fencing:
+                continue
+            if not self.store.check(contract.fence_key(rank)):
+                continue
+            reason = self.store.get_text(contract.fence_key(rank)) or ""
+            self._fence(worker, reason)
+
+    def _fence(self, worker: Worker, reason: str) -> None:
+        if not worker.alive:
+            # Already dead (and recorded): the fence holds trivially.
+            self._confirm_fence(worker.rank, reason)
+            return
+        log.warning("fencing rank %d (pid %d): %s", worker.rank, worker.pid, reason or "-")
+        self._fencing[worker.rank] = reason
+        # SIGKILL also ends a SIGSTOPped process; the group takes its children along.
+        signal_group(worker, signal.SIGKILL)
+        try:
+            worker.proc.wait(timeout=_FENCE_REAP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            log.error("rank %d not dead %.1fs after SIGKILL; fenced once reaped",
+                      worker.rank, _FENCE_REAP_WAIT_S)
+            return
+        self._record_exit(worker)  # writes the exit record, then confirms the fence
+
+    def _confirm_fence(self, rank: int, reason: str) -> None:
+        self._fenced[rank] = reason
+        body = json.dumps({"rank": rank, "time": time.time(), "reason": reason})
+        self.store.set(contract.fenced_key(rank), body)
+
+    # -- endings -------------------------------------------------------------------
+    def _poll_job_status(self) -> None:
+        if self._job_status is None and self.store.check(contract.JOB_STATUS):
+            self._job_status = self.store.get_text(contract.JOB_STATUS)
+            self._status_seen_at = time.monotonic()
+            if any(w.alive for w in self.workers.values()):
+                log.info("job status %r; waiting up to %.0fs for remaining workers",
+                         self._job_status, self.config.finish_grace_s)
+
+    def _enforce_deadline(self) -> None:
+        now = time.monotonic()
+        if (self._status_seen_at is not None and self._stopping_at is None
+                and now - self._status_seen_at > self.config.finish_grace_s):
+            log.warning("workers still running %.0fs after job status %r: stopping them",
+                        self.config.finish_grace_s, self._job_status)
+            self._stop_all(signal.SIGTERM)
+        if self._stopping_at is not None and now >= self._stopping_at:
+            for worker in self.workers.values():
+                if worker.alive:
+                    signal_group(worker, signal.SIGKILL)
+            self._stopping_at = float("inf")  # sent once; reaping finishes the job
+
+    def _stop_all(self, sig: signal.Signals) -> None:
+        for worker in self.workers.values():
+            if worker.alive:
+                signal_group(worker, sig)
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        self._stopping_at = min(self._stopping_at or deadline, deadline)
+
+    def wait_for_nodes(self, nnodes: int, node_timeout_s: float) -> None:
+        """Node 0 only: keep the store up until every node is done or has gone silent.
+
+        A node is silent when its heartbeat counter has not moved for ``node_timeout_s``
+        (counted on this clock, so clock skew between nodes does not matter). A signal
+        ends the wait at once.
+        """
+        pending = set(range(1, nnodes))
+        if pending:
+            log.info("keeping the store up until node(s) %s are done", sorted(pending))
+        last_beat = {n: -1 for n in pending}
+        last_change = {n: time.monotonic() for n in pending}
+        while pending and self._signal is None:
+            for node in sorted(pending):
+                if self.store.check(contract.node_done_key(node)):
+                    pending.discard(node)
+                    continue
+                beat = self.store.add(contract.node_beat_key(node), 0)
+                now = time.monotonic()
+                if beat != last_beat[node]:
+                    last_beat[node], last_change[node] = beat, now
+                elif now - last_change[node] > node_timeout_s:
+                    log.error("node %d silent for %.0fs: no longer waiting for it",
+                              node, node_timeout_s)
+                    pending.discard(node)
+            if self.store.lost:
+                return
+            if pending:
+                time.sleep(max(self.config.poll_interval_s, 0.2))
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if self.config.beat_key is not None and now - self._last_beat >= 1.0:
+            self._last_beat = now
+            self.store.add(self.config.beat_key, 1)
+
+
+def kill_all_now(workers: Sequence[Worker]) -> None:
+    """Last-resort cleanup on an unexpected launcher error: SIGKILL and reap everything."""
+    for worker in workers:
+        if worker.proc.poll() is None:
+            signal_group(worker, signal.SIGKILL)
+    for worker in workers:
+        try:
+            worker.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.error("rank %d (pid %d) did not die after SIGKILL", worker.rank, worker.pid)
+        kill_leftovers(worker)
+
+
+def exit_status(
+    result: AgentResult, exits: dict[int, contract.ExitRecord], expected: int
+) -> int:
+    """The launcher's exit status.
+
+    * Stopped by a signal: ``128 + signum`` (shell convention).
+    * ``odyssey/job/status`` set: 0 if it is ``done``, else 1. A job that lost ranks and
+      recovered still succeeds: that is the point of keeping survivors.
+    * No status key: 0 if all ``expected`` workers have an exit record and every one
+      exited 0, else 1 (a rank with no record, e.g. on a vanished node, is a failure).
+    """
+    if result.received_signal is not None:
+        return 128 + int(result.received_signal)
+    if result.job_status is not None:
+        return 0 if result.job_status == contract.JOB_DONE else 1
+    clean = len(exits) >= expected and all(r.exitcode == 0 for r in exits.values())
+    return 0 if clean else 1

@@ -1,0 +1,99 @@
+"""The launcher <-> worker contract: environment variable names and store keys.
+
+Everything a worker may rely on from ``odyssey run`` is named here, so the two sides
+cannot drift apart silently. The worker side (``odyssey/``) must not import ``launch``
+(imports flow ``launch -> odyssey``); it spells the same strings and ``docs/launcher.md``
+is the reference both follow.
+
+All store keys live in the launcher-hosted TCPStore at
+``ODYSSEY_STORE_ADDR:ODYSSEY_STORE_PORT``. JSON values are UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal as _signal
+from dataclasses import asdict, dataclass
+
+# --- environment: Odyssey additions (torchrun's own names are set in launch.workers) ---
+ENV_STORE_ADDR = "ODYSSEY_STORE_ADDR"
+ENV_STORE_PORT = "ODYSSEY_STORE_PORT"
+ENV_RUN_DIR = "ODYSSEY_RUN_DIR"
+ENV_LAUNCHER = "ODYSSEY_LAUNCHER"
+
+# --- store keys written by the launcher ---
+EXITS_COUNT = "odyssey/exits/count"
+"""Counter (``store.add``) bumped once per recorded worker exit, after the record is set."""
+
+# --- store keys written by workers / tools ---
+JOB_STATUS = "odyssey/job/status"
+"""Set by the training leader when the job ends; ``done`` means success."""
+JOB_DONE = "done"
+
+
+
+def exit_key(rank: int) -> str:
+    """Key of the JSON exit record of ``rank`` (see :class:`ExitRecord`)."""
+    return f"odyssey/exits/{rank}"
+
+
+def fence_key(rank: int) -> str:
+    """Key any client sets (value: reason text) to ask the owning launcher to kill ``rank``."""
+    return f"odyssey/fence/{rank}"
+
+
+def fenced_key(rank: int) -> str:
+    """Key the launcher sets (JSON ``{"rank","time","reason"}``) once ``rank`` is dead."""
+    return f"odyssey/fenced/{rank}"
+
+
+def worker_key(rank: int) -> str:
+    """Key of the JSON spawn record ``{"rank","pid","node","host"}`` (an Odyssey addition)."""
+    return f"odyssey/workers/{rank}"
+
+
+def node_done_key(node: int) -> str:
+    """Set by a node's launcher once all its workers have exited (multi-node bookkeeping)."""
+    return f"odyssey/nodes/{node}/done"
+
+
+def node_beat_key(node: int) -> str:
+    """Counter a node's launcher bumps periodically so node 0 knows it is still alive."""
+    return f"odyssey/nodes/{node}/beat"
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """What the launcher records when a worker process ends.
+
+    ``exitcode`` follows :class:`subprocess.Popen`: the exit status, or ``-N`` when the
+    process was killed by signal ``N`` (then ``signal`` holds its name, e.g. ``SIGKILL``).
+    """
+
+    rank: int
+    pid: int
+    exitcode: int
+    signal: str | None
+    time: float
+
+    @classmethod
+    def from_returncode(cls, rank: int, pid: int, returncode: int, when: float) -> ExitRecord:
+        """Build a record from a ``Popen.returncode``."""
+        sig = signal_name(-returncode) if returncode < 0 else None
+        return cls(rank, pid, returncode, sig, when)
+
+    def to_json(self) -> str:
+        """Serialise as the JSON object stored under :func:`exit_key`."""
+        return json.dumps(asdict(self))
+
+    def describe(self) -> str:
+        """Human-readable outcome, e.g. ``exit 0`` or ``killed by SIGKILL``."""
+        return f"killed by {self.signal}" if self.signal else f"exit {self.exitcode}"
+
+
+def signal_name(signum: int) -> str:
+    """``9 -> "SIGKILL"``; unknown numbers become ``"SIG<n>"``."""
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"

@@ -1,0 +1,280 @@
+"""``odyssey run`` command line: torchrun's parser plus Odyssey's options, and validation.
+
+The flags are torchrun's own (``torch.distributed.run.get_args_parser``), so a torchrun
+command line works unchanged with ``torchrun`` replaced by ``odyssey run``. Validation
+turns the parsed namespace into a :class:`LaunchOptions` or raises :class:`UsageError`
+with a message meant for the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import textwrap
+from dataclasses import dataclass, field
+
+from launch import contract
+
+DESCRIPTION = """\
+Launch a training script on N worker processes, like torchrun, but keep the survivors
+when a worker dies.
+
+The launcher hosts the job's TCPStore (node 0's launcher, for multi-node jobs), so any
+worker, rank 0 included, may die without taking the shared state with it. When a worker
+exits, the others keep running; the exit is recorded in the store and the training
+runtime decides how to recover. Any client may ask for a rank to be killed ("fenced").
+The launcher ends when every worker has exited."""
+
+EPILOG = f"""\
+worker environment:
+  torchrun's RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
+  MASTER_PORT (= the launcher's store; TORCHELASTIC_USE_AGENT_STORE=True, so
+  init_process_group("gloo") just works), TORCHELASTIC_RESTART_COUNT=0, plus
+  {contract.ENV_STORE_ADDR}, {contract.ENV_STORE_PORT}  the launcher-hosted TCPStore
+  {contract.ENV_RUN_DIR}                     --run-dir, absolute
+  {contract.ENV_LAUNCHER}=1
+  OMP_NUM_THREADS=1, TORCH_CPP_LOG_LEVEL=ERROR   unless already set
+
+store keys:
+  odyssey/exits/{{rank}}    launcher writes {{"rank","pid","exitcode","signal","time"}}
+  odyssey/exits/count     launcher adds 1 per exit (after writing the record)
+  odyssey/fence/{{rank}}    anyone sets (value: reason) -> launcher SIGKILLs that rank
+  odyssey/fenced/{{rank}}   launcher writes {{"rank","time","reason"}} once it is dead
+  odyssey/workers/{{rank}}  launcher writes {{"rank","pid","node","host"}} at spawn
+  odyssey/job/status      training leader sets "done" on success
+
+exit status:
+  128+N if the launcher was stopped by signal N (forwarded to workers, SIGKILL after
+  --shutdown-timeout); else 0 if odyssey/job/status is "done", 1 if it holds anything
+  else; without that key, 0 if every worker exited 0, else 1.
+
+examples:
+  odyssey run --standalone --nproc-per-node 4 train.py --steps 100
+  odyssey run --nproc-per-node 2 -m examples.train --config tiny
+  # two nodes (run on each; node ranks come from the rendezvous):
+  odyssey run --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+      --rdzv-endpoint node0:29400 --rdzv-id job42 train.py
+
+See docs/launcher.md for the full contract."""
+
+# torchrun flags that only steer torch's elastic agent, which odyssey run replaces.
+_IGNORED = {
+    "start_method": "workers are always spawned as fresh processes",
+    "event_log_handler": "no torchelastic events are emitted",
+    "log_dir": "workers inherit the launcher's stdout/stderr",
+    "redirects": "workers inherit the launcher's stdout/stderr",
+    "tee": "workers inherit the launcher's stdout/stderr",
+    "local_ranks_filter": "workers inherit the launcher's stdout/stderr",
+    "duplicate_stdout_filters": "workers inherit the launcher's stdout/stderr",
+    "duplicate_stderr_filters": "workers inherit the launcher's stdout/stderr",
+    "logs_specs": "workers inherit the launcher's stdout/stderr",
+    "numa_binding": "not supported yet",
+    "virtual_local_rank": "not supported yet",
+}
+
+_HELP_OVERRIDES = {
+    "max_restarts": "Accepted for torchrun compatibility; odyssey run never restarts workers. "
+    "When a worker fails the survivors keep running and the runtime recovers in place. "
+    "(Plain torchrun with --max-restarts, which restarts every worker, is the baseline.)",
+    "monitor_interval": "Period in seconds of the launcher loop that reaps exits and reads "
+    "fence requests (default: %(default)s).",
+    "shutdown_timeout": "Seconds workers get after a forwarded SIGINT/SIGTERM before SIGKILL "
+    "(default: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 5).",
+    "signals_to_handle": "Signals the launcher forwards to the workers before shutting them "
+    "down (default: %(default)s).",
+    "nproc_per_node": "Number of workers on this node: an integer >= 1, or auto/cpu/gpu/xpu "
+    "(default: %(default)s).",
+    "run_path": "Not supported by odyssey run (workers are separate processes).",
+    "standalone": "Single-node job (same as --nnodes 1 under odyssey run): the launcher "
+    "hosts the store on 127.0.0.1 and no rendezvous takes place.",
+    "rdzv_backend": "Rendezvous backend used to assign node ranks in multi-node jobs "
+    "(c10d, static, etcd, ...; default: %(default)s). Unused for single-node jobs.",
+    "master_addr": "Static multi-node rendezvous: address of node 0 (default: %(default)s). "
+    "Workers' MASTER_ADDR always names the launcher-hosted store instead.",
+    "master_port": "Static multi-node rendezvous: port of node 0's rendezvous store "
+    "(default 29500). Single node: the store port, unless --store-port is given.",
+}
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run; the message is shown to the user."""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Everything ``odyssey run`` needs, validated."""
+
+    cmd: list[str]
+    nproc: int
+    min_nodes: int
+    max_nodes: int
+    run_dir: str | None
+    store_port: int
+    poll_interval_s: float
+    shutdown_timeout_s: float
+    finish_grace_s: float
+    node_timeout_s: float
+    signals: tuple[signal.Signals, ...]
+    run_id: str
+    role: str
+    rdzv_backend: str
+    rdzv_endpoint: str
+    rdzv_configs: dict[str, object] = field(default_factory=dict)
+    local_addr: str | None = None
+
+    @property
+    def multi_node(self) -> bool:
+        """True when other launchers take part (a rendezvous is needed)."""
+        return self.max_nodes > 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """torchrun's argument parser, relabelled for ``odyssey run`` plus Odyssey's options."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "odyssey run"
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    # Retitle torch's flags in place (argparse has no public API for it).
+    for action in parser._actions:
+        if action.dest in _HELP_OVERRIDES:
+            action.help = _HELP_OVERRIDES[action.dest]
+        elif action.dest in _IGNORED:
+            action.help = f"Ignored by odyssey run: {_IGNORED[action.dest]}."
+    group = parser.add_argument_group("Odyssey options")
+    group.add_argument("--run-dir", default=None, metavar="DIR",
+                       help="Directory for this run's files, exported to workers as "
+                       f"{contract.ENV_RUN_DIR} (default: runs/<timestamp>). The launcher "
+                       "writes launcher-node<N>.json there (store address, pids, exits).")
+    group.add_argument("--store-port", type=int, default=None, metavar="PORT",
+                       help="Port of the launcher-hosted TCPStore (node 0's, multi-node); "
+                       "0 picks a free one (default: single node --master-port if given, "
+                       "else 0).")
+    group.add_argument("--finish-grace", type=float, default=60.0, metavar="SECONDS",
+                       help="Once odyssey/job/status is set, workers still running after "
+                       "this long are stopped (default: %(default)s).")
+    group.add_argument("--node-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="Multi-node: node 0 keeps the store up until every node is "
+                       "done, or silent for this long (default: %(default)s).")
+    return parser
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LaunchOptions:
+    """Validate parsed arguments; raises :class:`UsageError` with a readable message."""
+    from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config
+    from torch.distributed.run import determine_local_world_size, parse_min_max_nnodes
+
+    try:
+        nproc = determine_local_world_size(args.nproc_per_node)
+    except ValueError as err:
+        raise UsageError(f"--nproc-per-node: {err}") from None
+    if nproc < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    try:
+        min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
+    except (ValueError, RuntimeError):
+        raise UsageError(f"--nnodes must be N or MIN:MAX, got {args.nnodes!r}") from None
+    if not 0 < min_nodes <= max_nodes:
+        raise UsageError(f"--nnodes needs 0 < MIN <= MAX, got {args.nnodes!r}")
+    if args.standalone and max_nodes > 1:
+        raise UsageError("--standalone is for single-node jobs; drop it or use --nnodes 1")
+    if args.max_restarts < 0:
+        raise UsageError("--max-restarts must be >= 0")
+    if args.run_path:
+        raise UsageError("--run-path is not supported by odyssey run")
+    if args.module and args.no_python:
+        raise UsageError("--module and --no-python cannot be used together")
+    _check_positive("--monitor-interval", args.monitor_interval)
+    _check_positive("--finish-grace", args.finish_grace, allow_zero=True)
+    _check_positive("--node-timeout", args.node_timeout)
+
+    cmd = _worker_command(args)
+    # Single node: --master-port names the store, as under torchrun. Multi-node: it is the
+    # static rendezvous's port, so the Odyssey store must not take it.
+    fallback_port = (args.master_port or 0) if max_nodes == 1 else 0
+    store_port = args.store_port if args.store_port is not None else fallback_port
+    if not 0 <= store_port < 2**16:
+        raise UsageError(f"--store-port must be in 0..65535, got {store_port}")
+    try:
+        rdzv_configs: dict[str, object] = dict(_parse_rendezvous_config(args.rdzv_conf))
+    except ValueError as err:
+        raise UsageError(f"--rdzv-conf: {err}") from None
+    rdzv_configs.setdefault("timeout", 900)  # torchrun's default rendezvous timeout
+    rdzv_endpoint = args.rdzv_endpoint
+    if args.rdzv_backend == "static":
+        rdzv_configs["rank"] = args.node_rank
+        if not rdzv_endpoint:
+            rdzv_endpoint = f"{args.master_addr}:{args.master_port or 29500}"
+    elif max_nodes > 1 and not rdzv_endpoint:
+        raise UsageError(f"--rdzv-backend {args.rdzv_backend} needs --rdzv-endpoint HOST:PORT")
+
+    _warn_ignored(args, parser)
+    if args.max_restarts > 0:
+        print(f"odyssey run: --max-restarts {args.max_restarts} has no effect: workers are "
+              "never restarted, survivors keep running", file=sys.stderr)
+    return LaunchOptions(
+        cmd=cmd, nproc=nproc, min_nodes=min_nodes, max_nodes=max_nodes,
+        run_dir=args.run_dir, store_port=store_port, poll_interval_s=args.monitor_interval,
+        shutdown_timeout_s=_shutdown_timeout(args.shutdown_timeout),
+        finish_grace_s=args.finish_grace, node_timeout_s=args.node_timeout,
+        signals=_parse_signals(args.signals_to_handle), run_id=args.rdzv_id, role=args.role,
+        rdzv_backend=args.rdzv_backend, rdzv_endpoint=rdzv_endpoint,
+        rdzv_configs=rdzv_configs, local_addr=args.local_addr,
+    )
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """The worker command line, built the way torchrun builds it."""
+    script = args.training_script
+    if args.no_python:
+        if shutil.which(script) is None:
+            raise UsageError(f"program not found or not executable: {script}")
+        return [script, *args.training_script_args]
+    if not args.module and not os.path.isfile(script):
+        raise UsageError(f"training script not found: {script}")
+    python = os.getenv("PYTHON_EXEC", sys.executable)
+    return [python, "-u", *(["-m"] if args.module else []), script, *args.training_script_args]
+
+
+def _shutdown_timeout(flag: int | None) -> float:
+    if flag is not None:
+        value = float(flag)
+    else:
+        try:
+            value = float(os.getenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5"))
+        except ValueError:
+            raise UsageError("TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a number") from None
+    if value < 0:
+        raise UsageError(f"--shutdown-timeout must be >= 0, got {value:g}")
+    return value
+
+
+def _parse_signals(text: str) -> tuple[signal.Signals, ...]:
+    names = [n.strip().upper() for n in text.split(",") if n.strip()]
+    out = []
+    for name in names:
+        try:
+            sig = signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+        except KeyError:
+            raise UsageError(f"--signals-to-handle: unknown signal {name!r}") from None
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise UsageError(f"--signals-to-handle: {name} cannot be handled")
+        out.append(sig)
+    return tuple(out)
+
+
+def _check_positive(flag: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
+
+
+def _warn_ignored(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for dest, why in _IGNORED.items():
+        if getattr(args, dest, None) != parser.get_default(dest):
+            flag = "--" + dest.replace("_", "-")
+            print(textwrap.fill(f"odyssey run: ignoring {flag}: {why}"), file=sys.stderr)

@@ -1,0 +1,146 @@
+"""Spawning worker processes, building their environment, and signalling them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from launch import contract
+
+_SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pdeathsig.py")
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    """Where one node's workers sit in the job and how they reach the launcher."""
+
+    world_size: int
+    nnodes: int
+    node_rank: int
+    rank_offset: int
+    """Global rank of this node's local rank 0."""
+    nproc: int
+    store_addr: str
+    store_port: int
+    run_dir: str
+    run_id: str = "none"
+    role: str = "default"
+
+    def global_rank(self, local_rank: int) -> int:
+        """Global rank of ``local_rank`` on this node."""
+        return self.rank_offset + local_rank
+
+
+def worker_env(
+    layout: JobLayout, local_rank: int, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Environment for one worker: the caller's env plus torchrun's and Odyssey's variables.
+
+    ``MASTER_ADDR``/``MASTER_PORT`` point at the launcher-hosted store and
+    ``TORCHELASTIC_USE_AGENT_STORE=True`` makes ``init_process_group("gloo")`` connect to it
+    as a client, so no worker (not even rank 0) hosts a store that would die with it.
+    """
+    env = dict(os.environ if base is None else base)
+    rank = layout.global_rank(local_rank)
+    env.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(layout.world_size),
+            "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(layout.nproc),
+            "GROUP_RANK": str(layout.node_rank),
+            "GROUP_WORLD_SIZE": str(layout.nnodes),
+            "ROLE_RANK": str(rank),
+            "ROLE_NAME": layout.role,
+            "ROLE_WORLD_SIZE": str(layout.world_size),
+            "MASTER_ADDR": layout.store_addr,
+            "MASTER_PORT": str(layout.store_port),
+            # Odyssey never restarts workers, so every worker is in attempt 0.
+            "TORCHELASTIC_RESTART_COUNT": "0",
+            "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_RUN_ID": layout.run_id,
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            contract.ENV_STORE_ADDR: layout.store_addr,
+            contract.ENV_STORE_PORT: str(layout.store_port),
+            contract.ENV_RUN_DIR: layout.run_dir,
+            contract.ENV_LAUNCHER: "1",
+        }
+    )
+    # User settings win for these; the defaults keep 2-core boxes usable and silence
+    # TCPStore's per-timeout warnings, which workers polling the store trigger constantly.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    return env
+
+
+@dataclass
+class Worker:
+    """One running (or finished) worker process."""
+
+    rank: int
+    local_rank: int
+    proc: subprocess.Popen
+    exit: contract.ExitRecord | None = field(default=None)
+
+    @property
+    def pid(self) -> int:
+        """Process id (the shim ``exec``s the worker, so this is the worker's pid)."""
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """True until the exit has been reaped and recorded."""
+        return self.exit is None
+
+
+def spawn(cmd: Sequence[str], env: Mapping[str, str], rank: int, local_rank: int) -> Worker:
+    """Start ``cmd`` as a worker in its own session, killed if this launcher dies.
+
+    Its own session (and so process group) lets us signal the worker together with any
+    children it forks, and keeps a terminal's Ctrl-C from reaching workers directly: the
+    launcher decides what they get.
+    """
+    argv = [sys.executable, "-I", "-S", _SHIM, str(os.getpid()), *cmd]
+    proc = subprocess.Popen(argv, env=dict(env), start_new_session=True, close_fds=True)
+    return Worker(rank=rank, local_rank=local_rank, proc=proc)
+
+
+def signal_group(worker: Worker, sig: int) -> None:
+    """Send ``sig`` to the worker's process group (its children too); ignore if gone."""
+    try:
+        os.killpg(worker.pid, sig)
+    except ProcessLookupError:
+        # Group already empty; the worker itself may still need reaping, which is fine.
+        pass
+    except PermissionError:
+        _signal_pid(worker.pid, sig)
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def kill_leftovers(worker: Worker) -> None:
+    """SIGKILL whatever is left in a finished worker's process group (its orphans).
+
+    The group id is the worker's pid; Linux does not reuse a pid while a process group
+    of that id still exists, so this cannot hit an unrelated process.
+    """
+    try:
+        os.killpg(worker.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def hostname() -> str:
+    """This machine's name, for records and logs."""
+    return socket.gethostname()

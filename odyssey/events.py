@@ -1,0 +1,93 @@
+"""The recovery event record: what failed, what was chosen, and MTTR by phase.
+
+MTTR runs from the fault (the injector's own timestamp when the fault was injected,
+else the launcher's exit record, else the notice) to the moment every survivor starts
+executing the new plan's Program. Phases chain on the slowest rank, so they add up to
+MTTR exactly: detect (fault -> notice), agree (notice -> membership), plan (membership ->
+published decision), rebuild (-> groups built), migrate (-> state moved), first_step
+(-> checks passed, every rank starting its first step).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch.distributed as dist
+
+from odyssey import keys
+
+
+def _get_json(store: dist.Store, key: str) -> dict | None:
+    if store.check([key]):
+        return json.loads(store.get(key))
+    return None
+
+
+def fault_time(store: dist.Store, ranks: list[int], fallback: float) -> tuple[float, str]:
+    """Earliest evidence of the fault among `ranks`: (time, source)."""
+    times = []
+    for r in ranks:
+        inj = _get_json(store, keys.injected_key(r))
+        if inj is not None:
+            times.append((inj["time"], "injected"))
+            continue
+        ex = _get_json(store, keys.exit_key(r))
+        if ex is not None:
+            times.append((ex["time"], "exit record"))
+    return min(times) if times else (fallback, "notice")
+
+
+def recovery_event(store: dist.Store, generation: int, decision: dict, first_step_s: float
+                   ) -> dict:
+    """Assemble the event of the recovery that created `generation` (leader only)."""
+    m = decision["membership"]
+    notice = None
+    for g in range(generation - 1, -1, -1):  # the notice that started this recovery
+        notice = _get_json(store, keys.notice_key(g))
+        if notice is not None:
+            break
+    notice = notice or {"time": m["decided_at"], "reason": "?", "kind": "?"}
+    lost = m["dead"]
+    t_fault, source = fault_time(store, lost, notice["time"])
+    timelines = [json.loads(v) for v in store.multi_get(
+        [keys.started_key(generation, r) for r in m["members"]])]
+    rebuilt = max(t["rebuilt"] for t in timelines)
+    migrated = max(t["migrated"] for t in timelines)
+    started = max(t["started"] for t in timelines)
+    chosen = decision["chosen"]
+    phases = {
+        "detect": notice["time"] - t_fault,
+        "agree": m["decided_at"] - notice["time"],
+        "plan": decision["time"] - m["decided_at"],
+        "rebuild": rebuilt - decision["time"],
+        "migrate": migrated - rebuilt,
+        "first_step": started - migrated,
+    }
+    injected = [_get_json(store, keys.injected_key(r)) for r in lost]
+    return {
+        "kind": "recovery",
+        "generation": generation,
+        "cause": notice.get("kind", "failure"),
+        "reason": notice.get("reason"),
+        "ranks_lost": lost,
+        "newcomers": m["newcomers"],
+        "members": m["members"],
+        "step": m["committed_step"] + 1,
+        "phase": next((i["spec"]["phase"] for i in injected if i), None),
+        "fault_time_source": source,
+        "detected_after_s": phases["detect"],
+        "candidates": decision["candidates"],
+        "dropped": decision["dropped"],
+        "policy": decision["policy"],
+        "chosen": chosen["kind"],
+        "chosen_note": chosen["note"],
+        "plan": chosen["plan"],
+        "resume_step": chosen["resume_step"],
+        "lost_steps": chosen["lost_steps"],
+        "moved_bytes": chosen["moved_bytes"],
+        "predicted_transition_s": chosen["predicted_transition_s"],
+        "predicted_step_s": chosen["predicted_step_s"],
+        "mttr_s": started - t_fault,
+        "phases": phases,
+        "redone_step_s": first_step_s,
+    }

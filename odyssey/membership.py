@@ -1,0 +1,110 @@
+"""Agreement on the next generation's members, in the store.
+
+Survivors register under generation g+1 with their last committed step. The members
+are fixed once every previous member has either registered or is known dead (exit
+record or fenced), or when the join timeout expires: then the silent ones are fenced
+before anyone moves on (fence before you forget). One compare-and-set on
+`odyssey/gen{g+1}/members` makes the outcome unique; the leader is its lowest rank.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from odyssey import keys
+from odyssey.monitor import FailureMonitor
+
+
+class Fenced(RuntimeError):
+    """This rank was left out of the new generation and must exit."""
+
+
+class AgreementError(RuntimeError):
+    """Survivors disagree on something that the commit protocol should make unique."""
+
+
+@dataclass
+class Membership:
+    """The outcome of one agreement."""
+
+    generation: int
+    members: list[int]
+    committed_step: int
+    """Last step every member applied (-1: none yet)."""
+    dead: list[int] = field(default_factory=list)
+    newcomers: list[int] = field(default_factory=list)
+    decided_at: float = 0.0
+
+    @property
+    def leader(self) -> int:
+        return self.members[0]
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+def pending_newcomers(store: dist.Store) -> list[int]:
+    """Ranks that asked to join the job (replacement workers)."""
+    n = store.add(keys.NEWCOMERS_COUNT, 0)
+    return sorted({int(store.get(keys.newcomer_key(i))) for i in range(n)})
+
+
+def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
+          previous: list[int], committed_step: int) -> Membership:
+    """Register `me` for `generation` and return the agreed membership.
+
+    Raises `Fenced` if the others decided without this rank.
+    """
+    cfg = monitor.cfg
+    store.set(keys.join_key(generation, me),
+              json.dumps({"rank": me, "committed": committed_step, "time": time.time()}))
+    store.add(keys.joined_count_key(generation), 1)
+    deadline = time.monotonic() + cfg.join_timeout_s
+    monitor.members = sorted(set(previous) | {me})
+    while not store.check([keys.members_key(generation)]):
+        dead = monitor.exited_members()
+        newcomers = [r for r in pending_newcomers(store) if r not in previous]
+        expected = sorted((set(previous) - dead) | set(newcomers) | {me})
+        joined = [r for r in expected if store.check([keys.join_key(generation, r)])]
+        timed_out = time.monotonic() > deadline
+        if len(joined) == len(expected) or timed_out:
+            silent = sorted(set(expected) - set(joined))
+            for r in silent:
+                monitor.fence(r, f"did not join generation {generation}")
+            _wait_fenced(monitor, silent)
+            _propose(store, generation, joined, sorted(set(previous) - set(joined)),
+                     [r for r in newcomers if r in joined])
+            break
+        time.sleep(0.005)
+    m = _read(store, generation)
+    if me not in m.members:
+        raise Fenced(f"rank {me} is not a member of generation {generation} "
+                     f"(members {m.members})")
+    return m
+
+
+def _wait_fenced(monitor: FailureMonitor, ranks: list[int]) -> None:
+    deadline = time.monotonic() + monitor.cfg.fence_timeout_s
+    while ranks and time.monotonic() < deadline:
+        ranks = [r for r in ranks if not monitor.fenced_or_exited(r)]
+        time.sleep(0.01)
+
+
+def _propose(store: dist.Store, generation: int, members: list[int], dead: list[int],
+             newcomers: list[int]) -> None:
+    raw = store.multi_get([keys.join_key(generation, r) for r in members])
+    steps = {json.loads(v)["rank"]: json.loads(v)["committed"] for v in raw}
+    veterans = {r: s for r, s in steps.items() if r not in newcomers}
+    if len(set(veterans.values())) > 1:
+        raise AgreementError(f"survivors disagree on the last committed step: {veterans}")
+    committed = next(iter(veterans.values())) if veterans else -1
+    proposal = Membership(generation, sorted(members), committed, dead, newcomers, time.time())
+    store.compare_set(keys.members_key(generation), "", proposal.to_json())
+
+
+def _read(store: dist.Store, generation: int) -> Membership:
+    return Membership(**json.loads(store.get(keys.members_key(generation))))

@@ -1,0 +1,60 @@
+"""A profile measured by the running job itself, from the timings in commit votes.
+
+Each rank reports, with its vote, how long its forward and backward took per
+microbatch and layer, and its layers' parameter counts. The leader folds these into
+EWMAs per layer, so when it must plan a recovery it has a current, real-machine profile
+without stopping to measure (online calibration of the cost model).
+"""
+
+from __future__ import annotations
+
+from profiler.profile import LayerProfile, Profile
+from profiler.synthetic import loopback_comm
+
+
+def stage_timing(op_seconds: dict[str, float], start: int, end: int, microbatches: int,
+                 param_counts: list[int]) -> dict:
+    """The timing part of a vote: per-layer, per-microbatch forward/backward seconds."""
+    n = max(1, (end - start) * microbatches)
+    return {"start": start, "end": end, "fwd_s": op_seconds.get("forward", 0.0) / n,
+            "bwd_s": op_seconds.get("backward", 0.0) / n, "params": param_counts}
+
+
+class OnlineProfile:
+    """EWMA of per-layer timings reported in votes."""
+
+    def __init__(self, num_layers: int, alpha: float = 0.3):
+        self.num_layers = num_layers
+        self.alpha = alpha
+        self.fwd: list[float | None] = [None] * num_layers
+        self.bwd: list[float | None] = [None] * num_layers
+        self.params: list[int] = [0] * num_layers
+
+    def observe(self, timing: dict) -> None:
+        for j, i in enumerate(range(timing["start"], timing["end"])):
+            for table, value in ((self.fwd, timing["fwd_s"]), (self.bwd, timing["bwd_s"])):
+                old = table[i]
+                table[i] = value if old is None else (1 - self.alpha) * old + self.alpha * value
+            if j < len(timing["params"]):
+                self.params[i] = int(timing["params"][j])
+
+    @property
+    def complete(self) -> bool:
+        return all(v is not None for v in self.fwd) and all(v is not None for v in self.bwd)
+
+    def to_profile(self, model_name: str, microbatch_size: int, activation_bytes: float
+                   ) -> Profile:
+        """Layers never observed (no step committed yet) get 1 ms forward, 2 ms backward:
+        only relative costs matter for the choice then."""
+        layers = [
+            LayerProfile(index=i, name="layer", param_count=self.params[i],
+                         param_bytes=4 * self.params[i],
+                         forward_s=[1e-3 if self.fwd[i] is None else self.fwd[i]],
+                         backward_s=[2e-3 if self.bwd[i] is None else self.bwd[i]],
+                         activation_bytes=[activation_bytes], output_bytes=[activation_bytes])
+            for i in range(self.num_layers)
+        ]
+        return Profile(kind="measured", device={"name": "this job (online, from commit votes)"},
+                       config={"source": "commit votes (EWMA)"}, model=model_name,
+                       microbatch_sizes=[microbatch_size], layers=layers,
+                       comm=loopback_comm()).check()
