@@ -1,0 +1,89 @@
+"""Plan-search speed on a GPT-3-like layer table (formulas, no GPU needed).
+
+Targets (this repository's acceptance): 32 ranks <= 1 s, 256 ranks <= 3 s, 1024 ranks
+<= 10 s for the whole search (enumeration, partitions, closed forms, simulation of the
+top-k shapes), wall clock. Prints one row per world size with wall and CPU time and the
+load average (a busy shared machine inflates wall time); `--check` exits 1 when a
+target is missed.
+
+    python benchmarks/plan_search_speed.py
+    python benchmarks/plan_search_speed.py --preset gpt3-175b --memory-gb 640 --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from planner.memory import GiB, fmt_bytes  # noqa: E402
+from planner.search import SearchConfig, search  # noqa: E402
+from profiler.synthetic import FormulaConfig, formula_profile  # noqa: E402
+
+TARGETS = {32: 1.0, 256: 3.0, 1024: 10.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="gpt3-13b")
+    ap.add_argument("--global-batch", type=int, default=1536, help="sequences per step")
+    ap.add_argument("--microbatch-sizes", default="1,2,4")
+    ap.add_argument("--memory-gb", type=float, default=80.0)
+    ap.add_argument("--ranks-per-node", type=int, default=8)
+    ap.add_argument("--worlds", default="32,256,1024")
+    ap.add_argument("--repeats", type=int, default=3, help="timed searches per world")
+    ap.add_argument("--schedules", default="1f1b")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    args = ap.parse_args(argv)
+
+    mbs = tuple(int(x) for x in args.microbatch_sizes.split(","))
+    prof = formula_profile(FormulaConfig(preset=args.preset, microbatch_sizes=mbs))
+    print(f"model {prof.model}: {prof.num_layers} layers; global batch {args.global_batch}; "
+          f"microbatch sizes {mbs}; {fmt_bytes(args.memory_gb * GiB)} per rank; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    print(f"{'ranks':>6} {'shapes':>7} {'fit':>5} {'sim':>4} {'median s':>9} {'min s':>7} "
+          f"{'cpu s':>6} {'target':>7} {'ok':>3}  {'step s':>8} {'closed-form err':>15}  "
+          "best shape")
+    rows, ok_all = [], True
+    for world in (int(x) for x in args.worlds.split(",")):
+        cfg = SearchConfig(num_nodes=max(1, world // args.ranks_per_node),
+                           ranks_per_node=min(world, args.ranks_per_node),
+                           memory_limit_bytes=args.memory_gb * GiB,
+                           global_batch=args.global_batch, microbatch_sizes=mbs,
+                           schedules=tuple(args.schedules.split(",")))
+        times, cpu = [], []
+        for _ in range(max(1, args.repeats)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = search(prof, cfg)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        best = res.best
+        med = statistics.median(times)
+        target = TARGETS.get(world)
+        ok = target is None or med <= target
+        ok_all &= ok
+        err = best.estimate_s / best.step_time_s - 1
+        print(f"{world:>6} {res.considered:>7} {res.feasible:>5} {res.simulated:>4} "
+              f"{med:>9.3f} {min(times):>7.3f} {statistics.median(cpu):>6.3f} "
+              f"{target or float('nan'):>7.1f} "
+              f"{'yes' if ok else 'NO':>3}  {best.step_time_s:>8.3f} {err:>+15.2%}  "
+              f"{best.shape}")
+        rows.append({"ranks": world, "seconds": times, "cpu_seconds": cpu, "median_s": med,
+                     "target_s": target, "load_average": os.getloadavg()[0],
+                     "ok": ok, "shapes": res.considered, "fit": res.feasible,
+                     "simulated": res.simulated, "best": best.shape,
+                     "predicted_step_s": best.step_time_s, "closed_form_s": best.estimate_s})
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": prof.model, "rows": rows}, indent=1))
+    return 0 if ok_all or not args.check else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
