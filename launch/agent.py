@@ -41,6 +41,10 @@ class AgentConfig:
     """Signals that make the launcher forward them and shut the workers down."""
     beat_key: str | None = None
     """Counter to bump about once a second so node 0 knows this node lives (multi-node)."""
+    node_rank: int = 0
+    """This launcher's node (replacement requests name the node that starts them)."""
+    rejoin_after_s: float | None = None
+    """Request a replacement worker this long after a worker fails (None: never)."""
 
 
 @dataclass
@@ -67,6 +71,9 @@ class Agent:
         self._status_seen_at: float | None = None
         self._stopping_at: float | None = None  # SIGKILL deadline once stopping
         self._last_beat = 0.0
+        self._spawner: Callable[[int, int], Worker] | None = None
+        self._spawns_seen = 0
+        self._rejoin_due: list[float] = []
 
     @property
     def received_signal(self) -> signal.Signals | None:
@@ -76,6 +83,11 @@ class Agent:
     def add_worker(self, worker: Worker) -> None:
         """Supervise one more worker (called as each one is spawned)."""
         self.workers[worker.rank] = worker
+
+    def enable_spawning(self, spawner: Callable[[int, int], Worker]) -> None:
+        """Let the agent start replacement workers: ``spawner(index, local_rank)`` starts
+        the index-th replacement of the job."""
+        self._spawner = spawner
 
     # -- signals -------------------------------------------------------------------
     def install_signal_handlers(self) -> Callable[[], None]:
@@ -108,6 +120,7 @@ class Agent:
                 self._stop_all(self._signal)
             self._poll_fences()
             self._poll_job_status()
+            self._poll_spawns()
             self._enforce_deadline()
             self._beat()
             if not any(w.alive for w in self.workers.values()):
@@ -137,6 +150,9 @@ class Agent:
         self.store.set(contract.exit_key(worker.rank), record.to_json())
         self.store.add(contract.EXITS_COUNT, 1)
         log.warning("rank %d (pid %d) %s", worker.rank, worker.pid, record.describe())
+        if (record.exitcode != 0 and self.config.rejoin_after_s is not None
+                and self._job_status is None):
+            self._rejoin_due.append(time.monotonic() + self.config.rejoin_after_s)
         if worker.rank in self._fencing:
             self._confirm_fence(worker.rank, self._fencing.pop(worker.rank))
 
@@ -172,6 +188,30 @@ class Agent:
         self._fenced[rank] = reason
         body = json.dumps({"rank": rank, "time": time.time(), "reason": reason})
         self.store.set(contract.fenced_key(rank), body)
+
+    # -- replacement workers -------------------------------------------------------
+    def _poll_spawns(self) -> None:
+        if self._spawner is None or self._job_status is not None:
+            return
+        now = time.monotonic()
+        for due in [d for d in self._rejoin_due if d <= now]:
+            self._rejoin_due.remove(due)
+            i = self.store.add(contract.SPAWN_COUNT, 1) - 1
+            self.store.set(contract.spawn_key(i), json.dumps(
+                {"node": self.config.node_rank, "reason": "--rejoin-after"}))
+        count = self.store.add(contract.SPAWN_COUNT, 0)
+        while self._spawns_seen < count:
+            key = contract.spawn_key(self._spawns_seen)
+            self._spawns_seen += 1
+            text = self.store.get_text(key) if self.store.check(key) else None
+            request = json.loads(text) if text else {"node": 0}
+            if int(request.get("node", 0)) != self.config.node_rank:
+                continue
+            index = self.store.add(contract.NEXT_RANK, 1) - 1
+            worker = self._spawner(index, len(self.workers))
+            self.add_worker(worker)
+            log.warning("started replacement worker rank %d (pid %d): %s", worker.rank,
+                        worker.pid, request.get("reason", "requested"))
 
     # -- endings -------------------------------------------------------------------
     def _poll_job_status(self) -> None:

@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 
 COMMANDS: dict[str, str] = {
     "run": "launch.run:main",
+    "inject": "launch.inject:main",
+    "plan": "planner.cli:plan_main",
+    "profile": "profiler.cli:profile_main",
 }
 """Subcommand name -> ``"module:function"`` implementing it."""
 

@@ -32,6 +32,27 @@ JOB_DONE = "done"
 
 
 
+SPAWN_COUNT = "odyssey/spawn/count"
+"""Counter of replacement-worker requests; request i is ``odyssey/spawn/{i}``."""
+NEXT_RANK = "odyssey/next_rank"
+"""Counter of replacement workers started; the i-th gets global rank world_size + i."""
+ENV_JOIN = "ODYSSEY_JOIN"
+
+
+INJECT_COUNT = "odyssey/inject/count"
+"""Counter of fault requests from `odyssey inject`; request i is ``odyssey/inject/{i}``."""
+
+
+def inject_key(index: int) -> str:
+    """A fault spec string (odyssey.inject syntax) for the ranks to pick up."""
+    return f"odyssey/inject/{index}"
+
+
+def spawn_key(index: int) -> str:
+    """JSON ``{"node", "reason"}``: start one replacement worker on that node."""
+    return f"odyssey/spawn/{index}"
+
+
 def exit_key(rank: int) -> str:
     """Key of the JSON exit record of ``rank`` (see :class:`ExitRecord`)."""
     return f"odyssey/exits/{rank}"

@@ -124,6 +124,7 @@ class LaunchOptions:
     rdzv_endpoint: str
     rdzv_configs: dict[str, object] = field(default_factory=dict)
     local_addr: str | None = None
+    rejoin_after_s: float | None = None
 
     @property
     def multi_node(self) -> bool:
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--finish-grace", type=float, default=60.0, metavar="SECONDS",
                        help="Once odyssey/job/status is set, workers still running after "
                        "this long are stopped (default: %(default)s).")
+    group.add_argument("--rejoin-after", type=float, default=None, metavar="SECONDS",
+                       help="Start a replacement worker this long after a worker fails; it "
+                       "joins the running job, which re-plans upward and hands it state from "
+                       "live peers (default: off; `odyssey inject --kind rejoin` asks for "
+                       "one at any time).")
     group.add_argument("--node-timeout", type=float, default=60.0, metavar="SECONDS",
                        help="Multi-node: node 0 keeps the store up until every node is "
                        "done, or silent for this long (default: %(default)s).")
@@ -225,6 +231,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Launch
         signals=_parse_signals(args.signals_to_handle), run_id=args.rdzv_id, role=args.role,
         rdzv_backend=args.rdzv_backend, rdzv_endpoint=rdzv_endpoint,
         rdzv_configs=rdzv_configs, local_addr=args.local_addr,
+        rejoin_after_s=args.rejoin_after,
     )
 
 

@@ -110,6 +110,7 @@ def _supervise(opts: LaunchOptions, layout: JobLayout, raw_store: Any) -> int:
         poll_interval_s=opts.poll_interval_s, shutdown_timeout_s=opts.shutdown_timeout_s,
         finish_grace_s=opts.finish_grace_s, signals=opts.signals,
         beat_key=contract.node_beat_key(layout.node_rank) if layout.nnodes > 1 else None,
+        node_rank=layout.node_rank, rejoin_after_s=opts.rejoin_after_s,
     ))
     # Handlers go in before the first spawn, so a signal can never leave workers behind,
     # and stay until the summary is out, so a late Ctrl-C cannot cut it short.
@@ -132,6 +133,13 @@ def _spawn_and_supervise(
             agent.add_worker(worker)
             store.set(contract.worker_key(rank), json.dumps(
                 {"rank": rank, "pid": worker.pid, "node": layout.node_rank, "host": hostname()}))
+        def spawn_replacement(index: int, local_rank: int):
+            rank = layout.world_size + index  # fresh global ranks after the launched ones
+            env = worker_env(layout, local_rank)
+            env.update({"RANK": str(rank), contract.ENV_JOIN: "1"})
+            return spawn(opts.cmd, env, rank, local_rank)
+
+        agent.enable_spawning(spawn_replacement)
         log.info("store %s:%d, %d worker(s) (ranks %d..%d of %d), run dir %s",
                  layout.store_addr, layout.store_port, layout.nproc, layout.rank_offset,
                  layout.rank_offset + layout.nproc - 1, layout.world_size, layout.run_dir)

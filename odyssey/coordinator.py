@@ -212,21 +212,28 @@ class Coordinator:
 
     def _verify(self, gen: Generation) -> None:
         """Every replica of every layer must be bit-identical before training resumes."""
+        verdict = self._compare_digests(gen, str(gen.number))
+        if verdict != "ok":
+            raise RecoveryFailed(f"state check failed in generation {gen.number}: {verdict}")
+
+    def check_replicas(self) -> bool:
+        """End of training: are all replicas of every layer still bit-identical?"""
+        return self._compare_digests(self.current, f"{self.current.number}/final") == "ok"
+
+    def _compare_digests(self, gen: Generation, tag: str) -> str:
         stage = gen.plan.stage(self.rank)
         mine = {i: layer_digest(self.engine.layers[i]) for i in stage.layers}
-        self.store.set(keys.checksum_key(gen.number, self.rank), json.dumps(mine))
-        key = keys.verdict_key(gen.number)
+        self.store.set(keys.checksum_key(tag, self.rank), json.dumps(mine))
+        key = keys.verdict_key(tag)
         if self.rank == min(gen.members):
-            raw = self._wait_all([keys.checksum_key(gen.number, r) for r in gen.members])
+            raw = self._wait_all([keys.checksum_key(tag, r) for r in gen.members])
             digests: dict[int, set[str]] = {}
             for v in raw:
                 for i, d in json.loads(v).items():
                     digests.setdefault(int(i), set()).add(d)
             bad = sorted(i for i, ds in digests.items() if len(ds) > 1)
             self.store.set(key, "ok" if not bad else f"replicas of layers {bad} differ")
-        verdict = self._wait_all([key])[0].decode()
-        if verdict != "ok":
-            raise RecoveryFailed(f"state check failed in generation {gen.number}: {verdict}")
+        return self._wait_all([key])[0].decode()
 
     def _wait_all(self, wanted: list[str]) -> list[bytes]:
         while True:

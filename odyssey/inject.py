@@ -11,8 +11,9 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from odyssey import keys
 from planner.program import Op
 
 KINDS = ("kill", "hang", "slow", "raise")
@@ -63,8 +64,8 @@ class FaultSpec:
         if world_size is not None and not 0 <= spec.rank < world_size:
             raise ValueError(f"bad fault spec {text!r}: rank {spec.rank} is not in the job "
                              f"(ranks 0..{world_size - 1})")
-        if spec.step < 0:
-            raise ValueError(f"bad fault spec {text!r}: step must be >= 0")
+        if spec.step < -1:
+            raise ValueError(f"bad fault spec {text!r}: step must be >= 0 (or -1: next step)")
         return spec
 
     def fire(self) -> None:
@@ -83,8 +84,20 @@ class FaultInjector:
 
     def __init__(self, specs: list[FaultSpec], worker_id: int,
                  on_fire: Callable[[FaultSpec], None] | None = None):
+        self.worker_id = worker_id
         self.pending = [s for s in specs if s.rank == worker_id]
         self.on_fire = on_fire
+        self._seen = 0
+
+    def poll(self, store, next_step: int) -> None:
+        """Pick up requests from `odyssey inject` (one store round trip when none)."""
+        count = store.add(keys.INJECT_COUNT, 0)
+        while self._seen < count:
+            text = store.get(keys.inject_key(self._seen)).decode()
+            self._seen += 1
+            spec = FaultSpec.parse(text)
+            if spec.rank == self.worker_id:
+                self.pending.append(replace(spec, step=max(spec.step, next_step)))
 
     def before_step(self, step: int) -> None:
         self._fire(step, None)

@@ -50,12 +50,12 @@ def plan_key(gen: int) -> str:
     return f"odyssey/gen{gen}/plan"
 
 
-def checksum_key(gen: int, rank: int) -> str:
-    return f"odyssey/gen{gen}/checksum/{rank}"
+def checksum_key(tag: int | str, rank: int) -> str:
+    return f"odyssey/gen{tag}/checksum/{rank}"
 
 
-def verdict_key(gen: int) -> str:
-    return f"odyssey/gen{gen}/verdict"
+def verdict_key(tag: int | str) -> str:
+    return f"odyssey/gen{tag}/verdict"
 
 
 def started_key(gen: int, rank: int) -> str:
@@ -72,3 +72,11 @@ NEWCOMERS_COUNT = "odyssey/newcomers/count"
 
 def newcomer_key(index: int) -> str:
     return f"odyssey/newcomers/{index}"
+
+
+INJECT_COUNT = "odyssey/inject/count"
+
+
+def inject_key(index: int) -> str:
+    """A fault spec string from `odyssey inject` (step=-1: the next step)."""
+    return f"odyssey/inject/{index}"

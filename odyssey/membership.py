@@ -23,6 +23,10 @@ class Fenced(RuntimeError):
     """This rank was left out of the new generation and must exit."""
 
 
+class JobFinished(RuntimeError):
+    """The job completed while this rank was trying to join it."""
+
+
 class AgreementError(RuntimeError):
     """Survivors disagree on something that the commit protocol should make unique."""
 
@@ -66,6 +70,8 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
     deadline = time.monotonic() + cfg.join_timeout_s
     monitor.members = sorted(set(previous) | {me})
     while not store.check([keys.members_key(generation)]):
+        if store.check([keys.JOB_STATUS]):
+            raise JobFinished(f"the job finished before generation {generation} formed")
         dead = monitor.exited_members()
         newcomers = [r for r in pending_newcomers(store) if r not in previous]
         expected = sorted((set(previous) - dead) | set(newcomers) | {me})

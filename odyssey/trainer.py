@@ -25,10 +25,11 @@ from odyssey.comm import CommConfig, CommError, StepAborted
 from odyssey.commit import step_prefix
 from odyssey.coordinator import Coordinator, Generation
 from odyssey.data import Sampler
-from odyssey.engine import Engine, OptimizerConfig, StepResult
+from odyssey.engine import Engine, OptimizerConfig, StepResult, make_optimizer
 from odyssey.env import WorkerInfo
 from odyssey.events import recovery_event
 from odyssey.inject import FaultInjector, FaultSpec
+from odyssey.membership import JobFinished
 from odyssey.model import LayeredModel
 from odyssey.monitor import FailureMonitor, MonitorConfig
 from odyssey.online_profile import OnlineProfile
@@ -182,9 +183,20 @@ class Trainer:
                                    "attempt": self.worker.attempt})
         return start
 
-    def _join(self) -> int:
-        """A replacement worker: announce itself, then enter the next generation."""
+    def _join(self) -> int | None:
+        """A replacement worker: announce itself, then enter the next generation.
+
+        Returns the first step to run, or None when the job already finished."""
         store, me = self.worker.store, self.worker.rank
+        if store.check([keys.JOB_STATUS]):
+            return None
+        # warm up before announcing: the first optimizer step in a process pays seconds of
+        # lazy imports, which must not land inside the survivors' recovery time
+        warm = self.model.build_layer(0)
+        opt = make_optimizer(warm, self.engine.optim_cfg)
+        for p in warm.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
         idx = store.add(keys.NEWCOMERS_COUNT, 1) - 1
         store.set(keys.newcomer_key(idx), str(me))
         store.wait(["odyssey/generation"])
@@ -205,7 +217,14 @@ class Trainer:
         torch.manual_seed(0)
         self.monitor.start_heartbeat()
         if w.joining:
-            step = self._join()
+            try:
+                step = self._join()
+            except JobFinished:
+                step = None
+            if step is None:
+                self._say("the job has already finished; nothing to join", 0, always=True)
+                self.monitor.stop()
+                return FitResult(w.rank, 0)
         else:
             self.gen = self.coord.begin(self.plan)
             step = self._resume()
@@ -219,8 +238,10 @@ class Trainer:
         t_start = last = time.perf_counter()
         while step < cfg.steps:
             try:
-                if self.in_place and self.monitor.notice() is not None:
-                    raise StepAborted("membership change announced")
+                if self.in_place:
+                    if self.monitor.notice() is not None:
+                        raise StepAborted("membership change announced")
+                    self.faults.poll(w.store, step)
                 self.faults.before_step(step)
                 res = self.engine.run_step(step)
             except (StepAborted, CommError) as e:
@@ -248,6 +269,7 @@ class Trainer:
             step += 1
         train_s = time.perf_counter() - t_start
         self.checkpointer.wait()
+        consistent = self.coord.check_replicas()
         if self.leader:
             result.report = build_report(
                 self._log(), mode=cfg.mode, world_size=w.world_size, plan=self.gen.plan.to_dict(),
@@ -255,7 +277,8 @@ class Trainer:
                 samples_this_run=result.steps_run * self.plan.global_batch, train_seconds=train_s,
                 extra={"model": self.model.name, "launcher": w.launcher, "attempt": w.attempt,
                        "schedule": self.plan.schedule, "ft_policy": cfg.ft_policy,
-                       "initial_plan": self.plan.to_dict(), "generation": self.gen.number})
+                       "initial_plan": self.plan.to_dict(), "generation": self.gen.number,
+                       "replicas_identical": consistent})
             w.store.set(keys.JOB_STATUS, keys.JOB_DONE)
             s = result.report["samples"]
             self._say(f"done: loss {result.report['loss']['first']:.4f} -> "

@@ -41,6 +41,7 @@ def check_run(cfg, world, ref, tmp_path):
     assert report["samples"] == {"expected": STEPS * 8, "trained": STEPS * 8, "lost": 0,
                                  "duplicated": 0, "unexpected": 0}
     assert report["world_size"] == world and report["mode"] == "real"
+    assert report["replicas_identical"] is True
     return report
 
 
