@@ -20,16 +20,17 @@ def free_port() -> int:
 
 
 def launch(nproc: int, run_dir: Path, script_args: list[str], launcher: str = "odyssey",
-           timeout_s: float = 600) -> dict:
+           timeout_s: float = 600, extra_launcher_args: list[str] = ()) -> dict:
     """Run examples/train_gpt.py on `nproc` local ranks; return its report.json."""
     if launcher == "odyssey":
         cmd = [sys.executable, "-m", "launch.cli", "run", "--standalone",
-               "--nproc-per-node", str(nproc), "--run-dir", str(run_dir), str(TRAIN)]
+               "--nproc-per-node", str(nproc), "--run-dir", str(run_dir),
+               *extra_launcher_args, str(TRAIN)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TRAIN),
-               "--run-dir", str(run_dir)]
+               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--monitor-interval", "0.1",
+               *extra_launcher_args, str(TRAIN), "--run-dir", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     proc = subprocess.run(cmd + script_args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout_s)

@@ -24,6 +24,7 @@ from odyssey.data import ArithmeticTokens, RandomRegression  # noqa: E402
 from odyssey.emulate import EmulationConfig, build_emulated  # noqa: E402
 from odyssey.env import worker_from_env  # noqa: E402
 from odyssey.trainer import TrainConfig, Trainer, exit_cleanly  # noqa: E402
+from profiler.synthetic import emulated_profile  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,9 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     cfg = from_args(TrainConfig, args)
+    profile = None
     if cfg.mode == "emulated":
         emu = from_args(EmulationConfig, args, prefix="emu")
         model, data = build_emulated(emu), RandomRegression(dim=emu.dim)
+        profile = emulated_profile(emu)  # the cost model knows the configured times
     elif cfg.mode == "real":
         gpt = from_args(GPTConfig, args, prefix="gpt")
         model, data = build_gpt(gpt), ArithmeticTokens(gpt.vocab_size, gpt.seq_len)
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--mode must be 'real' or 'emulated', got {cfg.mode!r}")
     worker = worker_from_env()
     try:
-        Trainer(model, data, cfg, worker).fit()
+        Trainer(model, data, cfg, worker, profile=profile).fit()
     except BaseException:  # report, then leave at once: group destructors can hang
         traceback.print_exc()
         exit_cleanly(1)

@@ -80,7 +80,8 @@ _HELP_OVERRIDES = {
     "When a worker fails the survivors keep running and the runtime recovers in place. "
     "(Plain torchrun with --max-restarts, which restarts every worker, is the baseline.)",
     "monitor_interval": "Period in seconds of the launcher loop that reaps exits and reads "
-    "fence requests (default: %(default)s).",
+    "fence requests; it bounds how soon survivors learn of a dead worker, so odyssey run "
+    "polls faster than torchrun (default: %(default)s).",
     "shutdown_timeout": "Seconds workers get after a forwarded SIGINT/SIGTERM before SIGKILL "
     "(default: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 5).",
     "signals_to_handle": "Signals the launcher forwards to the workers before shutting them "
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = _HELP_OVERRIDES[action.dest]
         elif action.dest in _IGNORED:
             action.help = f"Ignored by odyssey run: {_IGNORED[action.dest]}."
+    parser.set_defaults(monitor_interval=0.02)
     group = parser.add_argument_group("Odyssey options")
     group.add_argument("--run-dir", default=None, metavar="DIR",
                        help="Directory for this run's files, exported to workers as "

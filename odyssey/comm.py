@@ -44,7 +44,7 @@ class CommConfig:
     """Address this rank's gloo transport binds to (its node's address on a cluster)."""
     timeout_s: float = 60.0
     """Last-resort timeout of a single op inside the backend."""
-    poll_s: float = 0.05
+    poll_s: float = 0.02
     """How often a waiting rank checks whether the step was aborted."""
     setup_timeout_s: float = 10.0
     """How long creating a group may wait for its members (a member that died during a

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -69,15 +70,26 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
     store.add(keys.joined_count_key(generation), 1)
     deadline = time.monotonic() + cfg.join_timeout_s
     monitor.members = sorted(set(previous) | {me})
-    while not store.check([keys.members_key(generation)]):
-        if store.check([keys.JOB_STATUS]):
+    decided = keys.members_key(generation)
+    polls = 0
+    while True:
+        try:  # blocks in the store until someone decides, or 10 ms pass
+            store.wait([decided], timedelta(milliseconds=10))
+            break
+        except dist.DistStoreError:
+            pass
+        polls += 1
+        if polls % 10 == 0 and store.check([keys.JOB_STATUS]):
             raise JobFinished(f"the job finished before generation {generation} formed")
         dead = monitor.exited_members()
         newcomers = [r for r in pending_newcomers(store) if r not in previous]
         expected = sorted((set(previous) - dead) | set(newcomers) | {me})
-        joined = [r for r in expected if store.check([keys.join_key(generation, r)])]
         timed_out = time.monotonic() > deadline
-        if len(joined) == len(expected) or timed_out:
+        count = store.add(keys.joined_count_key(generation), 0)
+        all_in = count >= len(expected) and store.check(
+            [keys.join_key(generation, r) for r in expected])
+        if all_in or timed_out:
+            joined = [r for r in expected if store.check([keys.join_key(generation, r)])]
             silent = sorted(set(expected) - set(joined))
             for r in silent:
                 monitor.fence(r, f"did not join generation {generation}")
@@ -85,7 +97,6 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
             _propose(store, generation, joined, sorted(set(previous) - set(joined)),
                      [r for r in newcomers if r in joined])
             break
-        time.sleep(0.005)
     m = _read(store, generation)
     if me not in m.members:
         raise Fenced(f"rank {me} is not a member of generation {generation} "

@@ -31,7 +31,7 @@ class MonitorConfig:
     """Period of each rank's heartbeat."""
     heartbeat_timeout_s: float = 3.0
     """A member whose heartbeat stalls this long is declared hung (and fenced)."""
-    poll_s: float = 0.05
+    poll_s: float = 0.02
     """How often a rank waiting on communication checks for a notice."""
     join_timeout_s: float = 6.0
     """Agreement: how long to wait for a silent member before declaring it dead."""

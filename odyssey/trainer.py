@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +139,9 @@ class Trainer:
         self.gen: Generation | None = None
         self.last_commit_gen = 0
         self._pending_event: dict | None = None
+        self._predicted_now: float | None = None
+        self._ratios: deque[float] = deque(maxlen=20)
+        self._last_gen_recorded = -1
 
     # ---- setup ---------------------------------------------------------------------
     def _make_plan(self) -> Plan:
@@ -323,6 +328,8 @@ class Trainer:
             self._say(f"recovered from {event['ranks_lost'] or event['newcomers']} "
                       f"({event['cause']}) with {event['chosen']}: MTTR "
                       f"{event['mttr_s'] * 1e3:.0f} ms", step=step)
+        self._calibrate(dt, self._last_gen_recorded != self.gen.number)
+        self._last_gen_recorded = self.gen.number
         log.ledger(step, self.gen.number, samples)
         log.metric({"step": step, "loss": loss, "step_time_s": dt,
                     "samples_per_s": gb / dt if dt > 0 else None,
@@ -345,15 +352,35 @@ class Trainer:
         self.checkpointer.save_async(step, {i: self.engine.layer_state(i) for i in held}, meta)
 
     # ---- cost model hooks (leader, at recovery time) ---------------------------------
-    def _predictor(self) -> Callable[[Plan], float]:
+    def _simulator(self) -> Callable[[Plan], float]:
+        """Uncalibrated step-time prediction from the profile (given, or measured online)."""
         profile = self.profile
         if profile is None:
             spec = self.model.activation_spec(self.plan.microbatch_size)
             act = float(torch.Size(spec.shape).numel() * 4)
             profile = self.online.to_profile(self.model.name, self.plan.microbatch_size, act)
         cost = CostModel(profile)
-        return lambda plan: simulate_plan(plan, cost, reduce=not plan.has_shared_stages
-                                          ).step_time_s
+        return lambda plan: simulate_plan(plan, cost).step_time_s
+
+    def _predictor(self) -> Callable[[Plan], float]:
+        """Calibrated prediction: the simulator times the runtime's measured/predicted
+        ratio of recent steps (kept in the store, so a new leader inherits it)."""
+        sim = self._simulator()
+        key = "odyssey/calibration/step_factor"
+        factor = float(self.worker.store.get(key)) if self.worker.store.check([key]) else 1.0
+        return lambda plan: sim(plan) * factor
+
+    def _calibrate(self, dt: float, first_of_generation: bool) -> None:
+        """Leader: fold this step's measured time into the step-time correction factor."""
+        if first_of_generation or self.cfg.steps < 3:
+            self._predicted_now = None  # the plan changed; its first step redoes work
+            return
+        if self._predicted_now is None:
+            self._predicted_now = self._simulator()(self.gen.plan)
+        self._ratios.append(dt / self._predicted_now)
+        if len(self._ratios) % 5 == 0:
+            factor = statistics.median(self._ratios)
+            self.worker.store.set("odyssey/calibration/step_factor", repr(factor))
 
     def _layer_bytes(self) -> list[float]:
         if self.profile is not None:
@@ -361,8 +388,13 @@ class Trainer:
         return [12.0 * n for n in self.online.params]  # fp32 params + two Adam moments
 
     def _mark_injected(self, spec: FaultSpec) -> None:
-        self.worker.store.set(keys.injected_key(self.worker.rank),
-                              json.dumps({"time": time.time(), "spec": spec.__dict__}))
+        record = json.dumps({"time": time.time(), "rank": self.worker.rank,
+                             "attempt": self.worker.attempt, "spec": spec.__dict__})
+        self.worker.store.set(keys.injected_key(self.worker.rank), record)
+        # also on disk: under torchrun the next attempt cannot read this attempt's keys
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "faults.jsonl", "a") as f:
+            f.write(record + "\n")
 
     def _say(self, msg: str, step: int, always: bool = False) -> None:
         if always or self.leader:
