@@ -11,11 +11,13 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
-# The main job: 4 CPU ranks, 2 pipelines x 2 stages, the example GPT; writes a report.
+# The main job: the example GPT on 4 CPU ranks (2 pipelines x 2 stages); rank 3 is
+# SIGKILLed during backward at step 25, the survivors recover in place and finish.
 demo: setup
 	rm -rf $(RUN_DIR)
 	$(BIN)/odyssey run --standalone --nproc-per-node 4 --run-dir $(RUN_DIR) \
-	    examples/train_gpt.py --dp 2 --pp 2 --steps 60 --log-every 10
+	    examples/train_gpt.py --dp 2 --pp 2 --steps 60 --log-every 10 \
+	    --inject kill:rank=3,step=25,phase=backward
 	$(BIN)/python -m odyssey.summary $(RUN_DIR)/report.json
 
 test: setup

@@ -20,7 +20,7 @@ from pathlib import Path
 from launch import contract
 
 KINDS = ("kill", "hang", "slow", "raise", "rejoin")
-PHASES = ("step", "forward", "backward", "allreduce", "commit")
+PHASES = ("step", "forward", "backward", "allreduce", "commit", "migrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,6 +81,9 @@ class Coordinator:
         self.trained_plan: Plan | None = None
         """Plan of the last generation that committed a step (what ranks really hold)."""
         self._graveyard: list[Comm] = []  # old groups: destroying them can block
+        self._interrupted = 0
+        self.before_migrate: Callable[[int], None] | None = None
+        """Called with the resume step once the new groups exist (fault injection)."""
 
     # ---- generations ---------------------------------------------------------------
     def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None) -> Generation:
@@ -114,6 +117,7 @@ class Coordinator:
                 ) -> tuple[Generation, int]:
         """Move to a new generation; return it and the first step to run."""
         previous = list(self.current.members) if self.current else []
+        self._interrupted = 0
         number = self.current.number + 1 if self.current else int(
             self.store.get("odyssey/generation")) + 1
         while True:
@@ -129,9 +133,11 @@ class Coordinator:
                 return gen, resume
             except (StepAborted, CommError, TimeoutError) as e:
                 self.say(f"recovery to generation {number} interrupted ({e}); agreeing again")
+                self.monitor.publish("failure", f"during recovery: {e}", generation=number)
                 if m is not None:
                     previous = m.members
                 number += 1
+                self._interrupted += 1
 
     def _decide(self, m: Membership) -> dict:
         ctx = RecoveryContext(self.trained_plan, m.members, m.committed_step,
@@ -146,7 +152,8 @@ class Coordinator:
                     "horizon_s": self.recovery.horizon_s,
                     "candidates": [c.row() for c in sorted(cands, key=lambda c: -c.score)],
                     "dropped": dropped, "membership": json.loads(m.to_json()),
-                    "time": time.time()}
+                    "ranks_lost": sorted(set(self.trained_plan.ranks) - set(m.members)),
+                    "interrupted": self._interrupted, "time": time.time()}
         self.store.set(keys.plan_key(m.generation), json.dumps(decision))
         return decision
 
@@ -177,6 +184,8 @@ class Coordinator:
         gen.decision = decision
         t_rebuilt = time.time()
         self.engine.install(gen.program, gen.comm, gen.commit, keep=True)
+        if self.before_migrate is not None:
+            self.before_migrate(cand.resume_step)
         sends = [gen.comm.send(flat, dst, "mig") for _, dst, flat in outgoing]
         if cand.from_checkpoint:
             self._reload(cand, gen)
@@ -196,9 +205,10 @@ class Coordinator:
         self._activate(gen)
         gen.timeline.update(rebuilt=t_rebuilt, migrated=t_migrated, started=time.time())
         self.store.set(keys.started_key(gen.number, self.rank), json.dumps(gen.timeline))
-        self.say(f"generation {gen.number}: {cand.kind} -> "
-                 f"{[len(p.stages) for p in cand.plan.pipelines]} stages per pipeline, "
-                 f"resume at step {cand.resume_step}")
+        if self.rank == min(gen.members):
+            self.say(f"generation {gen.number} ({cand.kind}): "
+                     f"{[len(p.stages) for p in cand.plan.pipelines]} stages per pipeline, "
+                     f"members {gen.members}, resuming at step {cand.resume_step}")
         return gen, cand.resume_step
 
     def _reload(self, cand: RecoveryCandidate, gen: Generation) -> None:

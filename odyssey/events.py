@@ -47,7 +47,13 @@ def recovery_event(store: dist.Store, generation: int, decision: dict, first_ste
         if notice is not None:
             break
     notice = notice or {"time": m["decided_at"], "reason": "?", "kind": "?"}
-    lost = m["dead"]
+    lost = decision.get("ranks_lost", m["dead"])
+    # the first notice of this recovery (an interrupted recovery adds later ones)
+    for g in range(generation - 1 - decision.get("interrupted", 0), generation):
+        first = _get_json(store, keys.notice_key(g))
+        if first is not None:
+            notice = first
+            break
     t_fault, source = fault_time(store, lost, notice["time"])
     timelines = [json.loads(v) for v in store.multi_get(
         [keys.started_key(generation, r) for r in m["members"]])]
@@ -90,4 +96,5 @@ def recovery_event(store: dist.Store, generation: int, decision: dict, first_ste
         "mttr_s": started - t_fault,
         "phases": phases,
         "redone_step_s": first_step_s,
+        "interrupted_recoveries": decision.get("interrupted", 0),
     }

@@ -2,7 +2,8 @@
 
 Spec syntax (also used by `odyssey run --inject`): `KIND:rank=R,step=S[,phase=P][,delay=D]`
 e.g. `kill:rank=1,step=6,phase=backward`. Phases name the first instruction of that kind
-in the step: forward, backward, allreduce, commit; `step` (default) fires before the step.
+in the step: forward, backward, allreduce, commit; `step` (default) fires before the step;
+`migrate` fires during a recovery that resumes at that step, after the new groups exist.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from planner.program import Op
 
 KINDS = ("kill", "hang", "slow", "raise")
 PHASES = {"step": None, "forward": Op.FORWARD, "backward": Op.BACKWARD,
-          "allreduce": Op.ALLREDUCE, "commit": Op.COMMIT}
+          "allreduce": Op.ALLREDUCE, "commit": Op.COMMIT, "migrate": "migrate"}
 
 
 class InjectedFault(RuntimeError):
@@ -36,7 +37,8 @@ class FaultSpec:
     step: int
     """Step at which it fires."""
     phase: str = "step"
-    """When in the step: step (before it), forward, backward, allreduce, commit."""
+    """When: step (before it), forward, backward, allreduce, commit, or migrate (during
+    a recovery that resumes at `step`)."""
     delay: float = 1.0
     """Seconds of delay for `slow`."""
 
@@ -105,7 +107,10 @@ class FaultInjector:
     def before_op(self, step: int, op: Op) -> None:
         self._fire(step, op)
 
-    def _fire(self, step: int, op: Op | None) -> None:
+    def before_migrate(self, resume_step: int) -> None:
+        self._fire(resume_step, "migrate")
+
+    def _fire(self, step: int, op: Op | str | None) -> None:
         for spec in list(self.pending):
             if spec.step == step and PHASES[spec.phase] is op:
                 self.pending.remove(spec)

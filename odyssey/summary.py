@@ -17,8 +17,23 @@ def summarize(report: dict) -> str:
         f"duplicated {s['duplicated']}",
         f"throughput     {report['throughput_samples_per_s']:.1f} samples/s, "
         f"median step {report['step_time_s'] * 1e3:.1f} ms",
-        f"events         {len(report.get('events', []))}",
     ]
+    for e in report.get("events", []):
+        if e["kind"] == "resume":
+            lines.append(f"resume         from the checkpoint of step {e['checkpoint_step']} "
+                         f"(attempt {e.get('attempt', 0)})")
+            continue
+        who = e["ranks_lost"] or e["newcomers"]
+        ph = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in e["phases"].items())
+        lines.append(f"recovery       gen {e['generation']}: {e['cause']} of rank(s) {who} at "
+                     f"step {e['step']}" + (f" ({e['phase']})" if e.get("phase") else "")
+                     + f" -> {e['chosen']} (policy {e['policy']}), MTTR "
+                     f"{e['mttr_s'] * 1e3:.0f} ms [{ph} ms]")
+        for c in e["candidates"][:6]:
+            lines.append(f"                 {c['kind']:>14}: transition "
+                         f"{c['predicted_transition_s'] * 1e3:7.1f} ms, step "
+                         f"{c['predicted_step_s'] * 1e3:7.1f} ms, score {c['score']:10.0f}"
+                         f"  {c['note']}")
     return "\n".join(lines)
 
 

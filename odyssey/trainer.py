@@ -136,6 +136,7 @@ class Trainer:
             worker.store, worker.rank, self.engine, self.monitor, self.comm_cfg,
             RecoveryConfig(policy=cfg.ft_policy, horizon_s=cfg.horizon_s), self.ckpt_dir,
             self._predictor, self._layer_bytes, lambda msg: self._say(msg, -1, always=True))
+        self.coord.before_migrate = self.faults.before_migrate
         self.gen: Generation | None = None
         self.last_commit_gen = 0
         self._pending_event: dict | None = None

@@ -59,9 +59,10 @@ SCENARIOS = {
         "redundant", 4, 2, 2,
         ["kill:rank=1,step=4,phase=backward", "kill:rank=0,step=9,phase=commit"],
         ["redundant", "redundant"], []),
-    "reparallelize-allreduce": ("reparallelize", 4, 2, 2,
-                                ["kill:rank=2,step=6,phase=allreduce"],
-                                ["reparallelize"], []),
+    "reparallelize-allreduce-then-failure-during-recovery": (
+        "reparallelize", 4, 2, 2,
+        ["kill:rank=2,step=6,phase=allreduce", "kill:rank=1,step=6,phase=migrate"],
+        ["reparallelize"], []),
     "restart-when-a-stage-has-no-replica": (
         "adaptive", 4, 2, 2,
         ["kill:rank=1,step=7,phase=forward", "kill:rank=3,step=7,phase=forward"],
@@ -93,6 +94,8 @@ def test_recovery_keeps_the_trajectory(name, tmp_path):
     if name.startswith("restart"):
         assert events[0]["resume_step"] == 5 and events[0]["lost_steps"] == 2
         assert "reroute" in events[0]["dropped"] and "reparallelize" in events[0]["dropped"]
+    if "during-recovery" in name:
+        assert events[0]["interrupted_recoveries"] == 1
     if name.startswith("adaptive-hang"):
         assert "fenced" in proc.stderr or "fencing rank 2" in proc.stderr
         assert events[0]["phases"]["detect"] >= 1.5  # the heartbeat timeout, then fenced
