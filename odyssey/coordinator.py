@@ -66,7 +66,7 @@ class Coordinator:
                  comm_cfg: CommConfig, recovery: RecoveryConfig, ckpt_dir,
                  predictor: Callable[[], Callable[[Plan], float]],
                  layer_bytes: Callable[[], list[float]],
-                 say: Callable[[str], None]):
+                 say: Callable[..., None]):
         self.store = store
         self.rank = rank
         self.engine = engine
@@ -208,7 +208,8 @@ class Coordinator:
         if self.rank == min(gen.members):
             self.say(f"generation {gen.number} ({cand.kind}): "
                      f"{[len(p.stages) for p in cand.plan.pipelines]} stages per pipeline, "
-                     f"members {gen.members}, resuming at step {cand.resume_step}")
+                     f"members {gen.members}, resuming at step {cand.resume_step}",
+                     cand.resume_step)
         return gen, cand.resume_step
 
     def _reload(self, cand: RecoveryCandidate, gen: Generation) -> None:

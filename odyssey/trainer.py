@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import torch
 
 from odyssey import checkpoint as ckpt
 from odyssey import keys
+from odyssey.calibration import StepTimeModel
 from odyssey.comm import CommConfig, CommError, StepAborted
 from odyssey.commit import step_prefix
 from odyssey.coordinator import Coordinator, Generation
@@ -34,12 +32,9 @@ from odyssey.inject import FaultInjector, FaultSpec
 from odyssey.membership import JobFinished
 from odyssey.model import LayeredModel
 from odyssey.monitor import FailureMonitor, MonitorConfig
-from odyssey.online_profile import OnlineProfile
 from odyssey.report import RunLog, build_report, read_jsonl
-from planner.cost import CostModel
 from planner.plan import Plan, PlanError
 from planner.recovery import POLICIES, RecoveryConfig
-from planner.simulate import simulate_plan
 from profiler.profile import Profile
 
 
@@ -130,18 +125,16 @@ class Trainer:
         mcfg = monitor or MonitorConfig(heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                                         poll_s=self.comm_cfg.poll_s)
         self.monitor = FailureMonitor(worker.store, worker.rank, mcfg, worker.store_factory)
-        self.profile = profile
-        self.online = OnlineProfile(model.num_layers)
+        self.step_model = StepTimeModel(model, self.plan.microbatch_size, worker.store, profile)
         self.coord = Coordinator(
             worker.store, worker.rank, self.engine, self.monitor, self.comm_cfg,
             RecoveryConfig(policy=cfg.ft_policy, horizon_s=cfg.horizon_s), self.ckpt_dir,
-            self._predictor, self._layer_bytes, lambda msg: self._say(msg, -1, always=True))
+            self.step_model.predictor, self.step_model.layer_bytes,
+            lambda msg, step=-1: self._say(msg, step, always=True))
         self.coord.before_migrate = self.faults.before_migrate
         self.gen: Generation | None = None
         self.last_commit_gen = 0
         self._pending_event: dict | None = None
-        self._predicted_now: float | None = None
-        self._ratios: deque[float] = deque(maxlen=20)
         self._last_gen_recorded = -1
 
     # ---- setup ---------------------------------------------------------------------
@@ -315,8 +308,7 @@ class Trainer:
 
     def _record(self, step: int, res: StepResult, dt: float) -> float:
         votes = self.gen.commit.votes(step)
-        for v in votes.values():
-            self.online.observe(v["timing"])
+        self.step_model.observe_votes(votes)
         gb = self.plan.global_batch
         loss = sum(v["loss_sum"] for v in votes.values()) / gb
         samples = sorted(r for v in votes.values() for r in v["samples"])
@@ -329,7 +321,8 @@ class Trainer:
             self._say(f"recovered from {event['ranks_lost'] or event['newcomers']} "
                       f"({event['cause']}) with {event['chosen']}: MTTR "
                       f"{event['mttr_s'] * 1e3:.0f} ms", step=step)
-        self._calibrate(dt, self._last_gen_recorded != self.gen.number)
+        self.step_model.observe_step(self.gen.plan, dt,
+                                     self._last_gen_recorded != self.gen.number)
         self._last_gen_recorded = self.gen.number
         log.ledger(step, self.gen.number, samples)
         log.metric({"step": step, "loss": loss, "step_time_s": dt,
@@ -351,42 +344,6 @@ class Trainer:
                     "plan": plan.to_dict(), "global_batch": plan.global_batch,
                     "model": self.model.name}
         self.checkpointer.save_async(step, {i: self.engine.layer_state(i) for i in held}, meta)
-
-    # ---- cost model hooks (leader, at recovery time) ---------------------------------
-    def _simulator(self) -> Callable[[Plan], float]:
-        """Uncalibrated step-time prediction from the profile (given, or measured online)."""
-        profile = self.profile
-        if profile is None:
-            spec = self.model.activation_spec(self.plan.microbatch_size)
-            act = float(torch.Size(spec.shape).numel() * 4)
-            profile = self.online.to_profile(self.model.name, self.plan.microbatch_size, act)
-        cost = CostModel(profile)
-        return lambda plan: simulate_plan(plan, cost).step_time_s
-
-    def _predictor(self) -> Callable[[Plan], float]:
-        """Calibrated prediction: the simulator times the runtime's measured/predicted
-        ratio of recent steps (kept in the store, so a new leader inherits it)."""
-        sim = self._simulator()
-        key = "odyssey/calibration/step_factor"
-        factor = float(self.worker.store.get(key)) if self.worker.store.check([key]) else 1.0
-        return lambda plan: sim(plan) * factor
-
-    def _calibrate(self, dt: float, first_of_generation: bool) -> None:
-        """Leader: fold this step's measured time into the step-time correction factor."""
-        if first_of_generation or self.cfg.steps < 3:
-            self._predicted_now = None  # the plan changed; its first step redoes work
-            return
-        if self._predicted_now is None:
-            self._predicted_now = self._simulator()(self.gen.plan)
-        self._ratios.append(dt / self._predicted_now)
-        if len(self._ratios) % 5 == 0:
-            factor = statistics.median(self._ratios)
-            self.worker.store.set("odyssey/calibration/step_factor", repr(factor))
-
-    def _layer_bytes(self) -> list[float]:
-        if self.profile is not None:
-            return [3.0 * lp.param_bytes for lp in self.profile.layers]
-        return [12.0 * n for n in self.online.params]  # fp32 params + two Adam moments
 
     def _mark_injected(self, spec: FaultSpec) -> None:
         record = json.dumps({"time": time.time(), "rank": self.worker.rank,

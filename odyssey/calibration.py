@@ -1,0 +1,77 @@
+"""Step-time prediction for recovery decisions, calibrated by the running job.
+
+The profile is either given (emulated mode: the configured durations) or measured online
+from the timings every rank sends with its commit vote. The event simulator predicts a
+plan's step time from it; a correction factor, the median measured/predicted ratio of
+recent steps, absorbs what the model leaves out (Python, polling, contention). The
+factor lives in the store so a new leader inherits it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from odyssey.model import LayeredModel
+from odyssey.online_profile import OnlineProfile
+from planner.cost import CostModel
+from planner.plan import Plan
+from planner.simulate import simulate_plan
+from profiler.profile import Profile
+
+FACTOR_KEY = "odyssey/calibration/step_factor"
+
+
+class StepTimeModel:
+    """Predicts step times of candidate plans; see the module docstring."""
+
+    def __init__(self, model: LayeredModel, microbatch_size: int, store: dist.Store,
+                 profile: Profile | None = None, window: int = 20):
+        self.model = model
+        self.microbatch_size = microbatch_size
+        self.store = store
+        self.profile = profile
+        self.online = OnlineProfile(model.num_layers)
+        self._ratios: deque[float] = deque(maxlen=window)
+        self._predicted_now: float | None = None
+
+    def observe_votes(self, votes: dict[int, dict]) -> None:
+        for v in votes.values():
+            self.online.observe(v["timing"])
+
+    def simulator(self) -> Callable[[Plan], float]:
+        """Uncalibrated prediction from the profile (given, or measured online)."""
+        profile = self.profile
+        if profile is None:
+            spec = self.model.activation_spec(self.microbatch_size)
+            act = float(torch.Size(spec.shape).numel() * 4)
+            profile = self.online.to_profile(self.model.name, self.microbatch_size, act)
+        cost = CostModel(profile)
+        return lambda plan: simulate_plan(plan, cost).step_time_s
+
+    def predictor(self) -> Callable[[Plan], float]:
+        """Calibrated prediction (simulator x the current correction factor)."""
+        sim = self.simulator()
+        factor = float(self.store.get(FACTOR_KEY)) if self.store.check([FACTOR_KEY]) else 1.0
+        return lambda plan: sim(plan) * factor
+
+    def observe_step(self, plan: Plan, seconds: float, first_of_generation: bool) -> None:
+        """Leader, after each committed step: fold its measured time into the factor."""
+        if first_of_generation:
+            self._predicted_now = None  # the plan changed; its first step redoes work
+            return
+        if self._predicted_now is None:
+            self._predicted_now = self.simulator()(plan)
+        self._ratios.append(seconds / self._predicted_now)
+        if len(self._ratios) >= 2:  # one store write per step
+            self.store.set(FACTOR_KEY, repr(statistics.median(self._ratios)))
+
+    def layer_bytes(self) -> list[float]:
+        """Parameter + AdamW state bytes per layer (what a migration moves)."""
+        if self.profile is not None:
+            return [3.0 * lp.param_bytes for lp in self.profile.layers]
+        return [12.0 * n for n in self.online.params]  # fp32 params + two moments
