@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "inject": "launch.inject:main",
     "plan": "planner.cli:plan_main",
     "profile": "profiler.cli:profile_main",
+    "bench": "launch.bench:main",
 }
 """Subcommand name -> ``"module:function"`` implementing it."""
 
@@ -98,7 +99,10 @@ def _version() -> str:
 def _exit_code(stop: SystemExit) -> int:
     if stop.code is None:
         return 0
-    return stop.code if isinstance(stop.code, int) else 1
+    if isinstance(stop.code, int):
+        return stop.code
+    print(stop.code, file=sys.stderr)  # SystemExit("message"): say it, as Python would
+    return 1
 
 
 if __name__ == "__main__":
