@@ -1,0 +1,18 @@
+"""Chameleon: eager-mode activation swapping with an online profiler.
+
+    with chameleon.swap(model, budget="6GiB"):
+        loss = model(batch); loss.backward()
+
+Engine integration: `SwapManager(model, SwapConfig(...))` and `step_context()` /
+`run_step(fn)`. See docs/chameleon.md.
+"""
+
+from chameleon.config import SwapConfig, format_size, parse_size
+from chameleon.manager import StepReport, SwapManager, is_oom, manager_for, swap
+from chameleon.policy import Action, BudgetError, Policy, PolicyConfig, generate_policy
+
+__all__ = [
+    "Action", "BudgetError", "Policy", "PolicyConfig", "StepReport", "SwapConfig",
+    "SwapManager", "format_size", "generate_policy", "is_oom", "manager_for", "parse_size",
+    "swap",
+]
