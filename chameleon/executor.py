@@ -61,8 +61,11 @@ class Executor(Residency):
         with self.lock:
             e = self._by_ptr.get(ptr)
             h = None
-            if e is None or e.version != t._version or \
-                    (e.dev is None and (e.wref is None or e.wref.expired())):
+            # An entry found by address is this tensor only while the storage it was made
+            # for is alive: once that storage is freed (swapped out; maybe fetched back
+            # into a new one) the allocator may hand its address to an unrelated tensor.
+            if e is None or e.version != t._version or (
+                    e.wref.expired() if e.wref is not None else e.dev is None):
                 e = self._new_entry(t, st, ptr)
                 h = _Handle(e, t)
                 if e.mode == KEEP and e.dev is not None:  # fast unpack while resident

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,10 @@ class Engine:
         self.commit: CommitProtocol | None = None
         self.before_op: Callable[[int, Op], None] | None = None
         """Called before each instruction (fault injection, tracing)."""
+        self.swap_options: dict | None = None
+        """Chameleon SwapConfig fields when activation swapping is on (None: off)."""
+        self.swap = None
+        self._stage_module: nn.ModuleList | None = None
 
     # ---- configuration -------------------------------------------------------------
     def install(self, program: Program, comm: Comm, commit: CommitProtocol,
@@ -97,6 +102,20 @@ class Engine:
         for i in stage.layers:
             if i not in self.layers:
                 self.reset_layer(i)
+        self._setup_swap(stage.layers)
+
+    def _setup_swap(self, held: range) -> None:
+        """(Re)create Chameleon's manager over this rank's stage (its layers changed)."""
+        if self.swap_options is None:
+            return
+        from chameleon import SwapConfig, SwapManager  # optional: only when swapping
+
+        if self.swap is not None:
+            self.swap.close()
+        layers = [self.layers[i] for i in held]
+        self._stage_module = nn.ModuleList(layers)
+        self.swap = SwapManager(self._stage_module,
+                                SwapConfig(layers=layers, **self.swap_options), self.device)
 
     def prune(self) -> None:
         """Drop layers outside the current program's stage."""
@@ -120,13 +139,15 @@ class Engine:
         t0 = time.perf_counter()
         st = _StepState(step)
         op_s = st.op_seconds
+        swapping = self.swap.step_context() if self.swap is not None else nullcontext()
         try:
-            for ins in self.program.for_rank(self.worker_id):
-                if self.before_op is not None:
-                    self.before_op(step, ins.op)
-                t = time.perf_counter()
-                self._execute(ins, st)
-                op_s[ins.op.value] += time.perf_counter() - t
+            with swapping:
+                for ins in self.program.for_rank(self.worker_id):
+                    if self.before_op is not None:
+                        self.before_op(step, ins.op)
+                    t = time.perf_counter()
+                    self._execute(ins, st)
+                    op_s[ins.op.value] += time.perf_counter() - t
         except BaseException:
             self.zero_grad()
             raise

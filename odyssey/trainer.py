@@ -79,6 +79,13 @@ class TrainConfig:
     """Expected time to the next membership change; recovery maximises work over it."""
     heartbeat_timeout_s: float = 3.0
     """A rank whose heartbeat stalls this long is declared hung and fenced."""
+    swap: str = "off"
+    """Chameleon activation swapping: off, or auto (swap saved activations to host/disk
+    to keep them under --memory-budget)."""
+    memory_budget: str = "6GiB"
+    """Resident saved-activation bytes allowed per rank when swapping (e.g. 512MiB)."""
+    swap_min_bytes: int = 64 * 1024
+    """Saved tensors smaller than this are never swapped."""
     lr: float = 3e-3
     """AdamW learning rate."""
 
@@ -117,6 +124,11 @@ class Trainer:
         self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank,
                                     on_fire=self._mark_injected)
         self.engine.before_op = self.faults.before_op
+        if cfg.swap not in ("off", "auto"):
+            raise ValueError(f"--swap must be 'off' or 'auto', got {cfg.swap!r}")
+        if cfg.swap == "auto":
+            self.engine.swap_options = {"budget": cfg.memory_budget,
+                                        "min_swap_bytes": cfg.swap_min_bytes}
         self.run_dir = Path(cfg.run_dir or worker.run_dir or "runs/latest")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir)
@@ -277,7 +289,8 @@ class Trainer:
                 extra={"model": self.model.name, "launcher": w.launcher, "attempt": w.attempt,
                        "schedule": self.plan.schedule, "ft_policy": cfg.ft_policy,
                        "initial_plan": self.plan.to_dict(), "generation": self.gen.number,
-                       "replicas_identical": consistent})
+                       "replicas_identical": consistent,
+                       "swap": self.engine.swap.report() if self.engine.swap else None})
             w.store.set(keys.JOB_STATUS, keys.JOB_DONE)
             s = result.report["samples"]
             self._say(f"done: loss {result.report['loss']['first']:.4f} -> "

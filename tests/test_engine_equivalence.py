@@ -97,3 +97,21 @@ def test_shared_stage_reroute_matches_reference(schedule, ref, tmp_path):
     cfg = TrainConfig(steps=STEPS, plan_file=str(path), num_microbatches=4, microbatch_size=2,
                       run_dir=str(tmp_path), log_every=100)
     check_run(cfg, 3, ref, tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_activation_swapping_in_the_engine_keeps_the_numbers(ref, tmp_path):
+    # Chameleon under a budget far below the saved activations: same losses, bitwise
+    cfg = TrainConfig(steps=6, dp=1, pp=2, num_microbatches=4, microbatch_size=2,
+                      run_dir=str(tmp_path / "a"), log_every=100)
+    plain, _ = run_plan(cfg, 2)
+    swapped_cfg = TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "b"),
+                                 "swap": "auto", "memory_budget": "64KiB",
+                                 "swap_min_bytes": 1024})
+    swapped, _ = run_plan(swapped_cfg, 2)
+    assert swapped.losses == plain.losses
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    stats = report["swap"]["last"]
+    assert report["swap"]["budget"] == 64 * 1024
+    assert stats and max(v for k, v in stats.items() if "swapped" in k and
+                         isinstance(v, (int, float))) > 0, stats
