@@ -30,7 +30,7 @@ bench-emulated: setup
 	$(BIN)/python benchmarks/emulated_step_time.py
 
 bench-deepspeed: setup
-	EXTRAS=dev,plot,deepspeed bash scripts/setup_deepspeed.sh
+	VENV=$(VENV) bash scripts/setup_deepspeed.sh
 	$(BIN)/python benchmarks/engine_vs_deepspeed.py
 
 clean:
