@@ -2,8 +2,8 @@
 
 static = parameters + gradients + optimizer state (AdamW: two fp32 moments), per layer;
 activations = (bytes saved for backward by the stage's layers + the stage's output
-buffer) x microbatches in flight. 1F1B keeps at most p - s microbatches alive on stage s
-of p; GPipe keeps all m.
+buffer, none on the last stage) x microbatches in flight. 1F1B keeps at most p - s
+microbatches alive on stage s of p; GPipe keeps all m.
 """
 
 from __future__ import annotations
@@ -83,10 +83,20 @@ class MemoryModel:
                 for lp in self.profile.layers]
 
     def activation_tables(self, mb: int) -> tuple[list[float], list[float]]:
-        """(saved bytes per layer, output bytes per layer) per microbatch of size mb."""
+        """(saved bytes per layer, output bytes per layer) per microbatch of size mb.
+
+        The output column is what a stage ending after that layer holds as its output
+        buffer (and sends across the cut). The model's last layer has no cut after it:
+        its output feeds the loss, which keeps only what it saves for backward (counted
+        in that layer's saved bytes when profiled with the loss) and a scalar, so its
+        entry is 0 (counting the logits there overstated a last stage's activations by
+        one output per microbatch in flight; seen in benchmarks/model_accuracy.py).
+        """
         if mb not in self._act:
-            self._act[mb] = (self.profile.column("activation_bytes", mb),
-                             self.profile.column("output_bytes", mb))
+            out = self.profile.column("output_bytes", mb)
+            if out:
+                out[-1] = 0.0
+            self._act[mb] = (self.profile.column("activation_bytes", mb), out)
         return self._act[mb]
 
     def static(self, start: int, end: int) -> RankMemory:

@@ -45,7 +45,10 @@ def test_emulated_profile_reads_configured_durations():
     assert prof.forward_s(2, 1) == pytest.approx(3e-3)
     assert prof.forward_s(2, 32) == pytest.approx(3e-3)  # sleeps do not scale
     assert prof.backward_s(0, 5) == pytest.approx(5e-3)
-    assert prof.activation_bytes(0, 4) == 2 * 4 * 8 * 4 and prof.output_bytes(0, 4) == 128
+    # each layer is charged its saved input (its output is the next one's input); the
+    # last also its output and the loss's saved difference
+    assert prof.activation_bytes(0, 4) == 4 * 8 * 4 and prof.output_bytes(0, 4) == 128
+    assert prof.activation_bytes(prof.num_layers - 1, 4) == 3 * 4 * 8 * 4
 
 
 def test_formula_profile_gpt3_shapes():

@@ -66,16 +66,22 @@ def test_allreduce_waits_for_slowest_member():
 def test_activation_memory_1f1b_vs_gpipe():
     cost = _cost()
     p, m = 4, 8
-    per_mb = cost.memory.microbatch_bytes(0, 2, 1)  # equal stages: same bytes each
+    # saved bytes of the stage + its output buffer; the last stage holds none (its
+    # output feeds the loss)
+    saved, out = cost.memory.activation_tables(1)
+    per_mb = [cost.memory.microbatch_bytes(2 * s, 2 * s + 2, 1) for s in range(p)]
+    assert per_mb == [saved[2 * s] + saved[2 * s + 1] + (out[2 * s + 1] if s < p - 1 else 0)
+                      for s in range(p)] and out[7] == 0
     for schedule, inflight in (("1f1b", lambda s: p - s), ("gpipe", lambda s: m)):
         plan = Plan.uniform(8, 1, p, m, 1, schedule=schedule)
         res = simulate(compile_plan(plan), cost)
         for s in range(p):
-            assert res.ranks[s].memory.activations == pytest.approx(inflight(s) * per_mb)
+            assert res.ranks[s].memory.activations == pytest.approx(inflight(s) * per_mb[s])
     from planner.memory import plan_memory
 
     formula = plan_memory(Plan.uniform(8, 1, p, m, 1, schedule="1f1b"), cost.memory)
-    assert [formula[s].activations for s in range(p)] == [(p - s) * per_mb for s in range(p)]
+    assert [formula[s].activations for s in range(p)] == [(p - s) * per_mb[s]
+                                                          for s in range(p)]
 
 
 def test_unequal_pipelines_two_stages_plus_one_with_2_to_1_split():
