@@ -1,9 +1,9 @@
 """The launcher <-> worker contract: environment variable names and store keys.
 
 Everything a worker may rely on from ``odyssey run`` is named here, so the two sides
-cannot drift apart silently. The worker side (``odyssey/``) must not import ``launch``
-(imports flow ``launch -> odyssey``); it spells the same strings and ``docs/launcher.md``
-is the reference both follow.
+cannot drift apart silently. Imports flow ``launch -> odyssey``, so keys both sides use
+are defined in ``odyssey.keys`` and re-exported here; ``docs/launcher.md`` is the
+reference both follow.
 
 All store keys live in the launcher-hosted TCPStore at
 ``ODYSSEY_STORE_ADDR:ODYSSEY_STORE_PORT``. JSON values are UTF-8 bytes.
@@ -15,22 +15,25 @@ import json
 import signal as _signal
 from dataclasses import asdict, dataclass
 
+# Store keys shared with the worker side are defined once, in odyssey.keys (imports flow
+# launch -> odyssey): EXITS_COUNT is bumped once per recorded exit, after the record is
+# set; JOB_STATUS is set by the training leader at the end (JOB_DONE means success).
+from odyssey.keys import (  # noqa: F401 - re-exported for the launcher
+    EXITS_COUNT,
+    INJECT_COUNT,
+    JOB_DONE,
+    JOB_STATUS,
+    exit_key,
+    fence_key,
+    fenced_key,
+    inject_key,
+)
+
 # --- environment: Odyssey additions (torchrun's own names are set in launch.workers) ---
 ENV_STORE_ADDR = "ODYSSEY_STORE_ADDR"
 ENV_STORE_PORT = "ODYSSEY_STORE_PORT"
 ENV_RUN_DIR = "ODYSSEY_RUN_DIR"
 ENV_LAUNCHER = "ODYSSEY_LAUNCHER"
-
-# --- store keys written by the launcher ---
-EXITS_COUNT = "odyssey/exits/count"
-"""Counter (``store.add``) bumped once per recorded worker exit, after the record is set."""
-
-# --- store keys written by workers / tools ---
-JOB_STATUS = "odyssey/job/status"
-"""Set by the training leader when the job ends; ``done`` means success."""
-JOB_DONE = "done"
-
-
 
 SPAWN_COUNT = "odyssey/spawn/count"
 """Counter of replacement-worker requests; request i is ``odyssey/spawn/{i}``."""
@@ -39,33 +42,9 @@ NEXT_RANK = "odyssey/next_rank"
 ENV_JOIN = "ODYSSEY_JOIN"
 
 
-INJECT_COUNT = "odyssey/inject/count"
-"""Counter of fault requests from `odyssey inject`; request i is ``odyssey/inject/{i}``."""
-
-
-def inject_key(index: int) -> str:
-    """A fault spec string (odyssey.inject syntax) for the ranks to pick up."""
-    return f"odyssey/inject/{index}"
-
-
 def spawn_key(index: int) -> str:
     """JSON ``{"node", "reason"}``: start one replacement worker on that node."""
     return f"odyssey/spawn/{index}"
-
-
-def exit_key(rank: int) -> str:
-    """Key of the JSON exit record of ``rank`` (see :class:`ExitRecord`)."""
-    return f"odyssey/exits/{rank}"
-
-
-def fence_key(rank: int) -> str:
-    """Key any client sets (value: reason text) to ask the owning launcher to kill ``rank``."""
-    return f"odyssey/fence/{rank}"
-
-
-def fenced_key(rank: int) -> str:
-    """Key the launcher sets (JSON ``{"rank","time","reason"}``) once ``rank`` is dead."""
-    return f"odyssey/fenced/{rank}"
 
 
 def worker_key(rank: int) -> str:

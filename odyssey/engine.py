@@ -22,6 +22,7 @@ from odyssey.commit import COMMIT, CommitProtocol
 from odyssey.data import Sampler
 from odyssey.model import LayeredModel
 from odyssey.online_profile import stage_timing
+from planner.plan import runs_of
 from planner.program import Instruction, Op, Program
 
 
@@ -283,13 +284,7 @@ class _StepState:
 
 def _ranges(ids: list[int]) -> list[list[int]]:
     """Compress sample ids into [first, last] runs for compact votes and ledgers."""
-    out: list[list[int]] = []
-    for s in sorted(ids):
-        if out and out[-1][1] == s - 1:
-            out[-1][1] = s
-        else:
-            out.append([s, s])
-    return out
+    return [list(r) for r in runs_of(sorted(ids))]
 
 
 def expand_ranges(runs: list[list[int]]) -> list[int]:

@@ -13,14 +13,17 @@ JOB_DONE = "done"
 
 
 def exit_key(rank: int) -> str:
+    """JSON exit record {"rank","pid","exitcode","signal","time"} written by the launcher."""
     return f"odyssey/exits/{rank}"
 
 
 def fence_key(rank: int) -> str:
+    """Set (value: reason) by anyone to ask the owning launcher to kill `rank`."""
     return f"odyssey/fence/{rank}"
 
 
 def fenced_key(rank: int) -> str:
+    """JSON {"rank","time","reason"} written by the launcher once `rank` is dead."""
     return f"odyssey/fenced/{rank}"
 
 

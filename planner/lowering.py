@@ -18,7 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from planner.memory import MemoryModel, RankMemory
-from planner.plan import Pipeline, Plan
+from planner.plan import Pipeline, Plan, runs_of
 from planner.program import Instruction, Op, Program
 
 if TYPE_CHECKING:
@@ -52,21 +52,11 @@ def describe(ins: Instruction | tuple, mb: int = -1) -> str:
     return str(Instruction(*fields))
 
 
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for v in values:
-        if runs and runs[-1][1] == v - 1:
-            runs[-1] = (runs[-1][0], v)
-        else:
-            runs.append((v, v))
-    return runs
-
-
 def static_memory(mem: MemoryModel, ranges: set[tuple[int, int]]) -> RankMemory:
     """Parameters, gradients and optimizer state of the union of layer ranges."""
     layers = {layer for a, b in ranges for layer in range(a, b)}
     params = grads = opt = 0.0
-    for a, b in _runs(sorted(layers)):
+    for a, b in runs_of(sorted(layers)):
         st = mem.static(a, b + 1)
         params, grads, opt = params + st.params, grads + st.grads, opt + st.optimizer
     return RankMemory(params, grads, opt, 0.0, mem.config.reserve_bytes)

@@ -160,7 +160,7 @@ class Plan:
                 for layer in s.layers:
                     held.setdefault(layer, []).append(s.rank)
             holes = [layer for layer in range(self.num_layers) if layer not in held]
-            for a, b in _runs(holes):
+            for a, b in runs_of(holes):
                 what = f"layer {a} is" if a == b else f"layers {a}..{b} are"
                 errors.append(f"pipeline {pi}: {what} held by no rank (hole)")
             for layer in range(self.num_layers):
@@ -278,7 +278,7 @@ def even_partition(num_layers: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def _runs(values: list[int]) -> list[tuple[int, int]]:
+def runs_of(values: list[int]) -> list[tuple[int, int]]:
     """Collapse sorted ints into inclusive (first, last) runs."""
     runs: list[tuple[int, int]] = []
     for v in values:
