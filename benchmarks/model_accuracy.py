@@ -1,26 +1,34 @@
-"""How accurate is the performance model? Predict, then measure, >= 12 configurations.
+"""How accurate is the performance model? Predict, then measure, 16 configurations per mode.
 
 Calibration uses only what a user has *before* choosing a plan: the profile (emulated:
 the configured sleeps; real: `profile_model` on the example GPT, one thread), the
-communication sweep (`bench_comm`) and single-stage (DP=1, PP=1) runs, from which two
-numbers are fitted: a compute factor (slope of step time over microbatch count) and a
-fixed per-step runtime overhead (the intercept, less the modelled commit and optimizer
-step). The configurations being predicted never feed the calibration.
+communication sweep (`bench_comm`, three sweeps pooled) and single-stage (DP=1, PP=1)
+runs of the real launcher + engine. From the single-stage runs, with every instruction
+timed (`_model_accuracy_worker.py`), come the per-kind factors (forward, backward,
+optimizer: measured / modelled seconds per run, median over the three most recent
+runs, fed to `CostModel.observe`) and a fixed per-step overhead (median of measured -
+calibrated simulated step time: commit protocol, the leader's bookkeeping, an
+optimizer the profile does not time). The load of a shared machine drifts, so by
+default one more single-stage run right before each configuration refreshes the factors
+(`--no-interleave`: calibrate once at the start). The configurations being predicted
+never feed the calibration.
 
 Every configuration (DP x PP in (1,2) (2,1) (1,4) (2,2) (4,1), 4 and 8 microbatches,
 uniform and one skewed partition where PP > 1) is predicted with `CostModel.predict`
-(the event simulator) and measured with real processes under `odyssey run`: median step
-time over the steps after warm-up. Reported: per-configuration error, MAPE, max error
-and Kendall's tau between predicted and measured step times, per mode.
+(the event simulator) + the fixed overhead and measured with real processes under
+`odyssey run` (`benchmarks.common.launch`): median step time of the steps after
+warm-up. Reported: per-configuration error, MAPE, max error and Kendall's tau between
+predicted and measured step times per mode, plus where each run's time went (per-op
+wall time, p2p latency, commit) and an error decomposition.
 
 Memory: the cost model's per-rank peak (parameters + gradients + AdamW state +
 activations in flight by schedule) against bytes counted in the running engine (ranks
 as threads): unique storages saved for backward (`saved_tensors_hooks`) plus stage
 output buffers alive at the peak, and parameter / gradient / optimizer-state bytes of
-the actual tensors. The engine is instrumented from outside (module hooks, optimizer
-hooks); it is not modified.
+the actual tensors. The engine is instrumented from outside (module hooks, a global
+optimizer hook); it is not modified.
 
-    python benchmarks/model_accuracy.py                       # both modes, ~1 h loaded
+    python benchmarks/model_accuracy.py                        # both modes, ~20-60 min
     python benchmarks/model_accuracy.py --modes emulated --skip-memory
 """
 
@@ -46,7 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 import torch  # noqa: E402
 
-from planner.calibrate import CalibrationConfig  # noqa: E402
 from planner.cost import CostConfig, CostModel  # noqa: E402
 from planner.memory import plan_memory  # noqa: E402
 from planner.plan import Plan, even_partition  # noqa: E402
@@ -433,23 +440,29 @@ def _uncalibrated(cost: CostModel, kind: str, start: int, end: int, mb: int) -> 
 def split_timeline(mode: Mode, c: Config, cost: CostModel, ranks: dict[int, list[dict]]
                    ) -> dict:
     """Where a timed run's time went, in the model's terms: measured / modelled
-    (uncalibrated) wall time of forward, backward and optimizer instructions; p2p
+    (uncalibrated) wall time of forward, backward and optimizer instructions (ratio of
+    their sums over the run); p2p
     latency seen by a receiver that was already waiting when the message was sent;
     commit durations; the leader's optimizer step; and the leader's time between two
     `run_step` calls (the trainer loop: vote bookkeeping, metrics)."""
     plan = mode.plan(c)
     mb = mode.microbatch_size
-    ratios: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer_step": []}
+    # per kind: [sum of measured, sum of modelled] -> a ratio of sums (the step time is
+    # a sum of durations, so the mean, stalls included, is what matters; a median or
+    # geometric mean would miss the tails a loaded machine adds)
+    sums: dict[str, list[float]] = {"forward": [0.0, 0.0], "backward": [0.0, 0.0],
+                                    "optimizer_step": [0.0, 0.0]}
     commit, vote, wait_ar, p2p = [], [], [], []
     sends: dict[tuple[int, int, str, int], float] = {}
     for r, steps_ in ranks.items():
         st = plan.stage(r)
         for s in steps_:
             for op, m, t0, t1 in s["ops"]:
-                if op in ratios:
+                if op in sums:
                     pred = _uncalibrated(cost, op, st.start, st.end, mb)
                     if pred > 0:
-                        ratios[op].append((t1 - t0) / pred)
+                        sums[op][0] += t1 - t0
+                        sums[op][1] += pred
                 elif op == "commit":
                     commit.append(t1 - t0)
                     votes = [(a, b) for o, _, a, b in s["ops"] if o == "vote"]
@@ -477,7 +490,7 @@ def split_timeline(mode: Mode, c: Config, cost: CostModel, ranks: dict[int, list
     def med(xs):
         return statistics.median(xs) if xs else float("nan")
 
-    return {"compute_ratio": {k: med(v) for k, v in ratios.items()},
+    return {"compute_ratio": {k: (m / p if p else float("nan")) for k, (m, p) in sums.items()},
             "p2p_latency_s": med(p2p), "p2p_samples": len(p2p), "commit_s": med(commit),
             "commit_comm_wait_s": med(wait_ar), "commit_vote_s": med(vote),
             "leader_optimizer_s": med(optim), "leader_outside_run_step_s": med(outside)}
@@ -523,47 +536,66 @@ class Calibrated:
 KIND_OF = {"forward": "forward", "backward": "backward", "optimizer_step": "optimizer"}
 
 
+@dataclass
+class CalibrationState:
+    """Every single-stage run so far: its per-kind factor (measured / modelled seconds,
+    summed over the run: the step time is a sum of durations, so stalls count) and its
+    residual step time. Factors are the median over the `window` most recent runs (one
+    run hit by a load burst does not carry over), the overhead the median residual of
+    all runs."""
+
+    window: int = 3
+    factors: list[dict[str, float]] = field(default_factory=list)
+    residuals: list[float] = field(default_factory=list)
+
+    def current(self) -> dict[str, float]:
+        recent = self.factors[-self.window:]
+        return {k: statistics.median(f[k] for f in recent if k in f)
+                for k in {k for f in recent for k in f}}
+
+
 def calibrate(mode: Mode, comm: CommProfile, counts: Sequence[int], steps: int, drop: int,
-              log: Callable[[str], None], residuals: list[float] | None = None,
+              log: Callable[[str], None], state: CalibrationState,
               what: str = "calibration") -> Calibrated:
     """Calibrate from single-stage (DP=1, PP=1) runs only, as the validation recipe of
-    docs/performance-model.md does: every timed forward, backward and optimizer
-    instruction is fed to `CostModel.observe` (one factor per kind); the fixed per-step
-    overhead is then what the calibrated simulator still misses on those runs (median
-    over the runs of measured - simulated step time): the commit protocol's store round
-    trips beyond the one the profile holds, the leader's bookkeeping between steps, an
-    optimizer step the profile does not time. `residuals` pools those residuals over
-    calls (the overhead is then their median over every single-stage run so far)."""
-    # ewma_weight 0: the factor is the mean log ratio of every observation of every run
-    # (the default EWMA would keep mostly the last run's instructions)
-    cost = CostModel(with_comm(mode.profile, comm),
-                     CostConfig(calibration=CalibrationConfig(ewma_weight=0.0)))
+    docs/performance-model.md does: each run's forward, backward and optimizer
+    instructions give a factor per kind (seconds measured / modelled over the run); the
+    cost model gets the median over the most recent runs (`CostModel.observe`); the fixed
+    per-step overhead is what the calibrated simulator still misses on single-stage runs
+    (median of measured - simulated step time over all of them): the commit protocol's
+    store round trips beyond the one the profile holds, the leader's bookkeeping between
+    steps, an optimizer step the profile does not time."""
+    base = CostModel(with_comm(mode.profile, comm), CostConfig())
     mb = mode.microbatch_size
     runs = []
     for m in counts:
         c = Config(1, 1, m, (mode.num_layers,))
         meas = measure_step(mode, c, steps, drop, timeline=True)
+        sums = {kind: [0.0, 0.0] for kind in KIND_OF.values()}  # measured, modelled
         for s in meas["ranks"][0]:
             for op, _, t0, t1 in s["ops"]:
                 if op in KIND_OF:
-                    pred = _uncalibrated(cost, op, 0, mode.num_layers, mb)
+                    pred = _uncalibrated(base, op, 0, mode.num_layers, mb)
                     if pred > 0:
-                        cost.observe(KIND_OF[op], pred, t1 - t0)
+                        sums[KIND_OF[op]][0] += t1 - t0
+                        sums[KIND_OF[op]][1] += pred
+        state.factors.append({k: a / b for k, (a, b) in sums.items() if b > 0})
         runs.append((m, c, meas))
+    cost = CostModel(with_comm(mode.profile, comm), CostConfig())
+    for kind, f in state.current().items():
+        cost.observe(kind, 1.0, f)
     points = []
     for m, c, meas in runs:
         sim = cost.predict(mode.plan(c)).step_time_s
         split = split_timeline(mode, c, cost, meas.pop("ranks"))
         points.append({"microbatches": m, "simulated_s": sim,
                        "residual_s": meas["median_s"] - sim, "split": split, **meas})
+        state.residuals.append(meas["median_s"] - sim)
         log(f"  {what} 1x1 m{m}: measured {meas['median_s'] * 1e3:.1f} ms, calibrated "
-            f"simulator {sim * 1e3:.1f} ms (load {meas['load']:.1f}); commit "
-            f"{split['commit_s'] * 1e3:.2f} ms, optimizer "
-            f"{split['leader_optimizer_s'] * 1e3:.2f} ms, between steps "
-            f"{split['leader_outside_run_step_s'] * 1e3:.2f} ms")
-    pool = residuals if residuals is not None else []
-    pool.extend(p["residual_s"] for p in points)
-    return Calibrated(cost, statistics.median(pool), points)
+            f"simulator {sim * 1e3:.1f} ms (load {meas['load']:.1f}; "
+            f"{_split_line(split)}); commit {split['commit_s'] * 1e3:.2f} ms, optimizer "
+            f"{split['leader_optimizer_s'] * 1e3:.2f} ms")
+    return Calibrated(cost, statistics.median(state.residuals), points)
 
 
 def _split_line(split: dict) -> str:
@@ -576,9 +608,9 @@ def _split_line(split: dict) -> str:
 
 def run_mode(mode: Mode, comm: CommProfile, args, log) -> dict:
     log(f"== {mode.name} mode: calibrating on single-stage runs")
-    residuals: list[float] = []
+    state = CalibrationState()
     cal = calibrate(mode, comm, args.calibration_microbatches, args.steps, args.drop, log,
-                    residuals)
+                    state)
     factors = {k: cal.cost.factor(k) for k in ("forward", "backward", "optimizer")}
     log("  factors " + ", ".join(f"{k} x{v:.3f}" for k, v in factors.items())
         + f"; fixed per-step overhead {cal.overhead_s * 1e3:.1f} ms")
@@ -595,7 +627,7 @@ def run_mode(mode: Mode, comm: CommProfile, args, log) -> dict:
             used = cal
             if args.interleave:  # a single-stage run right before: the machine as it is now
                 used = calibrate(mode, comm, [args.interleave_microbatches], args.steps,
-                                 args.drop, log, residuals, what="  interleaved")
+                                 args.drop, log, state, what="  interleaved")
             pred, sim = used.predict(plan)
             meas = measure_step(mode, c, args.steps, args.drop, timeline=True)
             split = split_timeline(mode, c, used.cost, meas.pop("ranks"))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from benchmarks.model_accuracy import (
+    CalibrationState,
     MemoryProbe,
     kendall_tau,
     linear_fit,
@@ -48,6 +49,14 @@ def test_linear_fit_recovers_intercept_and_slope():
     assert linear_fit(xs, [0.01 + 1.05 * x for x in xs]) == pytest.approx((0.01, 1.05))
     with pytest.raises(ValueError):
         linear_fit([1.0, 1.0], [2.0, 3.0])
+
+
+def test_calibration_state_ignores_one_burst_and_tracks_drift():
+    st = CalibrationState(window=3)
+    st.factors += [{"forward": 1.05}, {"forward": 1.30}, {"forward": 1.06}]  # one burst
+    assert st.current() == {"forward": 1.06}
+    st.factors += [{"forward": 1.10}, {"forward": 1.12}]  # the machine got slower
+    assert st.current()["forward"] == pytest.approx(1.10)  # median of the last three
 
 
 def _layer(dim: int = 8) -> nn.Module:
