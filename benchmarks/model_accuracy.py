@@ -112,17 +112,6 @@ def max_ape(predicted: Sequence[float], measured: Sequence[float]) -> float:
     return max((abs(e) for e in rel_errors(predicted, measured)), default=float("nan"))
 
 
-def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of ys over xs (at least two distinct xs)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx <= 0:
-        raise ValueError("need at least two distinct x values")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - slope * mx, slope
-
-
 # ---- memory accounting --------------------------------------------------------------
 def tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()

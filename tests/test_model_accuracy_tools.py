@@ -1,5 +1,5 @@
-"""Helpers of benchmarks/model_accuracy.py: Kendall's tau, MAPE, the calibration fit and
-the memory accounting (saved-tensor hooks, optimizer state) on tiny known cases."""
+"""Helpers of benchmarks/model_accuracy.py: Kendall's tau, MAPE, the calibration window
+and the memory accounting (saved-tensor hooks, optimizer state) on tiny known cases."""
 
 import gc
 import math
@@ -13,7 +13,6 @@ from benchmarks.model_accuracy import (
     CalibrationState,
     MemoryProbe,
     kendall_tau,
-    linear_fit,
     mape,
     max_ape,
     measure_memory,
@@ -42,13 +41,6 @@ def test_mape_max_and_signed_errors():
     assert max_ape(pred, meas) == pytest.approx(0.1)
     with pytest.raises(ValueError):
         mape([1.0], [0.0])
-
-
-def test_linear_fit_recovers_intercept_and_slope():
-    xs = [0.48, 0.96, 1.92]
-    assert linear_fit(xs, [0.01 + 1.05 * x for x in xs]) == pytest.approx((0.01, 1.05))
-    with pytest.raises(ValueError):
-        linear_fit([1.0, 1.0], [2.0, 3.0])
 
 
 def test_calibration_state_ignores_one_burst_and_tracks_drift():
