@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/setup_deepspeed.sh
 	bash scripts/setup.sh
 
 # The main job: the example GPT on 4 CPU ranks (2 pipelines x 2 stages); rank 3 is

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev,plot}
+EXTRAS=${EXTRAS:-dev,plot,ray,tensorboard}
+# DeepSpeed is installed by its own script (it must build against this torch).
+WITH_DEEPSPEED=${WITH_DEEPSPEED:-1}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $($PY --version)"
@@ -23,3 +25,6 @@ case "$got" in
   *) echo "[setup] ERROR: torch $got was installed instead of 2.13.0" >&2; exit 1 ;;
 esac
 touch "$VENV/.installed"
+if [ "$WITH_DEEPSPEED" = 1 ]; then
+  VENV="$VENV" bash scripts/setup_deepspeed.sh
+fi

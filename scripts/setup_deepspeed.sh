@@ -25,7 +25,7 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.installed" ]; then
   extras=$(printf '%s' "${EXTRAS:-dev,plot}" | tr ',' '\n' | { grep -v -x deepspeed || true; } \
     | paste -sd, -)
   echo "[setup-deepspeed] $VENV missing: running scripts/setup.sh (EXTRAS=${extras:-none})"
-  VENV="$VENV" EXTRAS="${extras}" bash scripts/setup.sh
+  VENV="$VENV" EXTRAS="${extras}" WITH_DEEPSPEED=0 bash scripts/setup.sh
 fi
 PY="$VENV/bin/python"
 
