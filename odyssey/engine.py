@@ -38,8 +38,32 @@ class OptimizerConfig:
     """Decoupled weight decay."""
 
 
-def make_optimizer(layer: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(layer.parameters(), lr=cfg.lr, betas=cfg.betas,
+class NoParamsOptimizer:
+    """The optimizer of a layer without parameters (an activation, a reshape): a no-op
+    with an empty state, so such layers checkpoint and migrate like any other."""
+
+    def __init__(self) -> None:
+        self.state: dict = {}
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def make_optimizer(layer: nn.Module, cfg: OptimizerConfig
+                   ) -> torch.optim.Optimizer | NoParamsOptimizer:
+    params = list(layer.parameters())
+    if not params:
+        return NoParamsOptimizer()
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
                              weight_decay=cfg.weight_decay)
 
 
@@ -165,11 +189,11 @@ class Engine:
             st.pending.append(self.comm.send(st.outputs[ins.microbatch].detach(), ins.peer, "act"))
         elif op is Op.SEND_GRAD:
             st.pending.append(self.comm.send(st.input_grads.pop(ins.microbatch), ins.peer, "grad"))
-        elif op is Op.RECV_ACT:
-            buf = self._empty_activation()
+        elif op is Op.RECV_ACT:  # the input of this rank's stage
+            buf = self._empty_activation(self.program.plan.stage(self.worker_id).start)
             st.inputs[ins.microbatch] = self.comm.wait(self.comm.recv(buf, ins.peer, "act"))
-        elif op is Op.RECV_GRAD:
-            buf = self._empty_activation()
+        elif op is Op.RECV_GRAD:  # the gradient of this stage's output
+            buf = self._empty_activation(self.program.plan.stage(self.worker_id).end)
             st.grads[ins.microbatch] = self.comm.wait(self.comm.recv(buf, ins.peer, "grad"))
         elif op is Op.ALLREDUCE:
             flat = self._flat_grads(ins.start, ins.end)
@@ -222,8 +246,10 @@ class Engine:
             st.input_grads[mb] = x.grad
         st.batches.pop(mb, None)
 
-    def _empty_activation(self) -> torch.Tensor:
-        spec = self.model.activation_spec(self.sampler.microbatch_size)
+    def _empty_activation(self, boundary: int) -> torch.Tensor:
+        mb = self.sampler.microbatch_size
+        spec = (self.model.boundary_spec(boundary, mb) if self.model.boundary_spec is not None
+                else self.model.activation_spec(mb))
         return torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
 
     def _params(self, start: int, end: int) -> list[torch.nn.Parameter]:
@@ -232,6 +258,8 @@ class Engine:
     def _flat_grads(self, start: int, end: int) -> torch.Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p)
                  for p in self._params(start, end)]
+        if not grads:  # only parameterless layers in this range
+            return torch.zeros(0)
         return torch.cat([g.reshape(-1) for g in grads])
 
     def _commit(self, st: _StepState) -> None:

@@ -36,7 +36,11 @@ class LayeredModel:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """(last layer output, targets) -> per-sample loss of shape [microbatch]."""
     activation_spec: Callable[[int], TensorSpec]
-    """Microbatch size -> spec of the activation passed between any two layers."""
+    """Microbatch size -> spec of the activation passed between any two layers (the
+    largest one when they differ: cost estimates use it)."""
+    boundary_spec: Callable[[int, int], TensorSpec] | None = None
+    """Optional (layer i, microbatch size) -> spec of layer i's input, for models whose
+    boundaries differ in shape (e.g. DeepSpeed layer lists); None: activation_spec."""
 
     def build_layers(self, start: int, end: int) -> dict[int, nn.Module]:
         return {i: self.build_layer(i) for i in range(start, end)}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from odyssey import checkpoint as ckpt
-from odyssey import keys
+from odyssey import ds_config, keys
 from odyssey.calibration import StepTimeModel
 from odyssey.comm import CommConfig, CommError, StepAborted
 from odyssey.commit import step_prefix
@@ -32,7 +32,9 @@ from odyssey.inject import FaultInjector, FaultSpec
 from odyssey.membership import JobFinished
 from odyssey.model import LayeredModel
 from odyssey.monitor import FailureMonitor, MonitorConfig
+from odyssey.progress import ProgressLine
 from odyssey.report import RunLog, build_report, read_jsonl
+from odyssey.tb import TensorBoardLog, require_tensorboard
 from planner.plan import Plan, PlanError
 from planner.recovery import POLICIES, RecoveryConfig
 from profiler.profile import Profile
@@ -88,6 +90,17 @@ class TrainConfig:
     """Saved tensors smaller than this are never swapped."""
     lr: float = 3e-3
     """AdamW learning rate."""
+    ds_config: str = ""
+    """DeepSpeed-style JSON config: its batch sizes set microbatch_size and
+    num_microbatches, its optimizer section the AdamW settings (docs/deepspeed-models.md)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to RUN_DIR/tensorboard (leader only; needs the
+    tensorboard package)."""
+    progress: str = "auto"
+    """Progress line (leader only): auto (rewritten in place on a terminal, else a plain
+    line every progress_every_s), plain (always plain lines) or off."""
+    progress_every_s: float = 30.0
+    """Seconds between plain progress lines."""
 
 
 @dataclass
@@ -112,14 +125,16 @@ class Trainer:
             raise ValueError(f"--ft-policy must be one of {POLICIES}, got {cfg.ft_policy!r}")
         self.model = model
         self.data = data
-        self.cfg = cfg
         self.worker = worker
         self.device = device
+        self.optim_cfg = OptimizerConfig(lr=cfg.lr)
+        if cfg.ds_config:  # batch layout and optimizer from a DeepSpeed JSON (wins over flags)
+            cfg, self.optim_cfg = ds_config.apply(cfg, worker.world_size)
+        self.cfg = cfg
         self.plan = self._make_plan()
         self.sampler = Sampler(self.plan.num_microbatches, self.plan.microbatch_size)
         self.comm_cfg = comm or CommConfig(host=worker.host, timeout_s=cfg.comm_timeout_s)
-        self.engine = Engine(model, data, self.sampler, worker.rank,
-                             OptimizerConfig(lr=cfg.lr), device)
+        self.engine = Engine(model, data, self.sampler, worker.rank, self.optim_cfg, device)
         specs = [FaultSpec.parse(s, worker.world_size) for s in cfg.inject]
         self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank,
                                     on_fire=self._mark_injected)
@@ -133,6 +148,11 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir)
         self.run_log: RunLog | None = None
+        if cfg.tensorboard:
+            require_tensorboard()
+        self.tb: TensorBoardLog | None = None
+        self.progress = ProgressLine(cfg.steps, cfg.progress, cfg.progress_every_s)
+        self._plan_kind = "initial"
         self.in_place = worker.launcher in ("odyssey", "threads")
         mcfg = monitor or MonitorConfig(heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                                         poll_s=self.comm_cfg.poll_s)
@@ -175,6 +195,11 @@ class Trainer:
         if self.run_log is None:
             self.run_log = RunLog(self.run_dir)
         return self.run_log
+
+    def _tb(self) -> TensorBoardLog | None:
+        if self.cfg.tensorboard and self.tb is None:
+            self.tb = TensorBoardLog(self.run_dir)
+        return self.tb
 
     def _resume(self) -> int:
         """Load the latest complete checkpoint if allowed; return the first step to run."""
@@ -292,6 +317,9 @@ class Trainer:
                        "replicas_identical": consistent,
                        "swap": self.engine.swap.report() if self.engine.swap else None})
             w.store.set(keys.JOB_STATUS, keys.JOB_DONE)
+            self.progress.close()
+            if self.tb is not None:
+                self.tb.close()
             s = result.report["samples"]
             self._say(f"done: loss {result.report['loss']['first']:.4f} -> "
                       f"{result.report['loss']['final']:.4f}, samples trained {s['trained']}/"
@@ -331,6 +359,9 @@ class Trainer:
             log.event(event)
             log.rollback_to(event["resume_step"] - 1)
             self._pending_event = None
+            self._plan_kind = event["chosen"]
+            if self._tb() is not None:
+                self.tb.recovery(event)
             self._say(f"recovered from {event['ranks_lost'] or event['newcomers']} "
                       f"({event['cause']}) with {event['chosen']}: MTTR "
                       f"{event['mttr_s'] * 1e3:.0f} ms", step=step)
@@ -338,13 +369,20 @@ class Trainer:
                                      self._last_gen_recorded != self.gen.number)
         self._last_gen_recorded = self.gen.number
         log.ledger(step, self.gen.number, samples)
-        log.metric({"step": step, "loss": loss, "step_time_s": dt,
-                    "samples_per_s": gb / dt if dt > 0 else None,
-                    "mode": self.cfg.mode, "gen": self.gen.number,
-                    "world": len(self.gen.members)})
+        record = {"step": step, "loss": loss, "step_time_s": dt,
+                  "samples_per_s": gb / dt if dt > 0 else None,
+                  "mode": self.cfg.mode, "gen": self.gen.number,
+                  "world": len(self.gen.members)}
+        log.metric(record)
+        if self._tb() is not None:
+            self.tb.metric(record)
         if step % max(1, self.cfg.log_every) == 0 or step == self.cfg.steps - 1:
             self._say(f"loss {loss:.4f} | {gb / dt:8.1f} samples/s | step {dt * 1e3:7.1f} ms "
                       f"| {self.cfg.mode} | {len(self.gen.members)} ranks", step=step)
+        self.progress.update(step=step, loss=loss, step_s=dt, samples_per_s=record["samples_per_s"],
+                             plan=_plan_label(self.gen.plan, self._plan_kind,
+                                              len(self.gen.members)),
+                             gen=self.gen.number, rank=self.worker.rank)
         return loss
 
     def _checkpoint(self, step: int) -> None:
@@ -370,12 +408,19 @@ class Trainer:
     def _say(self, msg: str, step: int, always: bool = False) -> None:
         if always or self.leader:
             gen = self.gen.number if self.gen else 0
+            self.progress.interrupt()
             print(f"[gen {gen} step {step} rank {self.worker.rank}] {msg}", flush=True)
 
 
 def _describe(plan: Plan) -> str:
     shapes = [f"{len(p.stages)} stage(s) x {len(p.microbatches)} mb" for p in plan.pipelines]
     return f"{len(plan.pipelines)} pipeline(s) [{'; '.join(shapes)}], {plan.schedule}"
+
+
+def _plan_label(plan: Plan, kind: str, ranks: int) -> str:
+    """e.g. 'reroute 2+1 stages, 3 ranks' (kind: 'initial' or the last recovery chosen)."""
+    stages = "+".join(str(len(p.stages)) for p in plan.pipelines)
+    return f"{kind} {stages} stages, {ranks} ranks"
 
 
 def exit_cleanly(code: int = 0) -> None:

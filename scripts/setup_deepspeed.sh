@@ -64,3 +64,10 @@ acc = get_accelerator()
 print(f"[setup-deepspeed] ok: deepspeed {deepspeed.__version__}, torch {torch.__version__}, "
       f"accelerator {acc.device_name()}, comm backend {acc.communication_backend_name()}")
 EOF
+
+# Build DeepSpeed's CPU comm op now (JIT, ~60-80 s cold) so the first test or benchmark
+# that starts a DeepSpeed engine does not pay for it; tests and benchmarks point
+# TORCH_EXTENSIONS_DIR at the same folder.
+echo "[setup-deepspeed] building the CPU comm op into build/torch_extensions (cached)"
+DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/build/torch_extensions" "$PY" -c \
+  "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null

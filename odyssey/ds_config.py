@@ -1,0 +1,187 @@
+"""Read a DeepSpeed-style JSON config into Odyssey's batch layout and optimizer.
+
+DeepSpeed's batch triangle, `train_batch_size = train_micro_batch_size_per_gpu x
+gradient_accumulation_steps x DP`, maps onto Odyssey's global batch as
+`microbatch_size = micro` and `num_microbatches = gradient_accumulation_steps x DP`: the
+same samples per step, dealt over the same pipelines. After a failure Odyssey keeps the
+global batch and spreads the same microbatches over fewer pipelines, so the mapping holds
+at launch and is never re-derived. As in DeepSpeed, any two of the three sizes fix the
+third; all three must agree.
+
+The optimizer section must describe what Odyssey's engine runs (per-layer
+`torch.optim.AdamW`); missing params take DeepSpeed's defaults (lr 1e-3, betas
+(0.9, 0.999), weight decay 0.01 with `torch_adam`, else 0). Anything that would silently
+change the maths (clipping, fp16/bf16, a scheduler, another optimizer, an unknown key) is
+an error that names the key. Keys that only affect DeepSpeed's logging are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from odyssey.engine import OptimizerConfig
+from planner.plan import Plan
+
+IGNORED_KEYS = frozenset({
+    "steps_per_print", "wall_clock_breakdown", "dump_state", "tensorboard", "csv_monitor",
+    "wandb", "comet", "comms_logger", "flops_profiler", "memory_breakdown",
+    "activation_checkpointing",  # memory only; Odyssey's Chameleon swaps instead
+})
+"""DeepSpeed keys that do not change the numbers; accepted and not used."""
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+              "gradient_accumulation_steps")
+_ADAM_PARAMS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"}
+
+
+class DSConfigError(ValueError):
+    """A DeepSpeed config that Odyssey cannot honour exactly."""
+
+
+@dataclass(frozen=True)
+class DSSettings:
+    """What a DeepSpeed config sets in an Odyssey run."""
+
+    microbatch_size: int
+    """train_micro_batch_size_per_gpu."""
+    num_microbatches: int
+    """gradient_accumulation_steps x data-parallel pipelines."""
+    gradient_accumulation_steps: int
+    """Microbatches per pipeline per step at launch."""
+    optimizer: OptimizerConfig | None
+    """AdamW settings, or None when the config has no optimizer section."""
+
+
+def load(source: str | Path | dict) -> dict:
+    """A config dict from a path to a JSON file, or the dict itself."""
+    if isinstance(source, dict):
+        return source
+    try:
+        config = json.loads(Path(source).read_text())
+    except OSError as e:
+        raise DSConfigError(f"cannot read DeepSpeed config {source}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DSConfigError(f"DeepSpeed config {source} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise DSConfigError(f"DeepSpeed config {source} must be a JSON object")
+    return config
+
+
+def batch_layout(config: dict, dp: int) -> tuple[int, int]:
+    """(micro batch size, gradient accumulation steps) for `dp` pipelines; see above."""
+    vals = {k: config.get(k) for k in BATCH_KEYS}
+    for k, v in vals.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise DSConfigError(f"{k} must be a positive integer, got {v!r}")
+    tbs, mbs, gas = vals.values()
+    if tbs is None and mbs is None:
+        raise DSConfigError("the DeepSpeed config sets neither train_batch_size nor "
+                            "train_micro_batch_size_per_gpu")
+    if tbs is not None and mbs is not None and gas is not None:
+        if tbs != mbs * gas * dp:
+            raise DSConfigError(
+                f"inconsistent batch sizes: train_batch_size {tbs} != "
+                f"train_micro_batch_size_per_gpu {mbs} x gradient_accumulation_steps {gas} "
+                f"x data-parallel pipelines {dp} (= {mbs * gas * dp})")
+    elif tbs is not None and mbs is not None:
+        gas, rem = divmod(tbs, mbs * dp)
+        if rem or gas == 0:
+            raise DSConfigError(
+                f"train_batch_size {tbs} is not a multiple of train_micro_batch_size_per_gpu "
+                f"{mbs} x data-parallel pipelines {dp} (= {mbs * dp})")
+    elif tbs is not None:
+        gas = gas or 1
+        mbs, rem = divmod(tbs, gas * dp)
+        if rem or mbs == 0:
+            raise DSConfigError(
+                f"train_batch_size {tbs} is not a multiple of gradient_accumulation_steps "
+                f"{gas} x data-parallel pipelines {dp} (= {gas * dp})")
+    else:
+        gas = gas or 1
+    return mbs, gas
+
+
+def optimizer(config: dict) -> OptimizerConfig | None:
+    """AdamW settings from the `optimizer` section (None if there is none)."""
+    section = config.get("optimizer")
+    if section is None:
+        return None
+    kind = str(section.get("type", "")).lower()
+    params = dict(section.get("params", {}))
+    if kind not in ("adam", "adamw"):
+        raise DSConfigError(f"optimizer.type {section.get('type')!r} is not supported: "
+                            "Odyssey runs AdamW (type Adam or AdamW)")
+    if kind == "adam" and params.get("adam_w_mode") is False:
+        raise DSConfigError("optimizer Adam with adam_w_mode=false (L2 regularised Adam) is "
+                            "not supported: Odyssey runs AdamW (decoupled weight decay)")
+    unknown = sorted(set(params) - _ADAM_PARAMS)
+    if unknown:
+        raise DSConfigError(f"optimizer.params {unknown} are not supported (known: "
+                            f"{sorted(_ADAM_PARAMS)})")
+    if float(params.get("eps", 1e-8)) != 1e-8:
+        raise DSConfigError(f"optimizer.params.eps {params['eps']} is not supported: Odyssey's "
+                            "AdamW uses eps 1e-8")
+    # DeepSpeed's defaults, which depend on the implementation it would pick: torch's
+    # AdamW (torch_adam) decays weights by 0.01, its FusedAdam by 0
+    betas = tuple(float(b) for b in params.get("betas", (0.9, 0.999)))
+    if len(betas) != 2:
+        raise DSConfigError(f"optimizer.params.betas must have two values, got {betas}")
+    decay = params.get("weight_decay", 0.01 if params.get("torch_adam") else 0.0)
+    return OptimizerConfig(lr=float(params.get("lr", 1e-3)), betas=betas,
+                           weight_decay=float(decay))
+
+
+def _check_unsupported(config: dict) -> None:
+    known = set(BATCH_KEYS) | {"optimizer", "zero_optimization", "fp16", "bf16",
+                               "gradient_clipping", "prescale_gradients",
+                               "gradient_predivide_factor"} | IGNORED_KEYS
+    if "scheduler" in config:
+        raise DSConfigError("a learning-rate scheduler is not supported: Odyssey trains at "
+                            "the constant optimizer.params.lr")
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise DSConfigError(f"DeepSpeed config keys {unknown} are not supported by Odyssey "
+                            f"(supported: {sorted(known)})")
+    clip = config.get("gradient_clipping", 0.0) or 0.0
+    if clip > 0:
+        raise DSConfigError(f"gradient_clipping {clip}: Odyssey's engine does not clip "
+                            "gradients (it would need a global norm across stages); set it "
+                            "to 0.0 or remove it")
+    for k in ("fp16", "bf16"):
+        if (config.get(k) or {}).get("enabled", False):
+            raise DSConfigError(f"{k}.enabled: Odyssey trains in the model's own dtype (fp32 "
+                                "here); mixed precision from a DeepSpeed config is not supported")
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage > 1:
+        raise DSConfigError(f"zero_optimization.stage {stage}: pipeline models support "
+                            "ZeRO stage 0 or 1 only (in DeepSpeed too)")
+    if config.get("prescale_gradients") or config.get("gradient_predivide_factor", 1.0) != 1.0:
+        raise DSConfigError("prescale_gradients / gradient_predivide_factor change the "
+                            "gradient rounding and are not supported")
+
+
+def settings(source: str | Path | dict, dp: int) -> DSSettings:
+    """Validate a DeepSpeed config for a job of `dp` data-parallel pipelines."""
+    if dp <= 0:
+        raise DSConfigError(f"data-parallel pipelines must be positive, got {dp}")
+    config = load(source)
+    _check_unsupported(config)
+    mbs, gas = batch_layout(config, dp)
+    return DSSettings(microbatch_size=mbs, num_microbatches=gas * dp,
+                      gradient_accumulation_steps=gas, optimizer=optimizer(config))
+
+
+def apply(cfg: Any, world_size: int) -> tuple[Any, OptimizerConfig]:
+    """(TrainConfig with the config's batch layout and lr, its AdamW settings) for
+    `cfg.ds_config`; DP comes from the plan file, --dp, or world_size // --pp."""
+    if cfg.plan_file:
+        dp = len(Plan.from_json(Path(cfg.plan_file).read_text()).pipelines)
+    else:
+        dp = cfg.dp or max(1, world_size // cfg.pp)
+    ds = settings(cfg.ds_config, dp)
+    optim = ds.optimizer or OptimizerConfig(lr=cfg.lr)
+    return dataclasses.replace(cfg, microbatch_size=ds.microbatch_size,
+                               num_microbatches=ds.num_microbatches, lr=optim.lr), optim
