@@ -2,7 +2,7 @@
 
 Usage (run by ``launch.workers``, never by hand)::
 
-    python -I -S _pdeathsig.py LAUNCHER_PID CMD [ARGS...]
+    python -I -S _pdeathsig.py LAUNCHER_PID [--default-signals] CMD [ARGS...]
 
 It asks Linux to SIGKILL this process when the launcher dies (``PR_SET_PDEATHSIG``) and
 then ``exec``s the real command, which keeps the pid and the setting. This is what makes
@@ -24,6 +24,13 @@ def main() -> None:
     """Arm the parent-death signal, check the launcher is still there, exec the worker."""
     launcher_pid = int(sys.argv[1])
     argv = sys.argv[2:]
+    if argv and argv[0] == "--default-signals":
+        # A Ray actor's threads block (and may ignore) SIGINT, and both survive exec:
+        # give the worker the mask and dispositions it would have under a shell.
+        argv = argv[1:]
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "bench": "launch.bench:main",
     "plan-serve": "planner.serve_cli:plan_serve_main",
     "report": "odyssey.report_plot:main",
+    "store": "launch.serve_store:main",
 }
 """Subcommand name -> ``"module:function"`` implementing it."""
 

@@ -17,6 +17,7 @@ import textwrap
 from dataclasses import dataclass, field
 
 from launch import contract
+from launch.ray_backend import STRATEGIES, RayConfig
 
 DESCRIPTION = """\
 Launch a training script on N worker processes, like torchrun, but keep the survivors
@@ -54,6 +55,8 @@ exit status:
 examples:
   odyssey run --standalone --nproc-per-node 4 train.py --steps 100
   odyssey run --nproc-per-node 2 -m examples.train --config tiny
+  # 4 workers as Ray actors (a private local Ray instance; --ray-address auto: a cluster):
+  odyssey run --backend ray --nproc-per-node 4 train.py --steps 100
   # two nodes (run on each; node ranks come from the rendezvous):
   odyssey run --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
       --rdzv-endpoint node0:29400 --rdzv-id job42 train.py
@@ -126,6 +129,12 @@ class LaunchOptions:
     rdzv_configs: dict[str, object] = field(default_factory=dict)
     local_addr: str | None = None
     rejoin_after_s: float | None = None
+    backend: str = "torchrun"
+    """``torchrun``: this launcher spawns the workers; ``ray``: actors on a Ray cluster."""
+    ray: RayConfig | None = None
+    """Placement of the workers under ``--backend ray``."""
+    store_endpoint: str | None = None
+    """``HOST:PORT`` of a store run apart from the job (``odyssey store``); None: host one."""
 
     @property
     def multi_node(self) -> bool:
@@ -169,6 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--node-timeout", type=float, default=60.0, metavar="SECONDS",
                        help="Multi-node: node 0 keeps the store up until every node is "
                        "done, or silent for this long (default: %(default)s).")
+    group.add_argument("--store-endpoint", default=None, metavar="HOST:PORT",
+                       help="Use the store that `odyssey store` serves there instead of "
+                       "hosting one, so the store (the job's single point of failure) runs "
+                       "apart from every worker; one fresh store per job (default: the "
+                       "launcher, node 0's for multi-node, hosts it).")
+    ray = parser.add_argument_group(
+        "Ray backend", "--backend ray starts --nproc-per-node workers in total as Ray actors\n"
+        "(one placement-group bundle each) instead of local processes; see docs/ray.md.")
+    ray.add_argument("--backend", choices=("torchrun", "ray"), default="torchrun",
+                     help="torchrun: this launcher spawns the workers (with a rendezvous "
+                     "across nodes); ray: the workers are Ray actors placed by Ray "
+                     "(default: %(default)s).")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="Ray cluster to join: 'auto' (the one `ray start` runs here) or "
+                     "ray://HOST:10001 (default: start a private local instance).")
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=1.0, metavar="N",
+                     help="CPUs in each worker's bundle (default: %(default)s).")
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=0.0, metavar="N",
+                     help="GPUs in each worker's bundle (default: %(default)s).")
+    ray.add_argument("--ray-strategy", choices=STRATEGIES, default="PACK",
+                     help="Placement-group strategy (default: %(default)s).")
+    ray.add_argument("--ray-temp-dir", default=None, metavar="DIR",
+                     help="Local instance only: Ray's session directory (default: Ray's).")
+    ray.add_argument("--ray-start-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="How long placing the bundles and starting the actors may take "
+                     "(default: %(default)s).")
     return parser
 
 
@@ -225,6 +260,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Launch
     if args.max_restarts > 0:
         print(f"odyssey run: --max-restarts {args.max_restarts} has no effect: workers are "
               "never restarted, survivors keep running", file=sys.stderr)
+    backend, ray = _backend(args, parser, max_nodes)
+    store_endpoint = _store_endpoint(args.store_endpoint)
     return LaunchOptions(
         cmd=cmd, nproc=nproc, min_nodes=min_nodes, max_nodes=max_nodes,
         run_dir=args.run_dir, store_port=store_port, poll_interval_s=args.monitor_interval,
@@ -233,8 +270,48 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Launch
         signals=_parse_signals(args.signals_to_handle), run_id=args.rdzv_id, role=args.role,
         rdzv_backend=args.rdzv_backend, rdzv_endpoint=rdzv_endpoint,
         rdzv_configs=rdzv_configs, local_addr=args.local_addr,
-        rejoin_after_s=args.rejoin_after,
+        rejoin_after_s=args.rejoin_after, backend=backend, ray=ray,
+        store_endpoint=store_endpoint,
     )
+
+
+def _backend(args: argparse.Namespace, parser: argparse.ArgumentParser, max_nodes: int
+             ) -> tuple[str, RayConfig | None]:
+    """The backend and, for ``ray``, its validated placement settings."""
+    import importlib.util
+
+    if args.backend != "ray":
+        used = [f"--{k.replace('_', '-')}" for k in vars(args)
+                if k.startswith("ray_") and getattr(args, k) != parser.get_default(k)]
+        if used:
+            raise UsageError(f"{', '.join(used)}: only with --backend ray")
+        return args.backend, None
+    if max_nodes > 1:
+        raise UsageError("--backend ray places the workers itself: leave --nnodes at 1 and "
+                         "give the total number of workers with --nproc-per-node")
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError("--backend ray needs the ray package: "
+                         "pip install 'odyssey-train[ray]' (or 'ray>=2.9')")
+    cpus, gpus = args.ray_cpus_per_worker, args.ray_gpus_per_worker
+    if cpus < 0 or gpus < 0 or cpus + gpus == 0:
+        raise UsageError("--ray-cpus-per-worker and --ray-gpus-per-worker must be >= 0 and "
+                         "not both 0")
+    _check_positive("--ray-start-timeout", args.ray_start_timeout)
+    return "ray", RayConfig(address=args.ray_address, cpus_per_worker=cpus,
+                            gpus_per_worker=gpus, strategy=args.ray_strategy,
+                            temp_dir=args.ray_temp_dir,
+                            start_timeout_s=args.ray_start_timeout)
+
+
+def _store_endpoint(text: str | None) -> str | None:
+    """Validate ``--store-endpoint HOST:PORT``."""
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 2**16:
+        raise UsageError(f"--store-endpoint must be HOST:PORT with a port in 1..65535, "
+                         f"got {text!r}")
+    return f"{host.strip('[]')}:{int(port)}"
 
 
 def _worker_command(args: argparse.Namespace) -> list[str]:

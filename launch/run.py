@@ -17,7 +17,7 @@ from typing import Any
 from launch import contract
 from launch.agent import Agent, AgentConfig, AgentResult, exit_status, kill_all_now
 from launch.options import LaunchOptions, UsageError, build_parser, resolve
-from launch.store import SafeStore, bind_addr_for, connect_store, host_store
+from launch.store import HostedStore, SafeStore, bind_addr_for, connect_store, host_store
 from launch.workers import JobLayout, hostname, spawn, worker_env
 
 log = logging.getLogger("launch")
@@ -38,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _setup_logging("odyssey run")
     try:
+        if opts.backend == "ray":
+            from launch.ray_backend import run_ray
+
+            return run_ray(opts)
         return run_multi_node(opts) if opts.multi_node else run_single_node(opts)
     except KeyboardInterrupt:
         # Only reachable before workers exist (the agent handles signals after that).
@@ -49,9 +53,13 @@ def run_single_node(opts: LaunchOptions) -> int:
     """Host the store on 127.0.0.1, spawn ``opts.nproc`` workers, supervise them."""
     run_dir = _make_run_dir(opts.run_dir or default_run_dir())
     try:
-        hosted = host_store("127.0.0.1", opts.store_port)
+        hosted = (_external_store(opts.store_endpoint) if opts.store_endpoint
+                  else host_store("127.0.0.1", opts.store_port))
     except OSError as err:
         log.error("cannot host the store on 127.0.0.1:%d: %s", opts.store_port, err)
+        return 1
+    except RuntimeError as err:  # --store-endpoint: unreachable, or used by another job
+        log.error("cannot use the store at %s: %s", opts.store_endpoint, err)
         return 1
     try:
         layout = JobLayout(
@@ -64,6 +72,20 @@ def run_single_node(opts: LaunchOptions) -> int:
         hosted.close()
 
 
+def _external_store(endpoint: str) -> HostedStore:
+    """A client of the store ``odyssey store`` serves at ``endpoint`` (--store-endpoint).
+
+    Wrapped as a HostedStore so both paths look alike; closing it drops only the client.
+    A store that already saw a job end is refused: its keys would mislead this one.
+    """
+    addr, _, port = endpoint.rpartition(":")
+    store = connect_store(addr, int(port))
+    if store.check([contract.JOB_STATUS]):
+        raise RuntimeError("it already holds a finished job's keys; start a fresh "
+                           "`odyssey store` for each job")
+    return HostedStore(store=store, addr=addr, port=int(port))
+
+
 def run_multi_node(opts: LaunchOptions) -> int:
     """Rendezvous with the other launchers; node 0 hosts the store; supervise local workers."""
     from launch import rendezvous
@@ -72,6 +94,9 @@ def run_multi_node(opts: LaunchOptions) -> int:
 
     def start_store(advertise_addr: str) -> tuple[str, int]:
         nonlocal hosted
+        if opts.store_endpoint:  # node 0 only passes on the store run apart
+            addr, _, port = opts.store_endpoint.rpartition(":")
+            return addr, int(port)
         hosted = host_store(bind_addr_for(advertise_addr), opts.store_port, advertise_addr)
         return hosted.addr, hosted.port
 

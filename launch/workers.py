@@ -99,20 +99,27 @@ class Worker:
         return self.exit is None
 
 
-def spawn(cmd: Sequence[str], env: Mapping[str, str], rank: int, local_rank: int) -> Worker:
+def spawn(cmd: Sequence[str], env: Mapping[str, str], rank: int, local_rank: int,
+          default_signals: bool = False) -> Worker:
     """Start ``cmd`` as a worker in its own session, killed if this launcher dies.
 
     Its own session (and so process group) lets us signal the worker together with any
     children it forks, and keeps a terminal's Ctrl-C from reaching workers directly: the
-    launcher decides what they get.
+    launcher decides what they get. ``default_signals`` unblocks and resets to their
+    defaults the signals this process blocks or ignores (a Ray actor blocks SIGINT).
     """
-    argv = [sys.executable, "-I", "-S", _SHIM, str(os.getpid()), *cmd]
+    flag = ["--default-signals"] if default_signals else []
+    argv = [sys.executable, "-I", "-S", _SHIM, str(os.getpid()), *flag, *cmd]
     proc = subprocess.Popen(argv, env=dict(env), start_new_session=True, close_fds=True)
     return Worker(rank=rank, local_rank=local_rank, proc=proc)
 
 
 def signal_group(worker: Worker, sig: int) -> None:
     """Send ``sig`` to the worker's process group (its children too); ignore if gone."""
+    remote = getattr(worker.proc, "signal_group", None)
+    if remote is not None:  # a worker in a Ray actor (launch.ray_backend) signals itself
+        remote(sig)
+        return
     try:
         os.killpg(worker.pid, sig)
     except ProcessLookupError:
@@ -135,6 +142,10 @@ def kill_leftovers(worker: Worker) -> None:
     The group id is the worker's pid; Linux does not reuse a pid while a process group
     of that id still exists, so this cannot hit an unrelated process.
     """
+    remote = getattr(worker.proc, "kill_leftovers", None)
+    if remote is not None:  # a worker in a Ray actor (launch.ray_backend)
+        remote()
+        return
     try:
         os.killpg(worker.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
