@@ -19,6 +19,7 @@ demo: setup
 	    examples/train_gpt.py --dp 2 --pp 2 --steps 60 --log-every 10 \
 	    --inject kill:rank=3,step=25,phase=backward
 	$(BIN)/python -m odyssey.summary $(RUN_DIR)/report.json
+	$(BIN)/odyssey report $(RUN_DIR)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -22,6 +22,11 @@ BENCHMARKS = {
     "engine-vs-deepspeed": "engine_vs_deepspeed.py",
     "torchft-baseline": "torchft_baseline.py",
     "swap": "swap_bench.py",
+    "model-accuracy": "model_accuracy.py",
+    "serving-accuracy": "serving_accuracy.py",
+    "ray-actor-death": "ray_actor_death.py",
+    "cluster-scale": "cluster_scale.py",
+    "sim-vs-runtime": "sim_vs_runtime.py",
 }
 
 

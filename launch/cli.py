@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "plan": "planner.cli:plan_main",
     "profile": "profiler.cli:profile_main",
     "bench": "launch.bench:main",
+    "simulate": "launch.simulate:main",
     "plan-serve": "planner.serve_cli:plan_serve_main",
     "report": "odyssey.report_plot:main",
     "store": "launch.serve_store:main",

@@ -1,0 +1,270 @@
+"""What each policy does when the cluster changes, for the trace simulator.
+
+A policy gets the current plan and the new members and returns a `Reaction`: the plan
+to run next, its samples per step, the stall it costs (transition) and whether work
+since the last checkpoint is lost. The recovery policies (adaptive, reroute,
+reparallelize, redundant) make the exact choice the live leader makes: candidates from
+the same builders (`planner.cluster_plans`, equal to `planner.recovery.build_candidates`)
+scored and chosen by `planner.recovery.score` / `choose`. `restart` (torchrun +
+checkpoints) and `drop-replica` (torchft) are modelled here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from planner.closed_form import pipeline_s
+from planner.cluster_plans import IndexedPlan, build_candidates_fast, indexed_context
+from planner.cost import CostModel
+from planner.plan import Pipeline, Plan, PlanError
+from planner.recovery import RecoveryCandidate, RecoveryConfig, choose, score
+
+SIM_POLICIES = ("adaptive", "reroute", "reparallelize", "redundant", "restart", "drop-replica")
+
+
+@dataclass
+class Reaction:
+    """A policy's answer to one membership change."""
+
+    plan: Plan
+    kind: str
+    """What was done: reroute, redundant, reparallelize, restart, drop, heal, none."""
+    transition_s: float
+    """Time nobody trains (detection, agreement, rebuild, migration, restart)."""
+    rollback: bool = False
+    """Work since the last checkpoint is lost (restart)."""
+    fallback: bool = False
+    """A fixed policy could not do its kind; the best feasible candidate ran instead."""
+    samples_per_step: int | None = None
+    """Samples trained per step when it differs from the plan's global batch."""
+
+
+@dataclass
+class Costs:
+    """Transition costs a policy charges (filled from the simulator's config)."""
+
+    detect_s: float
+    agree_s: float
+    plan_s: float
+    rebuild_s: float
+    transfer_Bps: float
+    restart_s: float
+    heartbeat_timeout_s: float
+    checkpoint_load_s: float
+
+    @property
+    def in_place_s(self) -> float:
+        return self.detect_s + self.agree_s + self.plan_s + self.rebuild_s
+
+
+class Policy:
+    """Base: `react` to a membership change; `step_factor` of always-on overheads."""
+
+    name = "base"
+
+    def __init__(self, cost: CostModel, costs: Costs, layer_bytes: list[float],
+                 predict: Callable[[Plan], float], predict_len: Callable[[int, int, int], float],
+                 horizon_s: float):
+        self.cost, self.costs, self.layer_bytes = cost, costs, layer_bytes
+        self.predict, self.predict_len, self.horizon_s = predict, predict_len, horizon_s
+
+    def step_factor(self, plan: Plan) -> float:
+        return 1.0
+
+    def react(self, plan: Plan, members: list[int], committed_step: int,
+              checkpoint_step: int | None, lost: bool) -> Reaction:
+        raise NotImplementedError
+
+    # shared by the recovery-based policies
+    def candidates(self, plan: Plan, members: list[int], committed_step: int,
+                   checkpoint_step: int | None, policy: str
+                   ) -> tuple[RecoveryCandidate, list[RecoveryCandidate], RecoveryConfig]:
+        ctx = indexed_context(plan, members, committed_step, self.layer_bytes,
+                              checkpoint_step)
+        cands, _ = build_candidates_fast(ctx, self.predict, self.predict_len)
+        rc = RecoveryConfig(policy=policy, horizon_s=self.horizon_s,
+                            transfer_Bps=self.costs.transfer_Bps,
+                            rebuild_s=self.costs.in_place_s - self.costs.detect_s,
+                            checkpoint_load_Bps=sum(self.layer_bytes)
+                            / max(self.costs.checkpoint_load_s, 1e-9))
+        score(cands, ctx, rc, self.predict)
+        return choose(cands, rc), cands, rc
+
+
+class RecoveryPolicy(Policy):
+    """adaptive, or a fixed kind; exactly the live leader's choice."""
+
+    def __init__(self, kind: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kind = self.name = kind
+
+    def transition_s(self, c: RecoveryCandidate) -> float:
+        """Agreement + planning + rebuild + migration (a newcomer announces itself, so
+        detection is charged by `react` for losses only)."""
+        if c.from_checkpoint:  # in place: processes live, state reloaded, work redone
+            return self.costs.in_place_s - self.costs.detect_s + self.costs.checkpoint_load_s
+        return c.predicted_transition_s  # score's: agree + plan + rebuild + migration
+
+    def react(self, plan, members, committed_step, checkpoint_step, lost):
+        chosen, _, _ = self.candidates(plan, members, committed_step, checkpoint_step,
+                                       self.kind)
+        fallback = self.kind != "adaptive" and chosen.kind != self.kind
+        detect = self.costs.detect_s if lost else 0.0
+        return Reaction(chosen.plan, chosen.kind, detect + self.transition_s(chosen),
+                        rollback=chosen.from_checkpoint, fallback=fallback)
+
+
+class BubbleFillReroute(RecoveryPolicy):
+    """ReCycle with bubble filling: a shared stage's extra microbatches run in its
+    pipeline's warm-up/cool-down bubbles, so a rerouted plan costs at most the bubble
+    more than the plan it came from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("reroute", *args, **kwargs)
+        self.name = "reroute+bf"
+        self.base_step: dict[int, tuple[Plan, float]] = {}  # id -> (plan kept alive, s)
+
+    def react(self, plan, members, committed_step, checkpoint_step, lost):
+        r = super().react(plan, members, committed_step, checkpoint_step, lost)
+        self.base_step[id(r.plan)] = (r.plan, self.predict(plan) * self.step_factor(plan))
+        return r
+
+    def step_factor(self, plan: Plan) -> float:
+        hit = self.base_step.get(id(plan))
+        if not plan.has_shared_stages or hit is None or hit[0] is not plan:
+            return 1.0
+        raw = self.predict(plan)
+        mb = plan.microbatch_size
+        bubble = max((len(p.stages) - 1) * max(
+            self.cost.forward_s(s.start, s.end, mb) + self.cost.backward_s(s.start, s.end, mb)
+            for s in p.stages) for p in plan.pipelines)
+        return max(self.base_step[id(plan)][1], raw - bubble) / raw
+
+
+class RedundantPolicy(RecoveryPolicy):
+    """Bamboo: every stage also runs its successor's forward (eager redundant compute)
+    and holds its layers as a shadow copy, so a loss needs no migration."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("redundant", *args, **kwargs)
+        self._factor: dict[int, tuple[Plan, float]] = {}  # id -> (plan kept alive, x)
+
+    def step_factor(self, plan: Plan) -> float:
+        key = id(plan)
+        if key not in self._factor or self._factor[key][0] is not plan:
+            mb, worst_plain, worst_rc = plan.microbatch_size, 0.0, 0.0
+            for p in plan.pipelines:
+                fwd = [self.cost.forward_s(s.start, s.end, mb) for s in p.stages]
+                bwd = [self.cost.backward_s(s.start, s.end, mb) for s in p.stages]
+                rc = [f + fwd[(i + 1) % len(fwd)] if len(fwd) > 1 else f
+                      for i, f in enumerate(fwd)]
+                m = len(p.microbatches)
+                worst_plain = max(worst_plain, pipeline_s(plan.schedule, fwd, bwd, m))
+                worst_rc = max(worst_rc, pipeline_s(plan.schedule, rc, bwd, m))
+            step = self.predict(plan)
+            self._factor[key] = (plan, (step + worst_rc - worst_plain) / step)
+        return self._factor[key][1]
+
+    def shadow_bytes(self, plan: Plan) -> float:
+        """Largest extra state a rank holds for its successor's shadow copy."""
+        out = 0.0
+        for p in plan.pipelines:
+            for i in range(len(p.stages)):
+                nxt = p.stages[(i + 1) % len(p.stages)]
+                out = max(out, sum(self.layer_bytes[nxt.start:nxt.end]))
+        return out
+
+    def transition_s(self, c: RecoveryCandidate) -> float:
+        if c.kind == "redundant":  # shadow copy present: no migration
+            return self.costs.in_place_s - self.costs.detect_s
+        return super().transition_s(c)
+
+
+class RestartPolicy(Policy):
+    """torchrun (elastic) + checkpoints: any membership change kills every worker; the
+    job restarts on the live nodes with the best fresh plan and reloads the checkpoint."""
+
+    name = "restart"
+
+    def react(self, plan, members, committed_step, checkpoint_step, lost):
+        chosen, _, _ = self.candidates(plan, members, committed_step, checkpoint_step,
+                                       "restart")
+        c = self.costs
+        detect = c.detect_s if lost else 0.0
+        return Reaction(chosen.plan, "restart", detect + c.restart_s + c.checkpoint_load_s,
+                        rollback=True, fallback=chosen.kind != "restart")
+
+
+class DropReplicaPolicy(Policy):
+    """torchft: a replica group (pipeline) that loses a rank drops out, with its
+    samples; it rejoins, with its original stages on free ranks, when enough come back.
+    All replicas lost: restart from the checkpoint."""
+
+    name = "drop-replica"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.original: list[Pipeline] | None = None
+        self.batch_of: dict[int, int] = {}
+
+    def react(self, plan, members, committed_step, checkpoint_step, lost):
+        mset = set(members)
+        orig = self.original
+        live = [p for p in plan.pipelines if all(r in mset for r in p.ranks)]
+        if lost:
+            kind, stall = "drop", self.costs.heartbeat_timeout_s + self.costs.rebuild_s
+        else:
+            kind, stall = "heal", self.costs.rebuild_s
+        used = {r for p in live for r in p.ranks}
+        free = sorted(mset - used)
+        live_mbs = {m for p in live for m in p.microbatches}
+        for p in orig:  # heal: a missing replica re-forms on free ranks
+            if set(p.microbatches) & live_mbs or len(free) < len(p.stages):
+                continue
+            ranks, free = free[:len(p.stages)], free[len(p.stages):]
+            live.append(Pipeline([replace(s, rank=r) for s, r in zip(p.stages, ranks)],
+                                 list(p.microbatches)))
+            live_mbs |= set(p.microbatches)
+            stall += max(sum(self.layer_bytes[s.start:s.end]) for s in p.stages) \
+                / self.costs.transfer_Bps
+        if not live:  # every replica group lost: torchft cannot continue in place
+            chosen, _, _ = self.candidates(plan, members, committed_step, checkpoint_step,
+                                           "restart")
+            c = self.costs
+            return Reaction(chosen.plan, "restart", c.detect_s + c.restart_s
+                            + c.checkpoint_load_s, rollback=True)
+        return self._reaction(plan, live, kind, stall)
+
+    def _reaction(self, plan: Plan, live: list[Pipeline], kind: str, stall: float
+                  ) -> Reaction:
+        # renumber the surviving microbatches so the plan validates; remember the batch
+        count, pipes = 0, []
+        for p in sorted(live, key=lambda p: min(p.microbatches)):
+            n = len(p.microbatches)
+            pipes.append(Pipeline(list(p.stages), list(range(count, count + n))))
+            count += n
+        new = IndexedPlan.of(Plan(plan.num_layers, count, plan.microbatch_size, pipes,
+                                  plan.schedule).validate())
+        # the original ids are what heals compare against
+        for p, q in zip(pipes, sorted(live, key=lambda p: min(p.microbatches))):
+            p.microbatches = list(q.microbatches)
+        new.num_microbatches = self.full_mbs
+        return Reaction(new, kind, stall, samples_per_step=count * plan.microbatch_size)
+
+    def start(self, plan: Plan) -> None:
+        self.original = [Pipeline(list(p.stages), list(p.microbatches))
+                         for p in plan.pipelines]
+        self.full_mbs = plan.num_microbatches
+
+
+def make_policy(name: str, *args, **kwargs) -> Policy:
+    """The policy object for a name in SIM_POLICIES (plus 'reroute+bf')."""
+    if name in ("adaptive", "reroute", "reparallelize"):
+        return RecoveryPolicy(name, *args, **kwargs)
+    table = {"redundant": RedundantPolicy, "restart": RestartPolicy,
+             "drop-replica": DropReplicaPolicy, "reroute+bf": BubbleFillReroute}
+    if name not in table:
+        raise PlanError(f"unknown policy {name!r}; expected one of "
+                        f"{(*SIM_POLICIES, 'reroute+bf')}")
+    return table[name](*args, **kwargs)

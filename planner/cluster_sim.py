@@ -1,0 +1,437 @@
+"""Trace-driven cluster simulator: what each recovery policy trains over days of failures.
+
+The cluster is `num_nodes x gpus_per_node` GPU slots grouped into failure domains of
+`trace_node_gpus` (one trace node each; a trace node that arrives when every domain is
+taken waits as a spare). Events at one instant form one membership change. For every
+policy the loop alternates:
+
+1. run the current plan at its predicted step time (closed form by default, cached per
+   plan; `predictor='event'` uses the event simulator, as the live leader does) until
+   the next event, writing a checkpoint (blocking, `checkpoint_write_s`) every
+   `checkpoint_interval_s` of training (Young/Daly by default);
+2. at a loss, abort the step in flight (its work is lost); at an arrival, wait for the
+   step boundary; ask the policy (`planner.cluster_policies`) for the next plan and its
+   transition; charge the stall, and for a restart roll back to the checkpoint.
+
+Fail-slow events scale the compute of the slow node's ranks; every policy keeps its plan
+through them (none of the modelled systems re-plans for a straggler), so they show
+what a straggler costs each plan shape.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+from planner.cluster_policies import (
+    Costs,
+    DropReplicaPolicy,
+    Policy,
+    RedundantPolicy,
+    make_policy,
+)
+from planner.cluster_predict import Predictor, layer_state_bytes
+from planner.cost import CostModel
+from planner.plan import Pipeline, Plan, PlanError
+from planner.traces import TraceError, TraceEvent, mean_gap_s
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The machines and how trace nodes map onto them."""
+
+    num_nodes: int = 4
+    """Physical nodes (link classes: ranks on one node use 'intra')."""
+    gpus_per_node: int = 8
+    """GPUs (ranks) per node."""
+    trace_node_gpus: int = 1
+    """GPUs one trace node stands for (its failure domain); must divide gpus_per_node."""
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    def check(self) -> ClusterConfig:
+        if self.num_nodes < 1 or self.gpus_per_node < 1 or self.trace_node_gpus < 1:
+            raise PlanError("num_nodes, gpus_per_node and trace_node_gpus must be >= 1")
+        if self.gpus_per_node % self.trace_node_gpus:
+            raise PlanError(f"trace_node_gpus={self.trace_node_gpus} must divide "
+                            f"gpus_per_node={self.gpus_per_node}")
+        return self
+
+
+@dataclass(frozen=True)
+class TransitionConfig:
+    """What a change costs. Defaults: the live MTTR phases measured on 8 emulated ranks
+    (docs/BENCHMARKS.md, rounded up), torchrun's and torchft's measured stalls there."""
+
+    detect_s: float = 0.1
+    """Failure detection (launcher exit record / comm error / heartbeat)."""
+    agree_s: float = 0.15
+    """Membership agreement among survivors."""
+    plan_s: float = 0.15
+    """Leader builds and scores the candidates."""
+    rebuild_s: float = 0.1
+    """Process-group rebuild."""
+    transfer_Bps: float = 12.5e9
+    """Bandwidth of one state transfer between two GPUs (100 Gb/s effective)."""
+    restart_s: float = 30.0
+    """torchrun restart of every worker (measured 29.3 s for 8 ranks under load)."""
+    heartbeat_timeout_s: float = 5.0
+    """torchft: time to notice a dead replica group (measured 5.06 s, defaults)."""
+    checkpoint_write_Bps: float = 20e9
+    """Aggregate checkpoint write bandwidth (the write blocks training)."""
+    checkpoint_load_Bps: float = 20e9
+    """Aggregate checkpoint read bandwidth."""
+    checkpoint_interval_s: float | None = None
+    """Training time between checkpoints; None: Young/Daly sqrt(2 x write x MTBF)."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulation: how long, how the leader looks ahead, how step times come."""
+
+    duration_s: float | None = None
+    """Simulated wall time; None: until the trace's last event (at least 1 h)."""
+    horizon_s: float | None = None
+    """Recovery horizon H; None: the trace's mean time between membership changes."""
+    predictor: str = "closed-form"
+    """'closed-form' (fast, cached per plan) or 'event' (the event simulator)."""
+    step_factor: float = 1.0
+    """Multiplies every predicted step time (the live runtime's online correction)."""
+    timeline: bool = True
+    """Keep the per-segment throughput timeline (for plots)."""
+
+
+@dataclass
+class Segment:
+    """A stretch of constant throughput (0 during transitions and checkpoints)."""
+
+    t0: float
+    t1: float
+    samples_per_s: float
+    what: str
+
+
+@dataclass
+class PolicyResult:
+    """One policy over one trace."""
+
+    policy: str
+    duration_s: float
+    samples: float
+    """Samples whose step committed and survived (rollbacks subtracted)."""
+    steps: int
+    transitions: int
+    kinds: dict[str, int]
+    """Reactions by kind (reroute, reparallelize, restart, drop, heal, ...)."""
+    fallbacks: int
+    """Changes where the fixed kind was infeasible and the best candidate ran instead."""
+    lost_work_s: float
+    """Training time thrown away: aborted steps and rollbacks to a checkpoint."""
+    stall_s: float
+    """Time in transitions."""
+    checkpoint_s: float
+    """Time writing checkpoints."""
+    samples_dropped: float
+    """Samples a shrunken batch skipped (drop-replica)."""
+    ff_samples_per_s: float
+    """Failure-free throughput of the initial plan."""
+    post_recovery_ratio: float | None
+    """Time-weighted training throughput after the first change over failure-free
+    throughput scaled to the live GPUs (1.0 = no gap)."""
+    time_to_target_s: float | None
+    target_samples: float
+    segments: list[Segment] = field(default_factory=list)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.duration_s
+
+    @property
+    def goodput(self) -> float:
+        return self.samples_per_s / self.ff_samples_per_s
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d.pop("segments")
+        d.pop("events")
+        d.update(samples_per_s=self.samples_per_s, goodput=self.goodput)
+        return d
+
+
+class Membership:
+    """Trace nodes -> failure-domain slots -> ranks."""
+
+    def __init__(self, cluster: ClusterConfig):
+        self.c = cluster.check()
+        self.slots: dict[int, str | None] = {
+            i: None for i in range(cluster.world_size // cluster.trace_node_gpus)}
+        self.spares: list[str] = []
+
+    def apply(self, ev: TraceEvent) -> None:
+        if ev.kind == "add":
+            if ev.node in self.slots.values() or ev.node in self.spares:
+                return
+            free = [s for s, n in self.slots.items() if n is None]
+            if free:
+                self.slots[free[0]] = ev.node
+            else:
+                self.spares.append(ev.node)
+        elif ev.kind == "remove":
+            if ev.node in self.spares:
+                self.spares.remove(ev.node)
+            for s, n in self.slots.items():
+                if n == ev.node:
+                    self.slots[s] = self.spares.pop(0) if self.spares else None
+
+    def ranks_of_node(self, node: str) -> list[int]:
+        g = self.c.trace_node_gpus
+        return [r for s, n in self.slots.items() if n == node for r in range(s * g, (s + 1) * g)]
+
+    def members(self) -> list[int]:
+        g = self.c.trace_node_gpus
+        return [r for s, n in sorted(self.slots.items()) if n is not None
+                for r in range(s * g, (s + 1) * g)]
+
+
+def simulate_trace(policy_name: str, initial_plan: Plan, cost: CostModel,
+                   events: list[TraceEvent], cluster: ClusterConfig,
+                   transitions: TransitionConfig | None = None,
+                   config: SimConfig | None = None, target_samples: float | None = None,
+                   ff_samples_per_s: float | None = None,
+                   ff_for: Callable[[list[int]], float] | None = None,
+                   memory_limit_bytes: float = math.inf,
+                   predictor: Predictor | None = None) -> PolicyResult:
+    """Replay `events` (which must add the initial nodes at t=0) for one policy.
+
+    `ff_samples_per_s`: failure-free throughput of the whole cluster, the reference of
+    goodput and of the post-recovery ratio (default: the initial plan's, and the ranks
+    up at t=0 as the whole cluster). `ff_for(members)`: failure-free throughput of the
+    best plan for those ranks, the post-recovery reference (default: `ff_samples_per_s`
+    scaled by the live share of the cluster). `target_samples`: for time-to-N (default:
+    half of what failure-free training does in the duration). `memory_limit_bytes`:
+    above `exact_upto` ranks, fresh plans whose stages do not fit are not built.
+    `predictor`: a `Predictor` to share (and its cache) across policies; it must have been
+    built with this cost model, `config.predictor`, `config.step_factor` and limit."""
+    tc, sc = transitions or TransitionConfig(), config or SimConfig()
+    if not events:
+        raise TraceError("empty trace: it must at least add the initial nodes at t=0")
+    mship = Membership(cluster)
+    start = [e for e in events if e.time_s <= 0]
+    for e in start:
+        mship.apply(e)
+    members = mship.members()
+    if sorted(initial_plan.ranks) != members:
+        raise PlanError(f"the initial plan's ranks {initial_plan.ranks[:8]}.. are not the "
+                        f"{len(members)} ranks up at t=0 {members[:8]}..")
+    rest = [e for e in events if e.time_s > 0]
+    duration = sc.duration_s or max(3600.0, max((e.time_s for e in rest), default=0.0))
+    gap = mean_gap_s(events) or duration
+    horizon = sc.horizon_s or gap
+    lbytes = layer_state_bytes(cost)
+    state_bytes = sum(lbytes)
+    write_s = state_bytes / tc.checkpoint_write_Bps
+    interval = tc.checkpoint_interval_s or math.sqrt(2 * write_s * gap)
+    costs = Costs(tc.detect_s, tc.agree_s, tc.plan_s, tc.rebuild_s, tc.transfer_Bps,
+                  tc.restart_s, tc.heartbeat_timeout_s, state_bytes / tc.checkpoint_load_Bps)
+    predict = predictor or Predictor(cost, sc.predictor, sc.step_factor, memory_limit_bytes)
+    pol: Policy = make_policy(policy_name, cost, costs, lbytes, predict, predict.by_length,
+                              horizon)
+    if isinstance(pol, DropReplicaPolicy):
+        pol.start(initial_plan)
+    run = _Run(pol, predict, initial_plan, mship, rest, duration, interval, write_s,
+               horizon, cluster, sc, target_samples, ff_samples_per_s, ff_for)
+    if isinstance(pol, RedundantPolicy):
+        run.res.notes.append(f"shadow copy: up to {pol.shadow_bytes(initial_plan) / 2**30:.1f}"
+                             " GiB more state per rank")
+    return run.go()
+
+
+class _Run:
+    """The event loop of one policy (see the module docstring)."""
+
+    def __init__(self, pol, predict, plan, mship, events, duration, interval, write_s,
+                 horizon, cluster, sc, target, ff=None, ff_for=None):
+        self.pol, self.predict, self.mship, self.events = pol, predict, mship, events
+        self.duration, self.interval, self.write_s = duration, interval, write_s
+        self.cluster, self.sc = cluster, sc
+        self.plan, self.batch = plan, plan.global_batch
+        self.t = 0.0
+        self.samples = 0.0
+        self.steps = 0
+        self.ckpt = (0, 0.0, 0.0)  # (step, samples, training time since) at last ckpt
+        self.since_ckpt = 0.0
+        self.slow: dict[int, float] = {}
+        self.initial_live = cluster.world_size if ff else len(plan.ranks)
+        self.ff_for = ff_for
+        self.ref = 0.0
+        self.ff = ff or plan.global_batch / (predict(plan) * pol.step_factor(plan))
+        self.target = target if target is not None else self.ff * duration * 0.5
+        self.res = PolicyResult(pol.name, duration, 0.0, 0, 0, {}, 0, 0.0, 0.0, 0.0, 0.0,
+                                self.ff, None, None, self.target)
+        self.horizon = horizon
+        self.changed = False
+        self.idle = False
+        self.post_num = 0.0
+        self.post_den = 0.0
+
+    def step_s(self) -> float:
+        base = (self.predict.slowed(self.plan, self.slow) if self.slow
+                else self.predict(self.plan))
+        return base * self.pol.step_factor(self.plan)
+
+    def seg(self, t0: float, t1: float, rate: float, what: str) -> None:
+        if t1 <= t0:
+            return
+        if self.sc.timeline:
+            segs = self.res.segments
+            if segs and segs[-1].samples_per_s == rate and segs[-1].what == what \
+                    and abs(segs[-1].t1 - t0) < 1e-9:
+                segs[-1].t1 = t1
+            else:
+                segs.append(Segment(t0, t1, rate, what))
+        if self.changed and what == "train":
+            ref = self.ref
+            self.post_num += (rate / ref if ref > 0 else 0.0) * (t1 - t0)
+            self.post_den += t1 - t0
+
+    def train_until(self, t_end: float, finish: bool) -> float:
+        """Run whole steps until `t_end`. The step in flight at `t_end` is completed when
+        `finish` (an arrival or a slowdown waits for the step boundary), else aborted:
+        its time is returned as lost work."""
+        t_end = min(t_end, self.duration)
+        if self.idle:
+            self.seg(self.t, t_end, 0.0, "idle")
+            self.t = max(self.t, t_end)
+            return 0.0
+        step = self.step_s()
+        while self.t < t_end - 1e-12:
+            until_ckpt = max(self.interval - self.since_ckpt, 0.0)
+            n_ckpt = max(math.ceil(until_ckpt / step - 1e-9), 1)
+            n_end = int((t_end - self.t) / step + 1e-9)
+            n = min(n_end, n_ckpt)
+            if n > 0:
+                t1 = self.t + n * step
+                self.seg(self.t, t1, self.batch / step, "train")
+                self._progress(n, t1)
+                self.since_ckpt += n * step
+                self.t = t1
+                if self.since_ckpt >= self.interval - 1e-9:  # checkpoint at this boundary
+                    t1 = min(self.t + self.write_s, self.duration)
+                    self.seg(self.t, t1, 0.0, "checkpoint")
+                    self.res.checkpoint_s += t1 - self.t
+                    self.t = t1
+                    self.ckpt = (self.steps, self.samples, 0.0)
+                    self.since_ckpt = 0.0
+                    continue
+            if n == n_end:
+                partial = max(t_end - self.t, 0.0)
+                if partial <= 1e-12:
+                    return 0.0
+                if finish:  # complete the step in flight, then react
+                    self.seg(self.t, self.t + step, self.batch / step, "train")
+                    self._progress(1, self.t + step)
+                    self.since_ckpt += step
+                    self.t += step
+                    return 0.0
+                self.seg(self.t, t_end, 0.0, "aborted")
+                self.t = t_end
+                return partial
+        return 0.0
+
+    def _progress(self, n: int, t1: float) -> None:
+        before = self.samples
+        self.samples += n * self.batch
+        self.steps += n
+        full = self.plan.num_microbatches * self.plan.microbatch_size
+        if isinstance(self.pol, DropReplicaPolicy) and self.batch < full:
+            self.res.samples_dropped += n * (full - self.batch)
+        if self.res.time_to_target_s is None and self.samples >= self.target:
+            frac = (self.target - before) / (self.samples - before)
+            self.res.time_to_target_s = t1 - n * self.step_s() * (1 - frac)
+
+    def go(self) -> PolicyResult:
+        t0 = time.perf_counter()
+        i, evs = 0, self.events
+        while i < len(evs) and self.t < self.duration:
+            at = evs[i].time_s
+            batch = []
+            while i < len(evs) and evs[i].time_s == at:
+                batch.append(evs[i])
+                i += 1
+            if at >= self.duration:
+                break
+            before = set(self.mship.members())
+            slow_now: list[tuple[list[int], float]] = []  # applied once time reaches `at`
+            for e in batch:
+                if e.kind == "remove":  # a replacement in that slot is not slow
+                    slow_now.append((self.mship.ranks_of_node(e.node), 1.0))
+                if e.kind == "slow":
+                    slow_now.append((self.mship.ranks_of_node(e.node), e.factor))
+                else:
+                    self.mship.apply(e)
+            after = self.mship.members()
+            lost = bool(before - set(after))
+            changed = set(after) != before
+            # a slowdown (or a spare) only changes the step time after the step in flight
+            self.res.lost_work_s += self.train_until(at, finish=not lost)
+            for ranks, factor in slow_now:
+                for r in ranks:
+                    if factor > 1:
+                        self.slow[r] = factor
+                    else:
+                        self.slow.pop(r, None)
+            if not changed:
+                continue
+            if not after:
+                self.res.notes.append(f"t={at:.0f}s: no GPU left; idle until one returns")
+                self.res.events.append((at, "all lost"))
+                self.idle = True
+                # every holder is gone: the returning ranks reuse the ids, so the old plan
+                # is renamed to ids nobody has (only a restart from the checkpoint remains)
+                ghost = 1 + max(self.plan.ranks) + self.cluster.world_size
+                self.plan = Plan(self.plan.num_layers, self.plan.num_microbatches,
+                                 self.plan.microbatch_size,
+                                 [Pipeline([replace(st, rank=st.rank + ghost) for st in p.stages],
+                                           list(p.microbatches)) for p in self.plan.pipelines],
+                                 self.plan.schedule)
+                continue
+            self.react(after, lost or self.idle, at)
+            self.idle = False
+        if self.t < self.duration:
+            self.train_until(self.duration, finish=False)
+        self.res.samples, self.res.steps = self.samples, self.steps
+        if self.post_den > 0:
+            self.res.post_recovery_ratio = self.post_num / self.post_den
+        self.res.notes.append(f"simulated in {time.perf_counter() - t0:.2f} s, "
+                              f"horizon {self.horizon:.0f} s, checkpoint every "
+                              f"{self.interval:.0f} s ({self.write_s:.1f} s each)")
+        return self.res
+
+    def react(self, members: list[int], lost: bool, at: float) -> None:
+        r = self.pol.react(self.plan, members, self.steps, self.ckpt[0], lost)
+        self.res.transitions += 1
+        self.res.kinds[r.kind] = self.res.kinds.get(r.kind, 0) + 1
+        self.res.fallbacks += int(r.fallback)
+        pipes = [len(p.stages) for p in r.plan.pipelines]
+        shape = f"{pipes}" if len(pipes) <= 8 else f"{len(pipes)} pipelines"
+        self.res.events.append((at, f"{'-' if lost else '+'}{r.kind} {shape}"))
+        if r.rollback:
+            step, samples, _ = self.ckpt
+            self.res.lost_work_s += self.since_ckpt
+            self.samples, self.steps = samples, step
+            self.since_ckpt = 0.0
+        stall = min(r.transition_s, max(self.duration - self.t, 0.0))
+        self.seg(self.t, self.t + stall, 0.0, f"transition:{r.kind}")
+        self.res.stall_s += stall
+        self.t += stall
+        self.plan = r.plan
+        self.batch = r.samples_per_step or r.plan.global_batch
+        self.changed = True
+        self.ref = (self.ff_for(members) if self.ff_for
+                    else self.ff * len(members) / self.initial_live)
