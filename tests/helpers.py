@@ -48,3 +48,14 @@ def assert_close_state(sd: dict, ref: dict, rtol: float = 1e-5, atol: float = 1e
     for k in sd:
         torch.testing.assert_close(sd[k], ref[k], rtol=rtol, atol=atol,
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+# The DeepSpeed JSON config both DeepSpeed test files use: global batch 8 = 4 microbatches of 2.
+DS_CONFIG = {
+    "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 4,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                              "weight_decay": 0.0, "torch_adam": True}},
+    "gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
+    "steps_per_print": 10**9, "wall_clock_breakdown": False,
+}

@@ -31,6 +31,7 @@ from odyssey.reference import reference_run
 from odyssey.report import read_jsonl
 from odyssey.trainer import TrainConfig, Trainer
 from tests.conftest import ROOT
+from tests.helpers import DS_CONFIG
 
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed")
 
@@ -38,14 +39,7 @@ from examples.train_ds_pipe import PipeConfig, build, lm_loss, pipe_layers  # no
 
 TINY = PipeConfig(vocab_size=32, seq_len=16, d_model=32, n_heads=2, n_blocks=1)
 STEPS = 6
-CONFIG = {
-    "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
-    "gradient_accumulation_steps": 4,
-    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                              "weight_decay": 0.0, "torch_adam": True}},
-    "gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
-    "steps_per_print": 10**9, "wall_clock_breakdown": False,
-}
+CONFIG = DS_CONFIG
 
 
 def _free_port() -> int:

@@ -15,15 +15,9 @@ from odyssey import ds_config
 from odyssey.data import ArithmeticTokens
 from odyssey.local import run_threads
 from odyssey.trainer import TrainConfig, Trainer
+from tests.helpers import DS_CONFIG
 
-CONFIG = {
-    "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
-    "gradient_accumulation_steps": 4,
-    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                              "weight_decay": 0.0, "torch_adam": True}},
-    "gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
-    "steps_per_print": 10**9, "wall_clock_breakdown": False,
-}
+CONFIG = DS_CONFIG
 
 
 def test_config_maps_batch_triangle_and_optimizer():
