@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from launch import contract
+from launch.node_watch import NodeWatcher
 from launch.store import SafeStore
 from launch.workers import Worker, kill_leftovers, signal_group
 
@@ -40,7 +41,10 @@ class AgentConfig:
     signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
     """Signals that make the launcher forward them and shut the workers down."""
     beat_key: str | None = None
-    """Counter to bump about once a second so node 0 knows this node lives (multi-node)."""
+    """Counter to bump every ``beat_interval_s`` so other nodes (and ``odyssey store``)
+    know this node lives (multi-node; None: no heartbeat)."""
+    beat_interval_s: float = 0.25
+    """Period of the node heartbeat; well under ``--node-timeout``."""
     node_rank: int = 0
     """This launcher's node (replacement requests name the node that starts them)."""
     rejoin_after_s: float | None = None
@@ -74,6 +78,8 @@ class Agent:
         self._spawner: Callable[[int, int], Worker] | None = None
         self._spawns_seen = 0
         self._rejoin_due: list[float] = []
+        self._watcher: NodeWatcher | None = None
+        self._declared_lost = False
 
     @property
     def received_signal(self) -> signal.Signals | None:
@@ -83,6 +89,10 @@ class Agent:
     def add_worker(self, worker: Worker) -> None:
         """Supervise one more worker (called as each one is spawned)."""
         self.workers[worker.rank] = worker
+
+    def enable_node_watch(self, watcher: NodeWatcher) -> None:
+        """Watch the other nodes' heartbeats from this loop (multi-node)."""
+        self._watcher = watcher
 
     def enable_spawning(self, spawner: Callable[[int, int], Worker]) -> None:
         """Let the agent start replacement workers: ``spawner(index, local_rank)`` starts
@@ -123,6 +133,8 @@ class Agent:
             self._poll_spawns()
             self._enforce_deadline()
             self._beat()
+            if self._watcher is not None:
+                self._watcher.poll()
             if not any(w.alive for w in self.workers.values()):
                 break
             time.sleep(self.config.poll_interval_s)
@@ -147,8 +159,10 @@ class Agent:
         worker.exit = record
         kill_leftovers(worker)
         # Record before counting, so whoever sees the count move can read the record.
-        self.store.set(contract.exit_key(worker.rank), record.to_json())
-        self.store.add(contract.EXITS_COUNT, 1)
+        # A node declared lost already has "node lost" records; they stand.
+        if not self._declared_lost:
+            self.store.set(contract.exit_key(worker.rank), record.to_json())
+            self.store.add(contract.EXITS_COUNT, 1)
         log.warning("rank %d (pid %d) %s", worker.rank, worker.pid, record.describe())
         if (record.exitcode != 0 and self.config.rejoin_after_s is not None
                 and self._job_status is None):
@@ -256,7 +270,8 @@ class Agent:
         last_change = {n: time.monotonic() for n in pending}
         while pending and self._signal is None:
             for node in sorted(pending):
-                if self.store.check(contract.node_done_key(node)):
+                if (self.store.check(contract.node_done_key(node))
+                        or self.store.check(contract.node_lost_key(node))):
                     pending.discard(node)
                     continue
                 beat = self.store.add(contract.node_beat_key(node), 0)
@@ -274,9 +289,20 @@ class Agent:
 
     def _beat(self) -> None:
         now = time.monotonic()
-        if self.config.beat_key is not None and now - self._last_beat >= 1.0:
-            self._last_beat = now
-            self.store.add(self.config.beat_key, 1)
+        if self.config.beat_key is None or now - self._last_beat < self.config.beat_interval_s:
+            return
+        self._last_beat = now
+        self.store.add(self.config.beat_key, 1)
+        if not self._declared_lost and self.store.check(
+                contract.node_lost_key(self.config.node_rank)):
+            # We were cut off long enough for another watcher to write our ranks' exit
+            # records; the survivors moved on without them, so they must not continue.
+            self._declared_lost = True
+            log.error("this node (%d) was declared lost while cut off from the store: "
+                      "killing its workers", self.config.node_rank)
+            for worker in self.workers.values():
+                if worker.alive:
+                    signal_group(worker, signal.SIGKILL)
 
 
 def kill_all_now(workers: Sequence[Worker]) -> None:

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "ray-actor-death": "ray_actor_death.py",
     "cluster-scale": "cluster_scale.py",
     "sim-vs-runtime": "sim_vs_runtime.py",
+    "node-loss": "node_loss.py",
 }
 
 

@@ -58,8 +58,19 @@ def node_done_key(node: int) -> str:
 
 
 def node_beat_key(node: int) -> str:
-    """Counter a node's launcher bumps periodically so node 0 knows it is still alive."""
+    """Counter a node's launcher bumps every fraction of a second (liveness, multi-node)."""
     return f"odyssey/nodes/{node}/beat"
+
+
+def node_lost_key(node: int) -> str:
+    """JSON ``{"node","by","time","last_beat","silent_s"}``: set once (compare-and-set) by
+    the watcher that declared ``node`` lost (launch/node_watch.py)."""
+    return f"odyssey/nodes/{node}/lost"
+
+
+NODES_CONFIG = "odyssey/nodes/config"
+"""JSON ``{"nnodes","world_size","node_timeout_s"}`` set by every multi-node launcher, so
+``odyssey store`` knows which heartbeats to watch."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,8 @@ class ExitRecord:
 
     ``exitcode`` follows :class:`subprocess.Popen`: the exit status, or ``-N`` when the
     process was killed by signal ``N`` (then ``signal`` holds its name, e.g. ``SIGKILL``).
+    A rank whose whole node was lost gets ``exitcode`` 255, no ``signal``, and
+    ``node_lost`` set to the node (written by the watcher that declared it lost).
     """
 
     rank: int
@@ -75,6 +88,7 @@ class ExitRecord:
     exitcode: int
     signal: str | None
     time: float
+    node_lost: int | None = None
 
     @classmethod
     def from_returncode(cls, rank: int, pid: int, returncode: int, when: float) -> ExitRecord:
@@ -88,6 +102,8 @@ class ExitRecord:
 
     def describe(self) -> str:
         """Human-readable outcome, e.g. ``exit 0`` or ``killed by SIGKILL``."""
+        if self.node_lost is not None:
+            return f"lost with node {self.node_lost}"
         return f"killed by {self.signal}" if self.signal else f"exit {self.exitcode}"
 
 

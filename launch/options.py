@@ -42,6 +42,8 @@ worker environment:
 store keys:
   odyssey/exits/{{rank}}    launcher writes {{"rank","pid","exitcode","signal","time"}}
   odyssey/exits/count     launcher adds 1 per exit (after writing the record)
+  odyssey/nodes/{{n}}/lost  set once by the watcher that declared node n lost; it also
+                          writes that node's ranks' exit records ("node_lost": n)
   odyssey/fence/{{rank}}    anyone sets (value: reason) -> launcher SIGKILLs that rank
   odyssey/fenced/{{rank}}   launcher writes {{"rank","time","reason"}} once it is dead
   odyssey/workers/{{rank}}  launcher writes {{"rank","pid","node","host"}} at spawn
@@ -175,9 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "joins the running job, which re-plans upward and hands it state from "
                        "live peers (default: off; `odyssey inject --kind rejoin` asks for "
                        "one at any time).")
-    group.add_argument("--node-timeout", type=float, default=60.0, metavar="SECONDS",
-                       help="Multi-node: node 0 keeps the store up until every node is "
-                       "done, or silent for this long (default: %(default)s).")
+    group.add_argument("--node-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="Multi-node: each launcher bumps its node's heartbeat in the "
+                       "store 4 times a second; a node whose heartbeat has not moved for "
+                       "this long is declared lost (by one of the other launchers or "
+                       "`odyssey store`), its ranks get 'node lost' exit records and the "
+                       "survivors recover at once, as after a process death. Node 0 also "
+                       "stops keeping the store up for such a node. Too small a value "
+                       "declares a merely slow node lost (its workers are then killed); "
+                       "at least 1 (default: %(default)s).")
     group.add_argument("--store-endpoint", default=None, metavar="HOST:PORT",
                        help="Use the store that `odyssey store` serves there instead of "
                        "hosting one, so the store (the job's single point of failure) runs "
@@ -234,7 +242,9 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Launch
         raise UsageError("--module and --no-python cannot be used together")
     _check_positive("--monitor-interval", args.monitor_interval)
     _check_positive("--finish-grace", args.finish_grace, allow_zero=True)
-    _check_positive("--node-timeout", args.node_timeout)
+    if args.node_timeout < 1.0:
+        raise UsageError(f"--node-timeout must be >= 1 (seconds; nodes beat every 0.25 s), "
+                         f"got {args.node_timeout:g}")
 
     cmd = _worker_command(args)
     # Single node: --master-port names the store, as under torchrun. Multi-node: it is the

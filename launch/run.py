@@ -16,6 +16,7 @@ from typing import Any
 
 from launch import contract
 from launch.agent import Agent, AgentConfig, AgentResult, exit_status, kill_all_now
+from launch.node_watch import NodeWatchConfig, NodeWatcher, publish_job
 from launch.options import LaunchOptions, UsageError, build_parser, resolve
 from launch.store import HostedStore, SafeStore, bind_addr_for, connect_store, host_store
 from launch.workers import JobLayout, hostname, spawn, worker_env
@@ -162,9 +163,19 @@ def _spawn_and_supervise(
             rank = layout.world_size + index  # fresh global ranks after the launched ones
             env = worker_env(layout, local_rank)
             env.update({"RANK": str(rank), contract.ENV_JOIN: "1"})
-            return spawn(opts.cmd, env, rank, local_rank)
+            worker = spawn(opts.cmd, env, rank, local_rank)
+            store.set(contract.worker_key(rank), json.dumps(  # so node watchers see it
+                {"rank": rank, "pid": worker.pid, "node": layout.node_rank,
+                 "host": hostname()}))
+            return worker
 
         agent.enable_spawning(spawn_replacement)
+        if is_multi:
+            publish_job(store, layout.nnodes, layout.world_size, opts.node_timeout_s)
+            agent.enable_node_watch(NodeWatcher(
+                store, [n for n in range(layout.nnodes) if n != layout.node_rank],
+                layout.world_size, NodeWatchConfig(node_timeout_s=opts.node_timeout_s),
+                who=f"node {layout.node_rank}"))
         log.info("store %s:%d, %d worker(s) (ranks %d..%d of %d), run dir %s",
                  layout.store_addr, layout.store_port, layout.nproc, layout.rank_offset,
                  layout.rank_offset + layout.nproc - 1, layout.world_size, layout.run_dir)

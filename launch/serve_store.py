@@ -11,7 +11,10 @@ finished job's keys would mislead the next one (`odyssey run` refuses such a sto
     odyssey run --store-endpoint 10.0.0.5:29600 ...        # on every node
 
 It runs until SIGINT/SIGTERM, or, with --exit-after-done S, S seconds after the job has
-set its status (time for launchers to record the last exits).
+set its status (time for launchers to record the last exits). While a multi-node job
+runs, it also watches the nodes' heartbeats like every launcher does, and declares a node
+lost once its heartbeat is older than the job's --node-timeout (launch/node_watch.py):
+with the store apart, it is the one watcher that outlives any node.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import threading
 import time
 
 from launch import contract
-from launch.store import host_store
+from launch.node_watch import NodeWatchConfig, NodeWatcher, read_job
+from launch.store import SafeStore, host_store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +75,15 @@ def main(argv: list[str] | None = None) -> int:
           f"launchers: odyssey run --store-endpoint {hosted.addr}:{hosted.port} ...",
           flush=True)
     done_at = None
-    while not stop.wait(0.5):
+    watcher: NodeWatcher | None = None
+    client = SafeStore(hosted.store)
+    while not stop.wait(0.1):
+        if watcher is None:
+            watcher = _watcher_for_job(client)
+        if watcher is not None:
+            for node in watcher.poll():
+                print(f"odyssey store: node {node} declared lost "
+                      f"(heartbeat older than {watcher.config.node_timeout_s:g}s)", flush=True)
         if args.exit_after_done is None:
             continue
         if done_at is None and hosted.store.check([contract.JOB_STATUS]):
@@ -84,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     hosted.close()
     print("odyssey store: stopped", flush=True)
     return 0
+
+
+def _watcher_for_job(store: SafeStore) -> NodeWatcher | None:
+    """A watcher of every node once a multi-node job has published its layout."""
+    job = read_job(store)
+    if job is None:
+        return None
+    return NodeWatcher(store, list(range(int(job["nnodes"]))), int(job["world_size"]),
+                       NodeWatchConfig(node_timeout_s=float(job["node_timeout_s"])),
+                       who="odyssey store")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,12 @@ class SafeStore:
         """Set ``key``."""
         self._call(None, "set", key, value)
 
+    def compare_set(self, key: str, expected: str, desired: str) -> str | None:
+        """Set ``key`` to ``desired`` if it holds ``expected`` ("" = absent); returns the
+        value that stands (None if the store is lost)."""
+        raw = self._call(None, "compare_set", key, expected, desired)
+        return None if raw is None else raw.decode("utf-8", errors="replace")
+
     def add(self, key: str, amount: int) -> int:
         """Atomically add to a counter key; returns the new value (0 if the store is lost)."""
         return int(self._call(0, "add", key, amount))

@@ -82,6 +82,10 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
         if polls % 10 == 0 and store.check([keys.JOB_STATUS]):
             raise JobFinished(f"the job finished before generation {generation} formed")
         dead = monitor.exited_members()
+        if me in dead:
+            # A launcher recorded us as gone (our node was declared lost while we were
+            # cut off): the others are deciding without us, so we must not join.
+            raise Fenced(f"rank {me} has an exit record (its node was declared lost)")
         newcomers = [r for r in pending_newcomers(store) if r not in previous]
         expected = sorted((set(previous) - dead) | set(newcomers) | {me})
         timed_out = time.monotonic() > deadline

@@ -81,6 +81,12 @@ class TrainConfig:
     """Expected time to the next membership change; recovery maximises work over it."""
     heartbeat_timeout_s: float = 3.0
     """A rank whose heartbeat stalls this long is declared hung and fenced."""
+    join_timeout_s: float = 6.0
+    """Agreement on the next generation: how long survivors wait for a silent member (no
+    exit record, not joining) before fencing it and going on without it."""
+    fence_timeout_s: float = 10.0
+    """How long survivors wait for a launcher to confirm it killed a fenced rank before
+    going on anyway (a lost node's ranks are confirmed by its --node-timeout instead)."""
     swap: str = "off"
     """Chameleon activation swapping: off, or auto (swap saved activations to host/disk
     to keep them under --memory-budget)."""
@@ -154,7 +160,13 @@ class Trainer:
         self.progress = ProgressLine(cfg.steps, cfg.progress, cfg.progress_every_s)
         self._plan_kind = "initial"
         self.in_place = worker.launcher in ("odyssey", "threads")
+        for name in ("heartbeat_timeout_s", "join_timeout_s", "fence_timeout_s"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, "
+                                 f"got {getattr(cfg, name)}")
         mcfg = monitor or MonitorConfig(heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+                                        join_timeout_s=cfg.join_timeout_s,
+                                        fence_timeout_s=cfg.fence_timeout_s,
                                         poll_s=self.comm_cfg.poll_s)
         self.monitor = FailureMonitor(worker.store, worker.rank, mcfg, worker.store_factory)
         self.step_model = StepTimeModel(model, self.plan.microbatch_size, worker.store, profile)

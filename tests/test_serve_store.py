@@ -2,9 +2,11 @@
 
 Two launchers (c10d rendezvous) run a real job against a store served by its own
 process. SIGKILL of node 0's launcher -- which takes its worker, the leader, with it --
-no longer loses the job: node 1 recovers and finishes on the failure-free trajectory, the
-job's keys are in the separate store, a second job is refused that used store, and the
-store exits by itself after the job is done.
+no longer loses the job: node 0's silent heartbeat gets it declared lost within
+--node-timeout, node 1 recovers in place well under the 16 s that waiting out the join and
+fence timeouts took, and finishes on the failure-free trajectory; the job's keys are in
+the separate store, a second job is refused that used store, and the store exits by
+itself after the job is done.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 from torch.distributed import TCPStore
 
 from launch import contract
+from odyssey import keys
 from tests.conftest import ROOT
 from tests.test_fault_tolerance import TINY, check_same_numbers
 
@@ -66,8 +69,10 @@ def _launch(tmp_path, endpoint: str, name: str, steps: int = STEPS,
 @pytest.mark.timeout(120)
 def test_losing_node0_is_survivable_when_the_store_lives_apart(tmp_path):
     # Two launchers (c10d rendezvous) share a separate store. SIGKILL node 0's launcher:
-    # its worker (rank 0, the leader) dies with it and nobody records that exit, yet node
-    # 1's worker detects the loss, takes over and finishes on the failure-free trajectory.
+    # its worker (rank 0, the leader) dies with it and its launcher cannot record that
+    # exit; node 0's heartbeat stops, a watcher (node 1's launcher or the store) declares
+    # it lost and writes rank 0's exit record, and node 1's worker takes over and finishes
+    # on the failure-free trajectory.
     server, where = _serve(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +85,7 @@ def test_losing_node0_is_survivable_when_the_store_lives_apart(tmp_path):
                 [sys.executable, "-m", "launch.cli", "run", "--nnodes", "2",
                  "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                  f"127.0.0.1:{rdzv_port}", "--rdzv-id", "apart", "--local-addr", "127.0.0.1",
-                 "--node-timeout", "20", "--store-endpoint",
+                 "--node-timeout", "3", "--store-endpoint",
                  f"{where['addr']}:{where['port']}", "--run-dir", str(run_dir),
                  "--finish-grace", "20", str(ROOT / "examples" / "train_gpt.py"),
                  "--log-every", "100", "--dp", "2", "--steps", str(steps),
@@ -95,6 +100,7 @@ def test_losing_node0_is_survivable_when_the_store_lives_apart(tmp_path):
             assert time.monotonic() < deadline and nodes[1].poll() is None, "no step 3"
             time.sleep(0.05)
         node0 = json.loads((run_dir / "launcher-node0.json").read_text())
+        t_kill = time.time()
         os.kill(node0["launcher_pid"], signal.SIGKILL)
         assert nodes[1].wait(timeout=60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
         report = json.loads((run_dir / "report.json").read_text())
@@ -104,7 +110,16 @@ def test_losing_node0_is_survivable_when_the_store_lives_apart(tmp_path):
         client = TCPStore(where["addr"], where["port"], is_master=False,
                           timeout=timedelta(seconds=10))
         assert client.get(contract.JOB_STATUS).decode() == contract.JOB_DONE
-        assert not client.check([contract.exit_key(0)])  # its launcher was gone
+        # Kill -> the survivor starts the new generation: was ~16 s (join + fence timeouts)
+        # before lost-node detection; now --node-timeout (3 s) + agreement + migration.
+        started = json.loads(client.get(keys.started_key(event["generation"], 1)))
+        resumed_after = started["started"] - t_kill
+        assert resumed_after < 8.0, f"recovery took {resumed_after:.1f}s after the kill"
+        record = contract.ExitRecord(**json.loads(client.get(contract.exit_key(0))))
+        assert record.node_lost == 0 and record.signal is None  # "node lost", not a signal
+        lost = json.loads(client.get(contract.node_lost_key(0)))
+        assert lost["by"] in ("node 1", "odyssey store")
+        assert not client.check([contract.node_lost_key(1)])
         del client
 
         again = _launch(tmp_path, f"{where['addr']}:{where['port']}", "again", steps=2)
