@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from odyssey.data import ArithmeticTokens  # noqa: E402
 from odyssey.deepspeed_model import from_deepspeed  # noqa: E402
 from odyssey.env import worker_from_env  # noqa: E402
 from odyssey.model import LayeredModel  # noqa: E402
-from odyssey.trainer import TrainConfig, Trainer, exit_cleanly  # noqa: E402
+from odyssey.trainer import TrainConfig, Trainer, fit_and_exit  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -105,12 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = from_args(TrainConfig, args)
     model, data = build(from_args(PipeConfig, args, prefix="pipe"))
     worker = worker_from_env()
-    try:
-        Trainer(model, data, cfg, worker).fit()
-    except BaseException:  # report, then leave at once: group destructors can hang
-        traceback.print_exc()
-        exit_cleanly(1)
-    exit_cleanly(0)
+    fit_and_exit(lambda: Trainer(model, data, cfg, worker))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +22,7 @@ from odyssey.config import add_dataclass_args, from_args  # noqa: E402
 from odyssey.data import ArithmeticTokens, RandomRegression  # noqa: E402
 from odyssey.emulate import EmulationConfig, build_emulated  # noqa: E402
 from odyssey.env import worker_from_env  # noqa: E402
-from odyssey.trainer import TrainConfig, Trainer, exit_cleanly  # noqa: E402
+from odyssey.trainer import TrainConfig, Trainer, fit_and_exit  # noqa: E402
 from profiler.synthetic import emulated_profile  # noqa: E402
 
 
@@ -52,12 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         sys.exit(f"--mode must be 'real' or 'emulated', got {cfg.mode!r}")
     worker = worker_from_env()
-    try:
-        Trainer(model, data, cfg, worker, profile=profile).fit()
-    except BaseException:  # report, then leave at once: group destructors can hang
-        traceback.print_exc()
-        exit_cleanly(1)
-    exit_cleanly(0)
+    fit_and_exit(lambda: Trainer(model, data, cfg, worker, profile=profile))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import json
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -372,3 +374,14 @@ def exit_cleanly(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def fit_and_exit(make_trainer: Callable[[], Trainer]) -> None:
+    """A training script's last line: build the trainer and fit, report any error, then
+    leave at once (group destructors can hang or abort at interpreter exit)."""
+    try:
+        make_trainer().fit()
+    except BaseException:
+        traceback.print_exc()
+        exit_cleanly(1)
+    exit_cleanly(0)
