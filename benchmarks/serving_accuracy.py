@@ -10,8 +10,12 @@ continuous-batching server and with the simulator, same trace and scheduler, and
 TTFT/TPOT percentiles. The three are interleaved over --rounds rounds and medians kept,
 so the drifting load of a shared machine hits all of them alike. Timings use the serving
 thread's CPU time by default (and the server its CPU-time clock); a wall-clock replay is
-added for reference. Writes benchmarks/results/serving_accuracy.json, the median profile
-(serving_profile.json), the last replays (serving_replay_*/) and serving_accuracy.png.
+added for reference. The simulator charges the profile's measured wake-up cost (`wake_s`)
+to the first iteration after an idle wait in real-time replays, not in CPU-clock ones (that
+server never sleeps). Writes benchmarks/results/serving_accuracy.json, the median profile
+(serving_profile.json), the last replays (serving_replay_*/) and serving_accuracy.png; an
+--out named serving_accuracy<TAG>.json gives serving_profile<TAG>.json and
+serving_replay<TAG>_*/ next to it, so a wall-clock run leaves the default files alone.
 """
 
 from __future__ import annotations
@@ -106,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             times[i].append(time_batch(model, shapes[i][1], shapes[i][2], tokens, t))
         real_runs.append(serve(model, trace, sched, clock=server_clock))
     bench_s = time.perf_counter() - t0
+    out_path = Path(args.out)
+    tag = out_path.stem.removeprefix("serving_accuracy")
     prof = median_profile(profiles)
-    prof.save(RESULTS / "serving_profile.json")
+    prof.save(out_path.with_name(f"serving_profile{tag}.json"))
     cost = ServingCostModel(prof)
 
     batches = []
@@ -119,14 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                         "error": (pred - measured) / measured})
     errs = [abs(b["error"]) for b in batches]
 
-    sim = simulate_trace(trace, cost, sched)
-    ss = sim.summary()
-    write_result(real_runs[-1], RESULTS / f"serving_replay_{server_clock}")
-    replays = {server_clock: _compare(real_runs, ss, cost)}
+    # a real-time server sleeps between arrivals and pays wake_s after; the CPU clock never
+    sims = {wake: simulate_trace(trace, cost, sched, idle_wake=wake) for wake in (False, True)}
+    ss = sims[server_clock == "wall"].summary()
+    write_result(real_runs[-1], out_path.with_name(f"serving_replay{tag}_{server_clock}"))
+    replays = {server_clock: _compare(real_runs, ss, cost, server_clock == "wall")}
     if server_clock == "cpu":  # one more, in real time, as a reference under this load
         wall = serve(model, trace, sched, clock="wall")
-        write_result(wall, RESULTS / "serving_replay_wall")
-        replays["wall"] = _compare([wall], ss, cost)
+        write_result(wall, out_path.with_name(f"serving_replay{tag}_wall"))
+        replays["wall"] = _compare([wall], sims[True].summary(), cost, True)
     out = {
         "machine": {"cpu": prof.device, "torch_threads": 1, "compute": "real (CPU)",
                     "loadavg_before": load_before, "niceness": niceness,
@@ -139,16 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         "trace": {"rate": args.rate, "requests": args.requests, "seed": args.seed},
         "replay": replays, "clock": args.clock,
         "replay_sim": {"iterations": ss["iterations"], "throughput_rps": ss["throughput_rps"]},
+        "wake_s": prof.wake_s,
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
     _plot(out, Path(args.out).with_suffix(".png"))
     print(f"{len(batches)} batches: mean |error| {out['batch_mean_abs_error']:.1%} "
           f"(max {out['batch_max_abs_error']:.1%}; " + ", ".join(
-              f"{k} {v:.1%}" for k, v in out["by_kind"].items()) + ")")
+              f"{k} {v:.1%}" for k, v in out["by_kind"].items()) + ")"
+          + f"; wake after idle {prof.wake_s * 1e3:.3f} ms")
     for clock, rep in replays.items():
         print(f"replay ({clock} clock) of {args.requests} requests at {args.rate} req/s: "
               f"{rep['iterations_real']} real / {ss['iterations']} simulated iterations, "
-              f"per-iteration mean |error| {rep['iteration_mean_abs_error']:.1%}")
+              f"per-iteration mean |error| {rep['iteration_mean_abs_error']:.1%}; median "
+              f"signed (predicted - measured) " + ", ".join(
+                  f"{k} {v:+.1%}" for k, v in rep["iteration_median_error_by_kind"].items())
+              + "; CPU share in iterations " + ", ".join(f"{c:.0%}" for c in rep["cpu_share"]))
         for k, v in rep["percentiles"].items():
             print(f"  {k:12s} measured {v['measured'] * 1e3:8.2f} ms  predicted "
                   f"{v['predicted'] * 1e3:8.2f} ms  error {v['error']:+.1%}")
@@ -156,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _compare(runs: list, ss: dict, cost: ServingCostModel) -> dict:
-    """Measured percentiles (median over the runs) vs the simulated ones."""
+def _compare(runs: list, ss: dict, cost: ServingCostModel, wake: bool) -> dict:
+    """Measured percentiles (median over the runs) vs the simulated ones, and each real
+    iteration vs its prediction (+ wake_s after an idle wait when `wake`)."""
     sums = [r.summary() for r in runs]
     pc = {}
     for name in ("ttft", "tpot"):
@@ -166,12 +179,26 @@ def _compare(runs: list, ss: dict, cost: ServingCostModel) -> dict:
             m = statistics.median(s[k] for s in sums)
             pc[k] = {"measured": m, "predicted": ss[k], "error": (ss[k] - m) / m,
                      "runs": [s[k] for s in sums]}
-    it_err = [abs(cost.iteration_from_shape(r["prefill_lens"], r["decode_kv"])
-                  - r["duration_s"]) / r["duration_s"] for run in runs for r in run.iterations]
+    errs: dict[str, list[float]] = {}
+    for run in runs:
+        for r in run.iterations:
+            idle = r.get("after_idle", False)
+            pred = cost.iteration_from_shape(r["prefill_lens"], r["decode_kv"])
+            pred += cost.profile.wake_s if idle and wake else 0.0
+            err = (pred - r["duration_s"]) / r["duration_s"]
+            errs.setdefault("all", []).append(err)
+            errs.setdefault("after_idle" if idle else r["kind"], []).append(err)
+    it_err = [abs(e) for e in errs["all"]]
     return {"runs": len(runs), "iterations_real": [s["iterations"] for s in sums],
             "throughput_real_rps": [s["throughput_rps"] for s in sums],
             "percentiles": pc, "iteration_mean_abs_error": statistics.mean(it_err),
-            "iteration_median_abs_error": statistics.median(it_err)}
+            "iteration_median_abs_error": statistics.median(it_err),
+            "iteration_median_error_by_kind": {k: statistics.median(v)
+                                               for k, v in errs.items() if k != "all"},
+            "iterations_by_kind": {k: len(v) for k, v in errs.items() if k != "all"},
+            # < 1 on the wall clock: other processes took the core during iterations
+            "cpu_share": [sum(r["cpu_s"] for r in run.iterations)
+                          / sum(r["duration_s"] for r in run.iterations) for run in runs]}
 
 
 def _plot(out: dict, path: Path) -> None:

@@ -6,8 +6,9 @@
 Requests arrive in real time (wall clock since start) from a trace: a JSONL file of
 {rid, arrival_s, prompt_len, output_len} or one generated from --trace-* options. The
 batching decisions come from `planner.batching.Scheduler`, the one the estimator
-simulates. Writes `iterations.jsonl` (one row per iteration: start, duration, batch
-shape), `requests.jsonl` (TTFT, TPOT per request) and `summary.json` to --out-dir.
+simulates. Writes `iterations.jsonl` (one row per iteration: start, duration, the
+thread's CPU time in it, whether it followed an idle wait, batch shape),
+`requests.jsonl` (TTFT, TPOT per request) and `summary.json` to --out-dir.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def serve(model: KVCacheGPT, requests: list[Request], sched: SchedulerConfig,
     last: dict[int, int] = {}
     rows = []
     tick = time.perf_counter if clock == "wall" else time.thread_time
-    start, virtual = time.perf_counter(), 0.0
+    start, virtual, idle = time.perf_counter(), 0.0, False
     while not scheduler.done():
         c0 = tick()
         now = c0 - start if clock == "wall" else virtual
@@ -102,14 +103,15 @@ def serve(model: KVCacheGPT, requests: list[Request], sched: SchedulerConfig,
                 time.sleep(wait)
             else:
                 virtual += wait
+            idle = True
             continue
         for rid, p in batch.prefills:
             model.allocate(rid, p + scheduler.records[rid].request.output_len)
         prefills = [(rid, prompts[rid]) for rid, _ in batch.prefills]
         decodes = [(rid, last[rid], kv) for rid, kv in batch.decodes]
-        t0 = tick()
+        t0, cpu0 = tick(), time.thread_time()
         nxt = model.step(prefills, decodes).tolist()
-        t1 = tick()
+        t1, cpu1 = tick(), time.thread_time()
         for (rid, _), tok in zip((*batch.prefills, *batch.decodes), nxt):
             last[rid] = tok
             scheduler.records[rid].tokens.append(tok)
@@ -118,9 +120,10 @@ def serve(model: KVCacheGPT, requests: list[Request], sched: SchedulerConfig,
         for rid in scheduler.complete(batch, end):
             model.free(rid)
             last.pop(rid, None)
-        rows.append({"start_s": now, "duration_s": t1 - t0, "loop_s": end - now,
-                     **batch.row()})
-        virtual = end
+        # cpu_s < duration_s on the wall clock: other processes held the core meanwhile
+        rows.append({"start_s": now, "duration_s": t1 - t0, "cpu_s": cpu1 - cpu0,
+                     "loop_s": end - now, "after_idle": idle, **batch.row()})
+        virtual, idle = end, False
     return TraceResult(sorted(scheduler.records.values(), key=lambda r: r.request.rid), rows)
 
 

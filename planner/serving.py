@@ -14,7 +14,8 @@ p-way pipeline parallel:
 
 Only t = p = 1 runs on this machine (the CPU server); TP/PP figures are model predictions.
 `simulate_trace` replays a request trace under continuous batching with the same
-`planner.batching.Scheduler` the real server uses, advancing a clock by the predictions.
+`planner.batching.Scheduler` the real server uses, advancing a clock by the predictions
+(plus the profile's measured `wake_s` on the first iteration after an idle wait).
 """
 
 from __future__ import annotations
@@ -137,19 +138,27 @@ class ServingCostModel:
 
 
 def simulate_trace(requests: list[Request], cost: ServingCostModel,
-                   sched: SchedulerConfig | None = None) -> TraceResult:
-    """Replay `requests` on one replica under continuous batching with predicted times."""
+                   sched: SchedulerConfig | None = None,
+                   idle_wake: bool = True) -> TraceResult:
+    """Replay `requests` on one replica under continuous batching with predicted times.
+
+    `idle_wake`: the first iteration after an idle wait costs the profile's `wake_s` more
+    (a real server sleeps between arrivals and comes back to cold caches); False for a
+    server that never sleeps (`examples/serve_gpt.py --clock cpu`)."""
     scheduler = Scheduler(requests, cost.scheduler_config(sched or SchedulerConfig()),
                           max_context=cost.profile.model["context"])
-    now, rows = 0.0, []
+    now, rows, idle = 0.0, [], False
+    wake = cost.profile.wake_s if idle_wake else 0.0
     while not scheduler.done():
         batch = scheduler.next_batch(now)
         if batch is None:
             now = max(now, scheduler.next_arrival())
+            idle = True
             continue
-        dt = cost.iteration_s(batch)
-        rows.append({"start_s": now, "duration_s": dt, **batch.row()})
+        dt = cost.iteration_s(batch) + (wake if idle else 0.0)
+        rows.append({"start_s": now, "duration_s": dt, "after_idle": idle, **batch.row()})
         now += dt
+        idle = False
         scheduler.complete(batch, now)
     return TraceResult(list(scheduler.records.values()), rows)
 
@@ -162,14 +171,15 @@ def split_round_robin(requests: list[Request], replicas: int) -> list[list[Reque
 
 def simulate_layout(requests: list[Request], profile: ServingProfile, layout: ServingLayout,
                     config: ServingCostConfig | None = None,
-                    sched: SchedulerConfig | None = None) -> TraceResult:
+                    sched: SchedulerConfig | None = None,
+                    idle_wake: bool = True) -> TraceResult:
     """Replay a trace on every replica of `layout`; records of all replicas together."""
     cost = ServingCostModel(profile, layout.tp, layout.pp, config)
     records, rows = [], []
     for i, part in enumerate(split_round_robin(requests, layout.replicas)):
         if not part:
             continue
-        res = simulate_trace(part, cost, sched)
+        res = simulate_trace(part, cost, sched, idle_wake)
         records += res.records
         rows += [{**r, "replica": i} for r in res.iterations]
     return TraceResult(sorted(records, key=lambda r: r.request.rid), rows)

@@ -14,7 +14,10 @@ measured on this machine and interpolated piecewise-linearly between its points:
 - `head[S]`: final norm + LM head + argmax on S rows (one per request);
 - `overhead`: per-iteration and per-prompt time that no part covers (Python batching,
   concatenation), fitted by least squares to whole prefill and mixed iterations timed at
-  calibration shapes (decode-only ones carry theirs inside `decode_step`).
+  calibration shapes (decode-only ones carry theirs inside `decode_step`);
+- `wake_s`: extra time of the first iteration after the server sat idle (caches and TLBs
+  refilled after other work ran on the core; on the wall clock also the sleep's overshoot),
+  measured as idle-then-iterate minus back-to-back pairs at calibration shapes.
 
 Plus KV-cache bytes per token and parameter bytes. This module is the data file and its
 lookups (no torch); `profiler/serving_profiler.py` measures it
@@ -95,6 +98,9 @@ class ServingProfile:
     """Fitted per-iteration time of an iteration with prompts not in any table."""
     overhead_per_request_s: float = 0.0
     """Fitted per-prompt time not in any table."""
+    wake_s: float = 0.0
+    """Measured extra time of the first iteration after an idle wait (a real server that
+    sleeps between arrivals pays it; the CPU-clock replay, which never sleeps, does not)."""
     calibration: list[dict] = field(default_factory=list)
     """Whole iterations timed to fit the overhead: batch shape, measured and parts sum."""
     version: int = SERVING_PROFILE_VERSION
@@ -146,6 +152,8 @@ class ServingProfile:
                 len(row) != len(self.decode_kv) for row in self.decode_step_s):
             errs.append(f"decode_step_s must be {len(self.decode_batch)} x "
                         f"{len(self.decode_kv)} (decode_batch x decode_kv)")
+        if not self.wake_s >= 0:
+            errs.append(f"wake_s must be >= 0, got {self.wake_s}")
         if not self.kv_bytes_per_token > 0:
             errs.append(f"kv_bytes_per_token must be > 0, got {self.kv_bytes_per_token}")
         for k in ("d_model", "n_heads", "n_blocks", "context"):
@@ -217,6 +225,7 @@ def median_profile(profiles: list[ServingProfile]) -> ServingProfile:
         head_s=[med(v) for v in zip(*(p.head_s for p in profiles))],
         overhead_s=med(p.overhead_s for p in profiles),
         overhead_per_request_s=med(p.overhead_per_request_s for p in profiles),
+        wake_s=med(p.wake_s for p in profiles),
         calibration=[row for p in profiles for row in p.calibration]).check()
 
 

@@ -44,6 +44,11 @@ class ServingProfilerConfig:
     """Whole iterations of random mixed shapes timed to fit the overhead terms, on top of
     a designed set (decode-only batches of every table size, single prompts, one mixed)
     that keeps the two-term fit well conditioned."""
+    wake_idle_s: float = 0.05
+    """Idle wait before each cold sample of the wake calibration (about the gap between
+    arrivals of a lightly loaded server); 0 skips it (wake_s = 0)."""
+    wake_samples: int = 6
+    """Idle-then-iterate samples per wake calibration shape (each paired with a warm one)."""
     timing: TimingConfig = field(default_factory=lambda: TimingConfig(warmup=2, repeats=7))
     """Warm-up and repeats per point (median kept)."""
     rounds: int = 3
@@ -125,6 +130,7 @@ def profile_serving(model, config: ServingProfilerConfig | None = None) -> Servi
         head_rows=list(cfg.head_rows),
         head_s=[got["head", n] for n in cfg.head_rows]).check()
     _calibrate(prof, model, cfg, tokens, t)
+    _calibrate_wake(prof, model, cfg, tokens)
     return prof
 
 
@@ -230,6 +236,53 @@ def _calibrate(prof: ServingProfile, model, cfg: ServingProfilerConfig, tokens, 
     prof.calibration = rows
 
 
+def _calibrate_wake(prof: ServingProfile, model, cfg: ServingProfilerConfig, tokens) -> None:
+    """wake_s: median over pairs of (iteration after `wake_idle_s` idle - the same iteration
+    back to back). After an idle wait nothing is running, so the shapes are prefill-only."""
+    if cfg.wake_idle_s <= 0:
+        return
+    plen = sorted(cfg.prefill_lens)[len(cfg.prefill_lens) // 2]
+    diffs = []
+    for pre in ([plen], [max(1, plen // 4)] * 2):
+        diffs += wake_pairs(model, pre, [], tokens, cfg.wake_idle_s, cfg.wake_samples,
+                            cfg.clock)
+    prof.wake_s = max(0.0, statistics.median(diffs))
+
+
+def wake_pairs(model, pre: list[int], dec: list[int], tokens, idle_s: float, samples: int,
+               clock: str = "thread") -> list[float]:
+    """(cold - warm) seconds, `samples` times: a warm iteration right after two others,
+    then the same one after sleeping `idle_s`. On the wall clock the cold one is timed from
+    the intended wake-up, so the sleep's overshoot counts, as it does in a real server."""
+    import torch
+
+    now = CLOCKS[clock]
+    for i, p in enumerate(pre):
+        model.allocate(i, p)
+    for j, k in enumerate(dec):
+        model.allocate(1000 + j, k)
+    prefills = [(i, tokens(p)) for i, p in enumerate(pre)]
+    decodes = [(1000 + j, 7, k) for j, k in enumerate(dec)]
+    out = []
+    try:
+        with torch.no_grad():
+            for _ in range(max(1, samples)):
+                model.step(prefills, decodes)
+                model.step(prefills, decodes)
+                t0 = now()
+                model.step(prefills, decodes)
+                warm = now() - t0
+                target = time.perf_counter() + idle_s
+                time.sleep(idle_s)
+                t0 = target if clock == "wall" else now()
+                model.step(prefills, decodes)
+                out.append(now() - t0 - warm)
+    finally:
+        for rid in [*range(len(pre)), *range(1000, 1000 + len(dec))]:
+            model.free(rid)
+    return out
+
+
 def _parts_estimator(prof: ServingProfile):
     return lambda pre, dec: iteration_parts(prof, pre, dec)
 
@@ -274,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ServingProfilerConfig(clock=args.clock, rounds=1,
             dense_tokens=(1, 16, 64, 256), prefill_lens=(1, 32, 128), decode_batch=(1, 4, 8),
             decode_kv=(16, 64, 128), head_rows=(1, 8, 16), calibration_batches=4,
+            wake_samples=2,
             timing=TimingConfig(warmup=1, repeats=3))
     try:
         prof = profile_serving(model, cfg)
@@ -282,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prof.save(args.out)
     print(f"wrote {args.out}: kv {prof.kv_bytes_per_token:.0f} B/token, overhead "
-          f"{prof.overhead_s * 1e3:.3f} ms + {prof.overhead_per_request_s * 1e6:.1f} us/request")
+          f"{prof.overhead_s * 1e3:.3f} ms + {prof.overhead_per_request_s * 1e6:.1f} us/request"
+          f", wake after idle {prof.wake_s * 1e3:.3f} ms")
     return 0
 
 

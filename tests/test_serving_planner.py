@@ -32,11 +32,14 @@ from profiler.profile import LinkFit
 from tests.test_serving_profile import linear_profile
 
 
+def _constant(iteration_s: float) -> dict:
+    return dict(dense_s=[iteration_s] * 4, prefill_attn_s=[0.0] * 3,
+                decode_step_s=[[iteration_s] * 3 for _ in range(6)], head_s=[0.0, 0.0])
+
+
 def constant_profile(iteration_s: float = 0.01):
     """Every iteration takes exactly `iteration_s` (all in the dense table)."""
-    return linear_profile(dense_s=[iteration_s] * 4, prefill_attn_s=[0.0] * 3,
-                          decode_step_s=[[iteration_s] * 3 for _ in range(6)],
-                          head_s=[0.0, 0.0])
+    return linear_profile(**_constant(iteration_s))
 
 
 def test_simulated_trace_follows_the_batching_policy_exactly():
@@ -48,6 +51,23 @@ def test_simulated_trace_follows_the_batching_policy_exactly():
     assert (r0.ttft_s, r1.ttft_s) == pytest.approx((0.01, 0.015))
     assert (r0.tpot_s, r1.tpot_s) == pytest.approx((0.01, 0.01))
     assert r0.finish_s == r1.finish_s == pytest.approx(0.03)
+
+
+def test_wake_cost_is_charged_once_per_idle_wait():
+    """The profile's wake_s lands on the first iteration after each idle wait only (a
+    request arriving while the server is busy does not wait for it), and not at all with
+    idle_wake=False (the CPU-clock server, which never sleeps)."""
+    reqs = [Request(0, 0.001, 10, 2), Request(1, 0.1, 10, 2), Request(2, 0.105, 5, 1)]
+    cost = ServingCostModel(linear_profile(**{**_constant(0.01), "wake_s": 0.002}))
+    res = simulate_trace(reqs, cost)
+    assert [r["after_idle"] for r in res.iterations] == [True, False, True, False]
+    assert [r["duration_s"] for r in res.iterations] == pytest.approx([0.012, 0.01, 0.012, 0.01])
+    assert res.iterations[3]["kind"] == "mixed"  # r2 joined r1's decode, no wake
+    assert [r.ttft_s for r in res.records] == pytest.approx([0.012, 0.012, 0.122 - 0.105])
+    assert res.records[0].tpot_s == pytest.approx(0.01)
+    cold = simulate_trace(reqs, cost, idle_wake=False)
+    assert [r.ttft_s for r in cold.records] == pytest.approx([0.01, 0.01, 0.12 - 0.105])
+    assert [r["after_idle"] for r in cold.iterations] == [True, False, True, False]
 
 
 def test_token_budget_kv_capacity_and_fcfs():
@@ -165,11 +185,16 @@ def test_real_server_kv_cache_decode_equals_full_recompute():
     model = KVCacheGPT(ServeModelConfig(vocab_size=64, context=64, d_model=64, n_heads=4,
                                         n_blocks=2, seed=5), max_slots=8)
     reqs = [Request(0, 0.0, 12, 9), Request(1, 0.0, 5, 6), Request(2, 1e-4, 20, 7),
-            Request(3, 2e-3, 3, 1)]
+            Request(3, 2e-3, 3, 1), Request(4, 50.0, 4, 2)]  # r4: the CPU clock jumps to it
     res = serve(model, reqs, SchedulerConfig(max_running=4), warmup_iterations=1,
                 clock="cpu")
     kinds = {r["kind"] for r in res.iterations}
     assert "mixed" in kinds and max(len(r["decode_kv"]) for r in res.iterations) >= 2
+    # only r4's prefill follows an idle wait (the others arrive while the server is busy)
+    assert [r["prefill_lens"] for r in res.iterations if r["after_idle"]] == [[4]]
+    # on the CPU clock an iteration's duration is the thread's CPU time in it
+    assert all(0 < r["cpu_s"] == pytest.approx(r["duration_s"], abs=1e-4)
+               for r in res.iterations)
     prompts = prompt_tokens(reqs, 64)
     for rec in res.records:
         r = rec.request

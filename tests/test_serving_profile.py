@@ -83,6 +83,21 @@ def test_round_trip_and_malformed_files(tmp_path):
         ServingProfile.load(bad)
     with pytest.raises(ServingProfileError, match="cannot read"):
         ServingProfile.load(tmp_path / "missing.json")
+    d = asdict(p)
+    d["wake_s"] = -1e-3
+    bad.write_text(json.dumps(d))
+    with pytest.raises(ServingProfileError, match="wake_s must be >= 0"):
+        ServingProfile.load(bad)
+    del d["wake_s"]  # a profile written before wake_s was measured: no wake cost
+    bad.write_text(json.dumps(d))
+    assert ServingProfile.load(bad).wake_s == 0.0
+
+
+def test_median_profile_takes_the_median_wake():
+    from profiler.serving import median_profile
+
+    ps = [linear_profile(wake_s=w) for w in (3e-3, 1e-3, 2e-3)]
+    assert median_profile(ps).wake_s == 2e-3
 
 
 def test_measured_profile_of_a_tiny_gpt():
@@ -110,6 +125,7 @@ def test_measured_profile_of_a_tiny_gpt():
     assert prof.param_bytes == model.param_bytes
     assert all(v > 0 for v in prof.dense_s + prof.prefill_attn_s + prof.head_s)
     assert prof.overhead_s >= 0 and prof.overhead_per_request_s >= 0
+    assert prof.wake_s >= 0
     # bigger work costs more (the 64-token dense pass does 64x the FLOPs of one token)
     assert prof.dense(64) > prof.dense(1)
     assert prof.decode_step(8, 8 * 127) > prof.decode_step(1, 16) > 0
@@ -125,3 +141,27 @@ def test_measured_profile_of_a_tiny_gpt():
 
     predicted = ServingCostModel(prof).iteration_from_shape([40], [30, 70, 100])
     assert 0.4 < predicted / measured < 2.5, (predicted, measured)
+
+
+def test_wake_pairs_time_real_idle_then_iterate():
+    """Real idle-then-iterate pairs on both clocks (one difference per sample), every
+    cache slot returned afterwards; wake_idle_s=0 skips the calibration."""
+    torch = pytest.importorskip("torch")
+    from examples.gpt_kv import KVCacheGPT, ServeModelConfig
+    from profiler.serving_profiler import ServingProfilerConfig, _calibrate_wake, wake_pairs
+
+    torch.set_num_threads(1)
+    model = KVCacheGPT(ServeModelConfig(vocab_size=64, context=128, d_model=64, n_heads=4,
+                                        n_blocks=2), max_slots=4)
+    gen = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(0, 64, (n,), generator=gen)
+
+    for clock in ("wall", "thread"):
+        diffs = wake_pairs(model, [16, 8], [20], tokens, 0.01, 3, clock)
+        assert len(diffs) == 3 and all(isinstance(x, float) for x in diffs)
+        assert not model.caches and len(model.free_slots) == 4
+    prof = linear_profile(wake_s=5e-3)
+    _calibrate_wake(prof, model, ServingProfilerConfig(wake_idle_s=0), tokens)
+    assert prof.wake_s == 5e-3  # skipped: left as it was
