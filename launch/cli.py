@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, str] = {
     "run": "launch.run:main",
     "inject": "launch.inject:main",
+    "replay": "launch.replay_trace:main",
     "plan": "planner.cli:plan_main",
     "profile": "profiler.cli:profile_main",
     "bench": "launch.bench:main",
