@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import thread_cpu  # noqa: E402
 from examples import train_gpt  # noqa: E402
 from odyssey import commit as commit_mod  # noqa: E402
 from odyssey import engine as engine_mod  # noqa: E402
@@ -35,22 +36,6 @@ from odyssey import trainer as trainer_mod  # noqa: E402
 
 _acc: dict[str, float] = defaultdict(float)
 _steps: list[dict] = []
-
-
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds (user+sys) of every thread of this process so far, by thread name."""
-    out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-            name = (task / "comm").read_text().strip()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        key = f"{name}[{task.name}]"
-        out[key] = (int(fields[11]) + int(fields[12])) / tick
-    return out
 
 
 def _timed(cls, name: str, key: str) -> None:

@@ -30,6 +30,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
+from benchmarks.common import thread_cpu  # noqa: E402
 from examples.gpt import GPTConfig, build_gpt  # noqa: E402
 from odyssey.config import add_dataclass_args, from_args  # noqa: E402
 from odyssey.data import ArithmeticTokens, Sampler  # noqa: E402
@@ -82,22 +83,6 @@ def data_iter(data: ArithmeticTokens, sampler: Sampler, dp_id: int, dp: int, ste
     for step in range(steps):
         for mb in range(dp_id, sampler.num_microbatches, dp):
             yield data.batch(sampler.sample_ids(step, mb))
-
-
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds (user+sys) of every thread of this process so far, by thread name."""
-    out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-            name = (task / "comm").read_text().strip()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        key = f"{name}[{task.name}]"
-        out[key] = (int(fields[11]) + int(fields[12])) / tick
-    return out
 
 
 def instrument(engine_cls, op_s: dict[str, float]) -> None:

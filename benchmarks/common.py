@@ -43,3 +43,19 @@ def launch(nproc: int, run_dir: Path, script_args: list[str], launcher: str = "o
 def step_times(run_dir: Path, skip: int) -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x)["step_time_s"] for x in lines if x.strip()][skip:]
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user+sys) of every thread of this process so far, by thread name."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        key = f"{name}[{task.name}]"
+        out[key] = (int(fields[11]) + int(fields[12])) / tick
+    return out
