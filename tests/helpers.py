@@ -1,6 +1,12 @@
-"""Shared fixtures for engine tests: a tiny GPT and a threads-mode runner."""
+"""Shared fixtures for tests: a tiny GPT, a threads-mode runner, and `odyssey run` jobs."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -9,6 +15,7 @@ from odyssey.data import ArithmeticTokens, Sampler
 from odyssey.local import run_threads
 from odyssey.reference import reference_run
 from odyssey.trainer import TrainConfig, Trainer
+from tests.conftest import ROOT
 
 TINY = GPTConfig(vocab_size=32, seq_len=16, d_model=32, n_heads=2, n_blocks=2)
 
@@ -59,3 +66,41 @@ DS_CONFIG = {
     "gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
     "steps_per_print": 10**9, "wall_clock_breakdown": False,
 }
+
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+"""Added to the environment of every job the tests launch."""
+
+
+def odyssey_run_cmd(nproc: int, run_dir, script: str, script_args: list[str],
+                    launcher_args: Sequence[str] = ()) -> list[str]:
+    """`odyssey run --standalone` of examples/SCRIPT on NPROC local workers."""
+    return [sys.executable, "-m", "launch.cli", "run", "--standalone", "--nproc-per-node",
+            str(nproc), "--run-dir", str(run_dir), *launcher_args,
+            str(ROOT / "examples" / script), *script_args]
+
+
+def run_odyssey(nproc: int, run_dir, script: str, script_args: list[str],
+                launcher_args: Sequence[str] = (), timeout: float = 170
+                ) -> subprocess.CompletedProcess:
+    """Run a job to the end; it must exit 0 (else its output's tail is the message)."""
+    proc = subprocess.run(odyssey_run_cmd(nproc, run_dir, script, script_args, launcher_args),
+                          cwd=ROOT, env={**os.environ, **WORKER_ENV}, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@contextmanager
+def odyssey_in_background(nproc: int, run_dir, script: str, script_args: list[str]
+                          ) -> Iterator[subprocess.Popen]:
+    """A job left running while the test acts on it; killed if still alive on the way out."""
+    job = subprocess.Popen(odyssey_run_cmd(nproc, run_dir, script, script_args), cwd=ROOT,
+                           env={**os.environ, **WORKER_ENV}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()

@@ -1,15 +1,12 @@
 """The `odyssey` command: subcommands, and `odyssey inject` against a live job."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from launch.cli import main as odyssey
-from tests.conftest import ROOT
+from tests.helpers import odyssey_in_background
 
 
 def test_subcommands_are_registered_and_explain_themselves(capsys):
@@ -32,14 +29,9 @@ def test_inject_without_a_job_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.timeout(150)
 def test_inject_into_a_running_job(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    job = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "run", "--standalone", "--nproc-per-node", "2",
-         "--run-dir", str(run_dir), str(ROOT / "examples" / "train_gpt.py"), "--mode",
-         "emulated", "--dp", "2", "--steps", "400", "--num-microbatches", "2",
-         "--microbatch-size", "1", "--emu-num-layers", "2", "--log-every", "1000"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    args = ["--mode", "emulated", "--dp", "2", "--steps", "400", "--num-microbatches", "2",
+            "--microbatch-size", "1", "--emu-num-layers", "2", "--log-every", "1000"]
+    with odyssey_in_background(2, run_dir, "train_gpt.py", args) as job:
         deadline = time.time() + 90
         while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
             time.sleep(0.2)
@@ -48,10 +40,6 @@ def test_inject_into_a_running_job(tmp_path):
         assert odyssey([*base, "--rank", "7", "--kind", "kill"]) == 2  # unknown rank
         assert odyssey([*base, "--rank", "1", "--kind", "kill", "--phase", "backward"]) == 0
         out, _ = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
     assert job.returncode == 0, out[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     ev = [e for e in report["events"] if e["kind"] == "recovery"]

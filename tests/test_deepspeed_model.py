@@ -32,6 +32,7 @@ from odyssey.report import read_jsonl
 from odyssey.trainer import TrainConfig, Trainer
 from tests.conftest import ROOT
 from tests.helpers import DS_CONFIG
+from tests.helpers import run_odyssey as launch_job
 
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed")
 
@@ -172,15 +173,11 @@ def test_deepspeed_model_recovers_under_odyssey_run(tmp_path):
     model_args = ["--pipe-vocab-size", str(TINY.vocab_size), "--pipe-seq-len",
                   str(TINY.seq_len), "--pipe-d-model", str(TINY.d_model), "--pipe-n-heads",
                   str(TINY.n_heads), "--pipe-n-blocks", str(TINY.n_blocks)]
-    cmd = [sys.executable, "-m", "launch.cli", "run", "--standalone", "--nproc-per-node", "4",
-           "--run-dir", str(run_dir), "--finish-grace", "20",
-           str(ROOT / "examples" / "train_ds_pipe.py"), "--dp", "2", "--pp", "2",
-           "--ds-config", str(path), "--steps", "8", "--log-every", "100",
-           "--ft-policy", "redundant", "--inject", "kill:rank=3,step=3,phase=backward",
-           *model_args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_job(4, run_dir, "train_ds_pipe.py",
+               ["--dp", "2", "--pp", "2", "--ds-config", str(path), "--steps", "8",
+                "--log-every", "100", "--ft-policy", "redundant",
+                "--inject", "kill:rank=3,step=3,phase=backward", *model_args],
+               ["--finish-grace", "20"])
     report = json.loads((run_dir / "report.json").read_text())
     [event] = [e for e in report["events"] if e["kind"] == "recovery"]
     assert event["chosen"] == "redundant" and event["ranks_lost"] == [3]

@@ -7,16 +7,13 @@ report tells what happened (the chosen recovery, MTTR phases).
 """
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
 from odyssey.report import read_jsonl
 from odyssey.trainer import TrainConfig
-from tests.conftest import ROOT
-from tests.helpers import max_rel, reference
+from tests.helpers import max_rel, reference, run_odyssey
 
 STEPS = 14
 TINY = ["--gpt-vocab-size", "32", "--gpt-seq-len", "16", "--gpt-d-model", "32",
@@ -26,13 +23,8 @@ TINY = ["--gpt-vocab-size", "32", "--gpt-seq-len", "16", "--gpt-d-model", "32",
 def run_job(tmp_path, nproc: int, args: list[str], launcher_args: list[str] = (),
             timeout: float = 170) -> tuple[dict, subprocess.CompletedProcess]:
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.cli", "run", "--standalone", "--nproc-per-node",
-           str(nproc), "--run-dir", str(run_dir), "--finish-grace", "20", *launcher_args,
-           str(ROOT / "examples" / "train_gpt.py"), "--log-every", "100", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = run_odyssey(nproc, run_dir, "train_gpt.py", ["--log-every", "100", *args],
+                       ["--finish-grace", "20", *launcher_args], timeout)
     return json.loads((run_dir / "report.json").read_text()), proc
 
 

@@ -4,9 +4,6 @@ phase split (benchmarks/sim_vs_runtime.py)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -19,7 +16,7 @@ from benchmarks.sim_vs_runtime import (
 )
 from launch.replay_trace import Injection, main, plan_injections
 from planner.traces import TraceError, TraceEvent, initial_nodes, parse_trace
-from tests.conftest import ROOT
+from tests.helpers import odyssey_in_background
 
 
 def test_removes_kill_the_nodes_rank_and_adds_get_fresh_ranks():
@@ -96,22 +93,13 @@ def test_replay_a_trace_into_a_live_job(tmp_path):
     trace.write_text("0,add,node0\n0,add,node1\n0,add,node2\n1000,remove,node1\n"
                      "2000,add,node1\n")
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    job = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "run", "--standalone", "--nproc-per-node", "3",
-         "--run-dir", str(run_dir), str(ROOT / "examples" / "train_gpt.py"), "--mode",
-         "emulated", "--dp", "3", "--steps", "300", "--num-microbatches", "3",
-         "--microbatch-size", "1", "--emu-num-layers", "2", "--emu-forward-ms", "20",
-         "--emu-backward-ms", "40", "--log-every", "1000", "--checkpoint-every", "100000"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    args = ["--mode", "emulated", "--dp", "3", "--steps", "300", "--num-microbatches", "3",
+            "--microbatch-size", "1", "--emu-num-layers", "2", "--emu-forward-ms", "20",
+            "--emu-backward-ms", "40", "--log-every", "1000", "--checkpoint-every", "100000"]
+    with odyssey_in_background(3, run_dir, "train_gpt.py", args) as job:
         assert main(["--run-dir", str(run_dir), "--trace", str(trace), "--world-size", "3",
                      "--wait-s", "120"]) == 0
         out, _ = job.communicate(timeout=150)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
     assert job.returncode == 0, out[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     ev = [e for e in report["events"] if e["kind"] == "recovery"]

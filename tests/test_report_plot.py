@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from launch.cli import main as odyssey
 from odyssey.report import read_jsonl
 from odyssey.report_plot import ReportError, png_size, render
-from tests.conftest import ROOT
+from tests.helpers import run_odyssey
 
 STEPS = 8
 HAVE_TB = importlib.util.find_spec("tensorboard") is not None
@@ -34,17 +31,13 @@ TINY = ["--gpt-vocab-size", "32", "--gpt-seq-len", "16", "--gpt-d-model", "32",
 def run(tmp_path_factory):
     """(run dir, worker stdout) of one real job with a kill and a recovery."""
     run_dir = tmp_path_factory.mktemp("report") / "run"
-    cmd = [sys.executable, "-m", "launch.cli", "run", "--standalone", "--nproc-per-node", "3",
-           "--run-dir", str(run_dir), "--finish-grace", "20",
-           str(ROOT / "examples" / "train_gpt.py"), "--dp", "3", "--pp", "1",
-           "--num-microbatches", "6", "--microbatch-size", "2", "--steps", str(STEPS),
-           "--log-every", "100", "--inject", "kill:rank=2,step=3,phase=backward",
-           "--progress", "plain", "--progress-every-s", "0", *TINY]
-    if HAVE_TB:
-        cmd.insert(cmd.index("--progress"), "--tensorboard")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["--dp", "3", "--pp", "1", "--num-microbatches", "6", "--microbatch-size", "2",
+            "--steps", str(STEPS), "--log-every", "100",
+            "--inject", "kill:rank=2,step=3,phase=backward",
+            *(["--tensorboard"] if HAVE_TB else []),
+            "--progress", "plain", "--progress-every-s", "0", *TINY]
+    proc = run_odyssey(3, run_dir, "train_gpt.py", args, ["--finish-grace", "20"],
+                       timeout=150)
     return run_dir, proc.stdout
 
 
