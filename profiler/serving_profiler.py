@@ -14,6 +14,8 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from profiler.serving import (
@@ -181,14 +183,22 @@ def random_batch(rng: random.Random, max_prompt: int, max_kv: int, max_batch: in
 
 def time_batch(model, pre: list[int], dec: list[int], tokens, t) -> float:
     """Median time of one whole iteration of the given shape."""
+    with batch_of(model, pre, dec, tokens) as (prefills, decodes):
+        return t(lambda: model.step(prefills, decodes))
+
+
+@contextmanager
+def batch_of(model, pre: list[int], dec: list[int], tokens
+             ) -> Iterator[tuple[list, list]]:
+    """(prefills, decodes) arguments of `model.step` for prompts of `pre` tokens and decodes
+    at KV lengths `dec`, with their KV cache allocated for the duration."""
     for i, p in enumerate(pre):
         model.allocate(i, p)
     for j, k in enumerate(dec):
         model.allocate(1000 + j, k)
-    prefills = [(i, tokens(p)) for i, p in enumerate(pre)]
-    decodes = [(1000 + j, 7, k) for j, k in enumerate(dec)]
     try:
-        return t(lambda: model.step(prefills, decodes))
+        yield ([(i, tokens(p)) for i, p in enumerate(pre)],
+               [(1000 + j, 7, k) for j, k in enumerate(dec)])
     finally:
         for rid in [*range(len(pre)), *range(1000, 1000 + len(dec))]:
             model.free(rid)
@@ -257,14 +267,8 @@ def wake_pairs(model, pre: list[int], dec: list[int], tokens, idle_s: float, sam
     import torch
 
     now = CLOCKS[clock]
-    for i, p in enumerate(pre):
-        model.allocate(i, p)
-    for j, k in enumerate(dec):
-        model.allocate(1000 + j, k)
-    prefills = [(i, tokens(p)) for i, p in enumerate(pre)]
-    decodes = [(1000 + j, 7, k) for j, k in enumerate(dec)]
     out = []
-    try:
+    with batch_of(model, pre, dec, tokens) as (prefills, decodes):
         with torch.no_grad():
             for _ in range(max(1, samples)):
                 model.step(prefills, decodes)
@@ -277,9 +281,6 @@ def wake_pairs(model, pre: list[int], dec: list[int], tokens, idle_s: float, sam
                 t0 = target if clock == "wall" else now()
                 model.step(prefills, decodes)
                 out.append(now() - t0 - warm)
-    finally:
-        for rid in [*range(len(pre)), *range(1000, 1000 + len(dec))]:
-            model.free(rid)
     return out
 
 
