@@ -119,9 +119,9 @@ def simulate(profile: StepProfile, modes: list[str], triggers: list[StageId | No
 
     fetched: list[int] = []  # prefetched, first use still ahead (eviction candidates)
 
-    def make_room(n: int, now: float) -> None:
-        """Executor guard at a use: wait for swap-outs, then drop unused prefetches."""
-        nonlocal resident, stall, delay
+    def wait_for_outs(n: int, now: float) -> float:
+        """Wait for swap-outs to finish until n more bytes fit; the time it is then."""
+        nonlocal stall, delay
         while outs and resident + n > budget:  # type: ignore[operator]
             wait_end = outs[0][0]
             if wait_end > now:
@@ -129,6 +129,12 @@ def simulate(profile: StepProfile, modes: list[str], triggers: list[StageId | No
                 delay += wait_end - now
                 now = wait_end
             retire(now)
+        return now
+
+    def make_room(n: int, now: float) -> None:
+        """Executor guard at a use: wait for swap-outs, then drop unused prefetches."""
+        nonlocal resident
+        wait_for_outs(n, now)
         while fetched and resident + n > budget:  # type: ignore[operator]
             v = fetched.pop()
             if v in live:
@@ -147,13 +153,7 @@ def simulate(profile: StepProfile, modes: list[str], triggers: list[StageId | No
         r, m = recs[rid], modes[rid]
         if prio == 3:  # pack
             if budget is not None and m != RECOMPUTE:
-                while outs and resident + r.nbytes > budget:
-                    wait_end = outs[0][0]
-                    if wait_end > now:
-                        stall += wait_end - now
-                        delay += wait_end - now
-                        now = wait_end
-                    retire(now)
+                now = wait_for_outs(r.nbytes, now)
             if m == RECOMPUTE:
                 continue
             add(rid, now)
