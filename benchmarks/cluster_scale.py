@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.cluster_bench import ModelConfig, TraceConfig, run_policies, save, table  # noqa: E402
-from planner.cluster_policies import SIM_POLICIES  # noqa: E402
-from planner.cluster_sim import ClusterConfig, SimConfig, TransitionConfig  # noqa: E402
+from planner.cluster.bench import ModelConfig, TraceConfig, run_policies, save, table  # noqa: E402
+from planner.cluster.policies import SIM_POLICIES  # noqa: E402
+from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"

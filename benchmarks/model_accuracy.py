@@ -242,7 +242,7 @@ def measure_memory(model, data, plan_cfg, world: int, steps: int = 3,
     """Run `steps` steps with ranks as threads; return per-rank measured bytes (from the
     last step: parameters, gradients and optimizer state exist, activations are at their
     steady peak)."""
-    from odyssey.local import run_threads
+    from odyssey.testing.threads import run_threads
     from odyssey.trainer import Trainer
 
     probes = {r: MemoryProbe() for r in range(world)}

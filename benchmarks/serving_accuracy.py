@@ -35,8 +35,8 @@ import torch  # noqa: E402
 
 from examples.gpt_kv import KVCacheGPT, ServeModelConfig  # noqa: E402
 from examples.serve_gpt import serve, write_result  # noqa: E402
-from planner.batching import SchedulerConfig, TraceConfig, generate_requests  # noqa: E402
-from planner.serving import ServingCostModel, simulate_trace  # noqa: E402
+from planner.serving.batching import SchedulerConfig, TraceConfig, generate_requests  # noqa: E402
+from planner.serving.estimator import ServingCostModel, simulate_trace  # noqa: E402
 from profiler.serving import median_profile  # noqa: E402
 from profiler.serving_profiler import (  # noqa: E402
     ServingProfilerConfig,

@@ -47,23 +47,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, TRAIN  # noqa: E402
 from launch.replay_trace import Injection, plan_injections, replay, wait_for_step0  # noqa: E402
 from odyssey.report import read_jsonl  # noqa: E402
-from planner.cluster_sim import (  # noqa: E402
+from planner.cluster.sim import (  # noqa: E402
     ClusterConfig,
     Membership,
     SimConfig,
     TransitionConfig,
     simulate_trace,
 )
-from planner.cost import CostModel  # noqa: E402
-from planner.plan import Plan  # noqa: E402
-from planner.simulate import simulate_plan  # noqa: E402
-from planner.traces import (  # noqa: E402
+from planner.cluster.traces import (  # noqa: E402
     TraceError,
     TraceEvent,
     format_trace,
     initial_nodes,
     load_trace,
 )
+from planner.cost import CostModel  # noqa: E402
+from planner.plan import Plan  # noqa: E402
+from planner.simulate import simulate_plan  # noqa: E402
 from profiler.synthetic import emulated_profile  # noqa: E402
 
 DP, PP, LAYERS, F_MS, B_MS, MBS, MB = 2, 4, 8, 10.0, 20.0, 8, 2

@@ -5,7 +5,7 @@
 
 Requests arrive in real time (wall clock since start) from a trace: a JSONL file of
 {rid, arrival_s, prompt_len, output_len} or one generated from --trace-* options. The
-batching decisions come from `planner.batching.Scheduler`, the one the estimator
+batching decisions come from `planner.serving.batching.Scheduler`, the one the estimator
 simulates. Writes `iterations.jsonl` (one row per iteration: start, duration, the
 thread's CPU time in it, whether it followed an idle wait, batch shape),
 `requests.jsonl` (TTFT, TPOT per request) and `summary.json` to --out-dir.
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from examples.gpt_kv import KVCacheGPT, ServeModelConfig  # noqa: E402
 from odyssey.config import add_dataclass_args, from_args  # noqa: E402
-from planner.batching import (  # noqa: E402
+from planner.serving.batching import (  # noqa: E402
     Request,
     Scheduler,
     SchedulerConfig,

@@ -6,7 +6,7 @@
 The model is written the DeepSpeed way -- `LayerSpec`s plus a `loss_fn(outputs, labels)`
 returning the microbatch mean -- and would run as is under DeepSpeed's own engine with
 `PipelineModule(layers=pipe_layers(cfg), loss_fn=lm_loss, num_stages=P, seed_layers=True,
-base_seed=cfg.seed)` (tests/test_deepspeed_model.py does exactly that and compares the
+base_seed=cfg.seed)` (tests/odyssey/test_deepspeed_model.py does exactly that and compares the
 losses). The batch sizes and AdamW settings come from the DeepSpeed JSON config.
 Needs deepspeed installed (for `LayerSpec`); nothing of DeepSpeed runs at training time.
 """

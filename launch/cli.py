@@ -24,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "profile": "profiler.cli:profile_main",
     "bench": "launch.bench:main",
     "simulate": "launch.simulate:main",
-    "plan-serve": "planner.serve_cli:plan_serve_main",
+    "plan-serve": "planner.serving.cli:plan_serve_main",
     "report": "odyssey.report_plot:main",
     "store": "launch.serve_store:main",
 }

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from planner.traces import TraceError, TraceEvent, load_trace
+from planner.cluster.traces import TraceError, TraceEvent, load_trace
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import argparse
 import sys
 
 from odyssey.config import add_dataclass_args, from_args
-from planner.cluster_bench import ModelConfig, TraceConfig, run_policies, save, table
-from planner.cluster_policies import SIM_POLICIES
-from planner.cluster_sim import ClusterConfig, SimConfig, TransitionConfig
+from planner.cluster.bench import ModelConfig, TraceConfig, run_policies, save, table
+from planner.cluster.policies import SIM_POLICIES
+from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig
 from planner.plan import PlanError
 from profiler.profile import ProfileError
 

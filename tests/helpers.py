@@ -12,8 +12,8 @@ import torch
 
 from examples.gpt import GPTConfig, build_gpt
 from odyssey.data import ArithmeticTokens, Sampler
-from odyssey.local import run_threads
-from odyssey.reference import reference_run
+from odyssey.testing.reference import reference_run
+from odyssey.testing.threads import run_threads
 from odyssey.trainer import TrainConfig, Trainer
 from tests.conftest import ROOT
 

@@ -1,4 +1,4 @@
-"""DeepSpeed side of tests/test_deepspeed_model.py: train examples/train_ds_pipe.py's model
+"""DeepSpeed side of tests/odyssey/test_deepspeed_model.py: train examples/train_ds_pipe.py's model
 with DeepSpeed's own `PipelineEngine` (CPU, gloo), started by torchrun:
 
     DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 ... tests/workers/ds_pipe_engine.py \

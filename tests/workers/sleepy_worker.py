@@ -1,4 +1,4 @@
-"""Tiny worker for tests/test_launcher.py, run under ``odyssey run``.
+"""Tiny worker for tests/launch/test_launcher.py, run under ``odyssey run``.
 
 It saves the launcher contract variables to ``$ODYSSEY_RUN_DIR/env-<rank>.json``, sets
 ``test/ready/<rank>`` to its pid, then (with ``--wait``) bumps ``test/beat/<rank>`` every

@@ -2,7 +2,7 @@
 
 One scheduler serves two interpreters, as the training Plan does: the real CPU server
 (`examples/serve_gpt.py`) runs each batch it forms, the serving estimator
-(`planner/serving.py`) advances a clock by the predicted iteration time. Same decisions,
+(`planner/serving/estimator.py`) advances a clock by the predicted iteration time. Same decisions,
 so measured and predicted TTFT/TPOT differ only by iteration-time error.
 
 Policy (Orca/vLLM style, no chunked prefill): every running request decodes one token per

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from planner.batching import SchedulerConfig, TraceConfig, generate_requests
 from planner.plan import Pipeline, Plan, Stage, even_partition
 from planner.recovery import RecoveryCandidate, RecoveryConfig, choose
-from planner.serving import (
+from planner.serving.batching import SchedulerConfig, TraceConfig, generate_requests
+from planner.serving.estimator import (
     DoesNotFitError,
     ServingCostConfig,
     ServingCostModel,

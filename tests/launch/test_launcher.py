@@ -28,7 +28,7 @@ from launch.agent import AgentResult, exit_status
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKER = str(REPO / "tests" / "workers" / "sleepy_worker.py")
 WORKER_MODULE = "tests.workers.sleepy_worker"  # for -m mode; run with cwd=REPO
 

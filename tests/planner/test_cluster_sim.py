@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import pytest
 
 from planner.closed_form import estimate_plan, pipeline_s
-from planner.cluster_plans import build_candidates_fast, indexed_context
-from planner.cluster_policies import Costs, make_policy
-from planner.cluster_predict import Predictor, layer_state_bytes
-from planner.cluster_sim import ClusterConfig, SimConfig, TransitionConfig, simulate_trace
+from planner.cluster.plans import build_candidates_fast, indexed_context
+from planner.cluster.policies import Costs, make_policy
+from planner.cluster.predict import Predictor, layer_state_bytes
+from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig, simulate_trace
+from planner.cluster.traces import TraceEvent, initial_nodes
 from planner.cost import CostConfig, CostModel
 from planner.plan import Plan, PlanError
 from planner.recovery import RecoveryConfig, RecoveryContext, build_candidates, choose, score
 from planner.simulate import simulate_plan
-from planner.traces import TraceEvent, initial_nodes
 from profiler.synthetic import FormulaConfig, emulated_profile, formula_profile
 
 F_MS, B_MS, LAYERS = 10.0, 20.0, 8
@@ -212,7 +212,7 @@ def test_rerouted_plan_is_not_served_from_the_original_plans_cache(cost):
 
 
 def test_membership_spares_fill_freed_domains():
-    from planner.cluster_sim import Membership
+    from planner.cluster.sim import Membership
     m = Membership(ClusterConfig(num_nodes=1, gpus_per_node=4, trace_node_gpus=2))
     for e in [*initial_nodes(3)]:  # 2 domains: node2 waits as a spare
         m.apply(e)

@@ -4,7 +4,7 @@ A policy gets the current plan and the new members and returns a `Reaction`: the
 to run next, its samples per step, the stall it costs (transition) and whether work
 since the last checkpoint is lost. The recovery policies (adaptive, reroute,
 reparallelize, redundant) make the exact choice the live leader makes: candidates from
-the same builders (`planner.cluster_plans`, equal to `planner.recovery.build_candidates`)
+the same builders (`planner.cluster.plans`, equal to `planner.recovery.build_candidates`)
 scored and chosen by `planner.recovery.score` / `choose`. `restart` (torchrun +
 checkpoints) and `drop-replica` (torchft) are modelled here.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from planner.closed_form import pipeline_s
-from planner.cluster_plans import IndexedPlan, build_candidates_fast, indexed_context
+from planner.cluster.plans import IndexedPlan, build_candidates_fast, indexed_context
 from planner.cost import CostModel
 from planner.plan import Pipeline, Plan, PlanError
 from planner.recovery import RecoveryCandidate, RecoveryConfig, choose, score

@@ -137,7 +137,7 @@ def test_measured_profile_of_a_tiny_gpt():
 
     measured = time_batch(model, [40], [30, 70, 100], tokens,
                           lambda fn: time_median(fn, TimingConfig(1, 5)))
-    from planner.serving import ServingCostModel
+    from planner.serving.estimator import ServingCostModel
 
     predicted = ServingCostModel(prof).iteration_from_shape([40], [30, 70, 100])
     assert 0.4 < predicted / measured < 2.5, (predicted, measured)

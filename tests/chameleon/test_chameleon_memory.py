@@ -17,7 +17,7 @@ from chameleon.host import HostArena
 from chameleon.reference_models import TinyConfig, TinyGPT, batch
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = TinyConfig(d_model=64, n_layers=3)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
 

@@ -10,7 +10,7 @@ policy the loop alternates:
    the next event, writing a checkpoint (blocking, `checkpoint_write_s`) every
    `checkpoint_interval_s` of training (Young/Daly by default);
 2. at a loss, abort the step in flight (its work is lost); at an arrival, wait for the
-   step boundary; ask the policy (`planner.cluster_policies`) for the next plan and its
+   step boundary; ask the policy (`planner.cluster.policies`) for the next plan and its
    transition; charge the stall, and for a restart roll back to the checkpoint.
 
 Fail-slow events scale the compute of the slow node's ranks; every policy keeps its plan
@@ -25,17 +25,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from planner.cluster_policies import (
+from planner.cluster.policies import (
     Costs,
     DropReplicaPolicy,
     Policy,
     RedundantPolicy,
     make_policy,
 )
-from planner.cluster_predict import Predictor, layer_state_bytes
+from planner.cluster.predict import Predictor, layer_state_bytes
+from planner.cluster.traces import TraceError, TraceEvent, mean_gap_s
 from planner.cost import CostModel
 from planner.plan import Pipeline, Plan, PlanError
-from planner.traces import TraceError, TraceEvent, mean_gap_s
 
 
 @dataclass(frozen=True)

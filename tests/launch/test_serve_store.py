@@ -26,7 +26,7 @@ from torch.distributed import TCPStore
 from launch import contract
 from odyssey import keys
 from tests.conftest import ROOT
-from tests.test_fault_tolerance import TINY, check_same_numbers
+from tests.odyssey.test_fault_tolerance import TINY, check_same_numbers
 
 STEPS = 6
 

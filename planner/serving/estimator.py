@@ -14,7 +14,7 @@ p-way pipeline parallel:
 
 Only t = p = 1 runs on this machine (the CPU server); TP/PP figures are model predictions.
 `simulate_trace` replays a request trace under continuous batching with the same
-`planner.batching.Scheduler` the real server uses, advancing a clock by the predictions
+`planner.serving.batching.Scheduler` the real server uses, advancing a clock by the predictions
 (plus the profile's measured `wake_s` on the first iteration after an idle wait).
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.batching import Batch, Request, Scheduler, SchedulerConfig, TraceResult
+from planner.serving.batching import Batch, Request, Scheduler, SchedulerConfig, TraceResult
 from profiler.profile import LinkFit
 from profiler.serving import ServingProfile, iteration_parts
 

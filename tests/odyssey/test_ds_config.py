@@ -13,7 +13,7 @@ import pytest
 from examples.gpt import GPTConfig, build_gpt
 from odyssey import ds_config
 from odyssey.data import ArithmeticTokens
-from odyssey.local import run_threads
+from odyssey.testing.threads import run_threads
 from odyssey.trainer import TrainConfig, Trainer
 from tests.helpers import DS_CONFIG
 

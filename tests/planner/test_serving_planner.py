@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.batching import (
+from planner.serving.batching import (
     Request,
     Scheduler,
     SchedulerConfig,
@@ -13,14 +13,14 @@ from planner.batching import (
     generate_requests,
     percentile,
 )
-from planner.serving import (
+from planner.serving.estimator import (
     ServingCostConfig,
     ServingCostModel,
     ServingLayout,
     SLOError,
     simulate_trace,
 )
-from planner.serving_search import (
+from planner.serving.search import (
     ServeRecoveryConfig,
     ServeSearchConfig,
     SLOConfig,
@@ -29,7 +29,7 @@ from planner.serving_search import (
     search_serving,
 )
 from profiler.profile import LinkFit
-from tests.test_serving_profile import linear_profile
+from tests.profiler.test_serving_profile import linear_profile
 
 
 def _constant(iteration_s: float) -> dict:

@@ -6,7 +6,7 @@ DeepSpeed's own `PipelineEngine` (2 processes under torchrun, CPU, gloo, torch A
 under Odyssey (2 ranks as threads, real gloo groups), same seed, same samples in the same
 order. Final parameters must be bitwise equal and per-step losses equal to float32
 rounding (2 ulps; see the test). The contract checks need deepspeed's classes but no
-DeepSpeed run; the JSON config checks are in tests/test_ds_config.py.
+DeepSpeed run; the JSON config checks are in tests/odyssey/test_ds_config.py.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from torch import nn
 from odyssey.data import Sampler
 from odyssey.deepspeed_model import DeepSpeedModelError, from_deepspeed
 from odyssey.engine import OptimizerConfig
-from odyssey.local import run_threads
-from odyssey.reference import reference_run
 from odyssey.report import read_jsonl
+from odyssey.testing.reference import reference_run
+from odyssey.testing.threads import run_threads
 from odyssey.trainer import TrainConfig, Trainer
 from tests.conftest import ROOT
 from tests.helpers import DS_CONFIG

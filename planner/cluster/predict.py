@@ -107,7 +107,7 @@ def shared_stage_bound(plan: Plan, cost: CostModel) -> float:
     before the last backward drains through the stages in front of it. The closed form
     times pipelines one by one and misses this. It ignores the stalls of interleaving
     two pipelines' 1F1B on one rank, so it underestimates: by 5-7% at 8-30 microbatches
-    per pipeline (tests/test_cluster_sim.py), more with fewer."""
+    per pipeline (tests/planner/test_cluster_sim.py), more with fewer."""
     if not plan.has_shared_stages:
         return 0.0
     mb = plan.microbatch_size

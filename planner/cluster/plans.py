@@ -13,7 +13,7 @@ faster, without touching `planner.recovery`:
   more than `exact_upto` members only the `screen` pipeline counts best by a cheap
   closed form are built (every count is built below that, exactly as recovery does).
 
-Scoring and choice stay `recovery.score` / `recovery.choose`. `tests/test_cluster_sim.py`
+Scoring and choice stay `recovery.score` / `recovery.choose`. `tests/planner/test_cluster_sim.py`
 checks that the candidates equal `recovery.build_candidates`'s on small clusters.
 """
 

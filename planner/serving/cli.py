@@ -19,9 +19,9 @@ import json
 import sys
 from dataclasses import replace
 
-from planner.batching import SchedulerConfig, TraceConfig, generate_requests
-from planner.serving import GiB, ServingCostConfig, SLOError, simulate_layout
-from planner.serving_search import (
+from planner.serving.batching import SchedulerConfig, TraceConfig, generate_requests
+from planner.serving.estimator import GiB, ServingCostConfig, SLOError, simulate_layout
+from planner.serving.search import (
     ServeRecoveryConfig,
     ServeSearchConfig,
     SLOConfig,

@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from planner.cluster_policies import SIM_POLICIES
-from planner.cluster_predict import Predictor
-from planner.cluster_sim import (
+from planner.cluster.policies import SIM_POLICIES
+from planner.cluster.predict import Predictor
+from planner.cluster.sim import (
     ClusterConfig,
     Membership,
     PolicyResult,
@@ -24,11 +24,7 @@ from planner.cluster_sim import (
     TransitionConfig,
     simulate_trace,
 )
-from planner.cost import CostConfig, CostModel
-from planner.memory import GiB
-from planner.plan import Pipeline, Plan, PlanError, Stage
-from planner.search import SearchConfig, search
-from planner.traces import (
+from planner.cluster.traces import (
     TraceEvent,
     initial_nodes,
     load_trace,
@@ -36,6 +32,10 @@ from planner.traces import (
     poisson_trace,
     straggler_trace,
 )
+from planner.cost import CostConfig, CostModel
+from planner.memory import GiB
+from planner.plan import Pipeline, Plan, PlanError, Stage
+from planner.search import SearchConfig, search
 from profiler.profile import Profile
 from profiler.synthetic import FormulaConfig, formula_profile
 

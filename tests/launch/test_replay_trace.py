@@ -15,7 +15,7 @@ from benchmarks.sim_vs_runtime import (
     rank_order_mismatches,
 )
 from launch.replay_trace import Injection, main, plan_injections
-from planner.traces import TraceError, TraceEvent, initial_nodes, parse_trace
+from planner.cluster.traces import TraceError, TraceEvent, initial_nodes, parse_trace
 from tests.helpers import odyssey_in_background
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from launch.options import UsageError, build_parser, resolve
 from tests.conftest import ROOT
-from tests.test_fault_tolerance import TINY, check_same_numbers, recoveries
+from tests.odyssey.test_fault_tolerance import TINY, check_same_numbers, recoveries
 
 STEPS = 16
 # rank 0 pauses at step 4 (the window in which the test kills rank 3's actor) and at

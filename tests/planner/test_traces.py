@@ -1,10 +1,10 @@
-"""Trace parsing and synthetic traces (planner/traces.py)."""
+"""Trace parsing and synthetic traces (planner/cluster/traces.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from planner.traces import (
+from planner.cluster.traces import (
     TraceError,
     TraceEvent,
     format_trace,
