@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import thread_cpu  # noqa: E402
 from examples import train_gpt  # noqa: E402
 from odyssey import commit as commit_mod  # noqa: E402
+from odyssey import contract  # noqa: E402
 from odyssey import engine as engine_mod  # noqa: E402
 from odyssey import trainer as trainer_mod  # noqa: E402
 
@@ -98,7 +99,7 @@ def _install() -> None:
         out = fit(self, *a, **kw)
         if _steps:
             _steps[-1]["record_s"] = _acc.pop("record_s", 0.0)
-        d = Path(os.environ.get("ODYSSEY_BENCH_PROFILE_DIR", "build/odyssey_profile"))
+        d = Path(os.environ.get(contract.ENV_BENCH_PROFILE_DIR, "build/odyssey_profile"))
         d.mkdir(parents=True, exist_ok=True)
         (d / f"rank{self.worker.rank}.json").write_text(
             json.dumps({"rank": self.worker.rank, "steps": _steps,

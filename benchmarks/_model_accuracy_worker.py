@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from odyssey import commit as _commit  # noqa: E402
+from odyssey import contract  # noqa: E402
 from odyssey import engine as _engine  # noqa: E402
 
 _execute = _engine.Engine._execute
@@ -63,7 +64,7 @@ def _logged_run_step(self, step):
     _STEPS.append({"step": step, "start": t0, "end": time.monotonic(),
                    "ops": list(self._oplog)})
     if step == _LAST:  # written once, after the last step: no file I/O inside the loop
-        out = Path(os.environ["ODYSSEY_OPLOG_DIR"]) / f"ops-rank{self.worker_id}.jsonl"
+        out = Path(os.environ[contract.ENV_OPLOG_DIR]) / f"ops-rank{self.worker_id}.jsonl"
         out.write_text("".join(json.dumps(s) + "\n" for s in _STEPS))
     return res
 

@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from odyssey import contract
+
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 _used_ports: set[int] = set()
@@ -128,7 +130,7 @@ def run_odyssey(a, dp, pp, tag: str, env: dict) -> dict:
         for p in sorted(run_dir.rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
     script = "benchmarks/_ds_odyssey_profile.py" if a.profile else "examples/train_gpt.py"
-    env = {**env, "ODYSSEY_BENCH_PROFILE_DIR": str(run_dir / "profile")}
+    env = {**env, contract.ENV_BENCH_PROFILE_DIR: str(run_dir / "profile")}
     cmd = torchrun(a.python, dp * pp, script,
                    [*job_args(a, dp, pp), "--schedule", "1f1b", "--run-dir", str(run_dir),
                     "--no-resume", "--log-every", str(max(1, a.steps)), *model_args(a)])

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 import torch  # noqa: E402
 
+from odyssey import contract  # noqa: E402
 from planner.cost import CostConfig, CostModel  # noqa: E402
 from planner.memory import plan_memory  # noqa: E402
 from planner.plan import Plan, even_partition  # noqa: E402
@@ -395,14 +396,14 @@ def measure_step(mode: Mode, c: Config, steps: int, drop: int, timeline: bool = 
         train = common.TRAIN
         if timeline:
             logs.mkdir()
-            os.environ["ODYSSEY_OPLOG_DIR"] = str(logs)
+            os.environ[contract.ENV_OPLOG_DIR] = str(logs)
             common.TRAIN = ROOT / "benchmarks" / "_model_accuracy_worker.py"
         t0 = time.time()
         try:
             report = common.launch(c.ranks, run_dir, mode.train_args(c, steps), timeout_s=900)
         finally:
             common.TRAIN = train
-            os.environ.pop("ODYSSEY_OPLOG_DIR", None)
+            os.environ.pop(contract.ENV_OPLOG_DIR, None)
         times = common.step_times(run_dir, drop)
         ranks = {}
         if timeline:

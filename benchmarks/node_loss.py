@@ -27,6 +27,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from odyssey import contract
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--gpt-vocab-size", "32", "--gpt-seq-len", "16", "--gpt-d-model", "32",
         "--gpt-n-heads", "2", "--gpt-n-blocks", "2"]
@@ -97,9 +99,9 @@ def run_once(repo: Path, work: Path, steps: int, launcher_args: list[str],
         [event] = [e for e in report["events"] if e["kind"] == "recovery"]
         client = TCPStore(where["addr"], where["port"], is_master=False,
                           timeout=timedelta(seconds=10))
-        started = json.loads(client.get(f"odyssey/gen{event['generation']}/started/1"))
-        exit0 = (json.loads(client.get("odyssey/exits/0"))
-                 if client.check(["odyssey/exits/0"]) else None)
+        started = json.loads(client.get(contract.started_key(event["generation"], 1)))
+        exit0 = (json.loads(client.get(contract.exit_key(0)))
+                 if client.check([contract.exit_key(0)]) else None)
         del client
         return {"kill_to_resume_s": started["started"] - t_kill, "event": {
                     k: event[k] for k in ("generation", "ranks_lost", "members", "chosen",

@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from launch import contract
 from launch.node_watch import NodeWatcher
 from launch.store import SafeStore
 from launch.workers import Worker, kill_leftovers, signal_group
+from odyssey import contract
 
 log = logging.getLogger("launch")
 

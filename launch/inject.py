@@ -17,7 +17,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from launch import contract
+from odyssey import contract
 
 KINDS = ("kill", "hang", "slow", "raise", "rejoin")
 PHASES = ("step", "forward", "backward", "allreduce", "commit", "migrate")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _store(run_dir: Path):
     from torch.distributed import TCPStore
 
-    info = run_dir / "launcher-node0.json"
+    info = run_dir / contract.launcher_file(0)
     if not info.exists():
         raise SystemExit(f"odyssey inject: {info} not found: is {run_dir} the --run-dir of a "
                          "job started with `odyssey run`?")

@@ -23,8 +23,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from launch import contract
 from launch.store import SafeStore
+from odyssey import contract
 
 log = logging.getLogger("launch")
 

@@ -16,8 +16,8 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 
-from launch import contract
 from launch.ray_backend import STRATEGIES, RayConfig
+from odyssey import contract
 
 DESCRIPTION = """\
 Launch a training script on N worker processes, like torchrun, but keep the survivors

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from launch import contract
 from launch.agent import Agent, AgentConfig, exit_status, kill_all_now
 from launch.ray_actor import ActorProc, WorkerHost, never_started
 from launch.store import SafeStore, host_store
 from launch.workers import JobLayout, Worker
+from odyssey import contract
 
 if TYPE_CHECKING:
     from launch.options import LaunchOptions
@@ -288,7 +288,7 @@ def _write_launcher_file(job: RayJob, agent: Agent, result: Any, code: int | Non
                                if getattr(w.proc, "lost", None)}
         info["job_status"] = result.job_status
         info["exit_code"] = code
-    path = os.path.join(job.run_dir, "launcher-node0.json")
+    path = os.path.join(job.run_dir, contract.launcher_file(0))
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)

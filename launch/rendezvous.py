@@ -14,11 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from odyssey import contract
+
 log = logging.getLogger("launch")
 
-_KEY_NPROC = "odyssey/launch/nproc/{node}"
-_KEY_STORE = "odyssey/launch/store"
-_KEY_RUN_DIR = "odyssey/launch/run_dir"
 
 
 @dataclass
@@ -75,15 +74,15 @@ def join(
     info = handler.next_rendezvous()
     try:
         node_rank, nnodes, rstore = info.rank, info.world_size, info.store
-        rstore.set(_KEY_NPROC.format(node=node_rank), str(nproc))
+        rstore.set(contract.launch_nproc_key(node_rank), str(nproc))
         if node_rank == 0:
             # Node 0's address as torch's bootstrap agreed it (--local-addr or its FQDN).
             addr, port = start_store(local_addr or info.bootstrap_store_info.master_addr)
-            rstore.set(_KEY_STORE, f"{addr}:{port}")
-            rstore.set(_KEY_RUN_DIR, run_dir)
-        nprocs = [int(rstore.get(_KEY_NPROC.format(node=n))) for n in range(nnodes)]
-        store_addr, _, port_text = rstore.get(_KEY_STORE).decode().rpartition(":")
-        shared_run_dir = rstore.get(_KEY_RUN_DIR).decode()
+            rstore.set(contract.LAUNCH_STORE, f"{addr}:{port}")
+            rstore.set(contract.LAUNCH_RUN_DIR, run_dir)
+        nprocs = [int(rstore.get(contract.launch_nproc_key(n))) for n in range(nnodes)]
+        store_addr, _, port_text = rstore.get(contract.LAUNCH_STORE).decode().rpartition(":")
+        shared_run_dir = rstore.get(contract.LAUNCH_RUN_DIR).decode()
     except BaseException:
         _shutdown_quietly(handler)
         raise

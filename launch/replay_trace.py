@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from odyssey import contract
 from planner.cluster.traces import TraceError, TraceEvent, load_trace
 
 
@@ -92,7 +93,7 @@ def plan_injections(events: list[TraceEvent], world_size: int) -> list[Injection
 
 def wait_for_step0(run_dir: Path, alive=lambda: True, timeout_s: float = 600) -> float:
     """Wall time (time.time()) at which the job committed step 0."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / contract.METRICS_FILE
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if metrics.exists():

@@ -14,12 +14,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from launch import contract
 from launch.agent import Agent, AgentConfig, AgentResult, exit_status, kill_all_now
 from launch.node_watch import NodeWatchConfig, NodeWatcher, publish_job
 from launch.options import LaunchOptions, UsageError, build_parser, resolve
 from launch.store import HostedStore, SafeStore, bind_addr_for, connect_store, host_store
 from launch.workers import JobLayout, hostname, spawn, worker_env
+from odyssey import contract
 
 log = logging.getLogger("launch")
 
@@ -276,7 +276,7 @@ def _write_launcher_file(
         info["fenced"] = {str(r): why for r, why in result.fenced.items()}
         info["job_status"] = result.job_status
         info["exit_code"] = code
-    path = os.path.join(layout.run_dir, f"launcher-node{layout.node_rank}.json")
+    path = os.path.join(layout.run_dir, contract.launcher_file(layout.node_rank))
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)

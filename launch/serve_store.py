@@ -27,9 +27,9 @@ import sys
 import threading
 import time
 
-from launch import contract
 from launch.node_watch import NodeWatchConfig, NodeWatcher, read_job
 from launch.store import SafeStore, host_store
+from odyssey import contract
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from launch import contract
+from odyssey import contract
 
 _SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pdeathsig.py")
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from odyssey import contract
 from odyssey.model import LayeredModel
 from odyssey.online_profile import OnlineProfile
 from planner.cost import CostModel
@@ -23,7 +24,7 @@ from planner.plan import Plan
 from planner.simulate import simulate_plan
 from profiler.profile import Profile
 
-FACTOR_KEY = "odyssey/calibration/step_factor"
+FACTOR_KEY = contract.CALIBRATION_FACTOR
 
 
 class StepTimeModel:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from odyssey import contract
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -64,9 +66,9 @@ class Checkpointer:
                 for i, state in snapshot.items():
                     _atomic_save(state, d / f"layer_{i:04d}.pt")
                 if meta is not None:
-                    tmp = d / "meta.json.tmp"
+                    tmp = d / (contract.CHECKPOINT_META + ".tmp")
                     tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
-                    os.replace(tmp, d / "meta.json")
+                    os.replace(tmp, d / contract.CHECKPOINT_META)
                     self._prune(meta["num_layers"])
             except BaseException as e:  # surfaced by wait()
                 self._error = e
@@ -97,7 +99,7 @@ def complete_steps(root: str | os.PathLike, num_layers: int) -> list[int]:
     out = []
     for d in root.iterdir():
         m = _STEP_DIR.match(d.name)
-        if not m or not (d / "meta.json").exists():
+        if not m or not (d / contract.CHECKPOINT_META).exists():
             continue
         if all((d / f"layer_{i:04d}.pt").exists() for i in range(num_layers)):
             out.append(int(m.group(1)))
@@ -110,7 +112,7 @@ def latest_step(root: str | os.PathLike, num_layers: int) -> int | None:
 
 
 def read_meta(root: str | os.PathLike, step: int) -> dict:
-    return json.loads((_step_dir(Path(root), step) / "meta.json").read_text())
+    return json.loads((_step_dir(Path(root), step) / contract.CHECKPOINT_META).read_text())
 
 
 def load_layer(root: str | os.PathLike, step: int, layer: int) -> dict:

@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from odyssey import contract
 from planner.program import Channel, Program
 
 
@@ -84,7 +85,7 @@ class Comm:
 
     # ---- setup ---------------------------------------------------------------------
     def _new_group(self, name: str, members: tuple[int, ...]) -> dist.ProcessGroup:
-        prefix = f"odyssey/gen{self.generation}/pg/{name}"
+        prefix = contract.group_prefix(self.generation, name)
         pstore = dist.PrefixStore(prefix, self.store)
         rank, size = members.index(self.worker_id), len(members)
         timeout = timedelta(seconds=self.cfg.timeout_s)

@@ -13,14 +13,11 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from odyssey import contract
 from odyssey.comm import StepAborted
 
 COMMIT = "commit"
 ABORT = "abort"
-
-
-def step_prefix(generation: int, step: int) -> str:
-    return f"odyssey/gen{generation}/step{step}"
 
 
 class CommitProtocol:
@@ -42,20 +39,20 @@ class CommitProtocol:
 
     def vote(self, worker_id: int, step: int, payload: dict) -> str:
         """Record this rank's vote; block until the step is decided; return the decision."""
-        p = step_prefix(self.generation, step)
-        self.store.set(f"{p}/vote/{worker_id}", json.dumps(payload))
+        p = contract.step_prefix(self.generation, step)
+        self.store.set(contract.vote_key(self.generation, step, worker_id), json.dumps(payload))
         if self.store.add(f"{p}/votes", 1) == len(self.members):
             self.store.compare_set(f"{p}/decision", "", COMMIT)
         return self.wait_decision(step)
 
     def abort(self, step: int, reason: str) -> str:
         """Try to abort `step`; returns the decision that stands (commit may have won)."""
-        p = step_prefix(self.generation, step)
+        p = contract.step_prefix(self.generation, step)
         self.store.compare_set(f"{p}/reason", "", reason)
         return self.store.compare_set(f"{p}/decision", "", ABORT).decode()
 
     def wait_decision(self, step: int) -> str:
-        key = f"{step_prefix(self.generation, step)}/decision"
+        key = f"{contract.step_prefix(self.generation, step)}/decision"
         while True:
             try:
                 self.store.wait([key], self.poll)
@@ -67,8 +64,8 @@ class CommitProtocol:
 
     def votes(self, step: int) -> dict[int, dict]:
         """All members' vote payloads of a decided step (leader only: one round trip)."""
-        p = step_prefix(self.generation, step)
-        raw = self.store.multi_get([f"{p}/vote/{w}" for w in self.members])
+        raw = self.store.multi_get([contract.vote_key(self.generation, step, w)
+                                    for w in self.members])
         return {w: json.loads(v) for w, v in zip(self.members, raw)}
 
 

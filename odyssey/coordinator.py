@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from odyssey import checkpoint as ckpt
-from odyssey import keys
+from odyssey import contract
 from odyssey.comm import Comm, CommConfig, CommError, StepAborted
 from odyssey.commit import CommitProtocol
 from odyssey.engine import Engine
@@ -106,7 +106,7 @@ class Coordinator:
         self.current = gen
         self.monitor.watch(gen.number, gen.members)
         if self.rank == min(gen.members):
-            self.store.set("odyssey/generation", str(gen.number))
+            self.store.set(contract.GENERATION, str(gen.number))
 
     def committed(self) -> None:
         """A step committed under the current generation."""
@@ -119,7 +119,7 @@ class Coordinator:
         previous = list(self.current.members) if self.current else []
         self._interrupted = 0
         number = self.current.number + 1 if self.current else int(
-            self.store.get("odyssey/generation")) + 1
+            self.store.get(contract.GENERATION)) + 1
         while True:
             t0 = time.time()
             m: Membership | None = None
@@ -154,11 +154,11 @@ class Coordinator:
                     "dropped": dropped, "membership": json.loads(m.to_json()),
                     "ranks_lost": sorted(set(self.trained_plan.ranks) - set(m.members)),
                     "interrupted": self._interrupted, "time": time.time()}
-        self.store.set(keys.plan_key(m.generation), json.dumps(decision))
+        self.store.set(contract.plan_key(m.generation), json.dumps(decision))
         return decision
 
     def _await_decision(self, m: Membership) -> dict:
-        key = keys.plan_key(m.generation)
+        key = contract.plan_key(m.generation)
         self.monitor.watch(m.generation, m.members)
         while True:
             try:
@@ -204,7 +204,7 @@ class Coordinator:
         self.engine.prune()
         self._activate(gen)
         gen.timeline.update(rebuilt=t_rebuilt, migrated=t_migrated, started=time.time())
-        self.store.set(keys.started_key(gen.number, self.rank), json.dumps(gen.timeline))
+        self.store.set(contract.started_key(gen.number, self.rank), json.dumps(gen.timeline))
         if self.rank == min(gen.members):
             self.say(f"generation {gen.number} ({cand.kind}): "
                      f"{[len(p.stages) for p in cand.plan.pipelines]} stages per pipeline, "
@@ -234,10 +234,10 @@ class Coordinator:
     def _compare_digests(self, gen: Generation, tag: str) -> str:
         stage = gen.plan.stage(self.rank)
         mine = {i: layer_digest(self.engine.layers[i]) for i in stage.layers}
-        self.store.set(keys.checksum_key(tag, self.rank), json.dumps(mine))
-        key = keys.verdict_key(tag)
+        self.store.set(contract.checksum_key(tag, self.rank), json.dumps(mine))
+        key = contract.verdict_key(tag)
         if self.rank == min(gen.members):
-            raw = self._wait_all([keys.checksum_key(tag, r) for r in gen.members])
+            raw = self._wait_all([contract.checksum_key(tag, r) for r in gen.members])
             digests: dict[int, set[str]] = {}
             for v in raw:
                 for i, d in json.loads(v).items():

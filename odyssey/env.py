@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from odyssey import contract
+
 
 @dataclass
 class WorkerInfo:
@@ -56,14 +58,14 @@ def worker_from_env(timeout_s: float = 120.0) -> WorkerInfo:
             "`odyssey run --nproc-per-node N script.py` or `torchrun ...`"
         )
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    host = env.get("ODYSSEY_HOST", "127.0.0.1")
-    if "ODYSSEY_STORE_ADDR" in env:
-        addr, port = env["ODYSSEY_STORE_ADDR"], int(env["ODYSSEY_STORE_PORT"])
+    host = env.get(contract.ENV_HOST, "127.0.0.1")
+    if contract.ENV_STORE_ADDR in env:
+        addr, port = env[contract.ENV_STORE_ADDR], int(env[contract.ENV_STORE_PORT])
         return WorkerInfo(rank, world, store_client(addr, port, timeout_s),
                           int(env.get("LOCAL_RANK", 0)), 0, "odyssey",
-                          env.get("ODYSSEY_RUN_DIR"), host,
+                          env.get(contract.ENV_RUN_DIR), host,
                           lambda: store_client(addr, port, timeout_s),
-                          env.get("ODYSSEY_JOIN") == "1")
+                          env.get(contract.ENV_JOIN) == "1")
     attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
     addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
 
@@ -71,4 +73,4 @@ def worker_from_env(timeout_s: float = 120.0) -> WorkerInfo:
         return dist.PrefixStore(f"attempt{attempt}", store_client(addr, port, timeout_s))
 
     return WorkerInfo(rank, world, open_store(), int(env.get("LOCAL_RANK", 0)), attempt,
-                      "torchrun", env.get("ODYSSEY_RUN_DIR"), host, open_store)
+                      "torchrun", env.get(contract.ENV_RUN_DIR), host, open_store)

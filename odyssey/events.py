@@ -14,7 +14,7 @@ import json
 
 import torch.distributed as dist
 
-from odyssey import keys
+from odyssey import contract
 
 
 def _get_json(store: dist.Store, key: str) -> dict | None:
@@ -27,11 +27,11 @@ def fault_time(store: dist.Store, ranks: list[int], fallback: float) -> tuple[fl
     """Earliest evidence of the fault among `ranks`: (time, source)."""
     times = []
     for r in ranks:
-        inj = _get_json(store, keys.injected_key(r))
+        inj = _get_json(store, contract.injected_key(r))
         if inj is not None:
             times.append((inj["time"], "injected"))
             continue
-        ex = _get_json(store, keys.exit_key(r))
+        ex = _get_json(store, contract.exit_key(r))
         if ex is not None:
             times.append((ex["time"], "exit record"))
     return min(times) if times else (fallback, "notice")
@@ -43,20 +43,20 @@ def recovery_event(store: dist.Store, generation: int, decision: dict, first_ste
     m = decision["membership"]
     notice = None
     for g in range(generation - 1, -1, -1):  # the notice that started this recovery
-        notice = _get_json(store, keys.notice_key(g))
+        notice = _get_json(store, contract.notice_key(g))
         if notice is not None:
             break
     notice = notice or {"time": m["decided_at"], "reason": "?", "kind": "?"}
     lost = decision.get("ranks_lost", m["dead"])
     # the first notice of this recovery (an interrupted recovery adds later ones)
     for g in range(generation - 1 - decision.get("interrupted", 0), generation):
-        first = _get_json(store, keys.notice_key(g))
+        first = _get_json(store, contract.notice_key(g))
         if first is not None:
             notice = first
             break
     t_fault, source = fault_time(store, lost, notice["time"])
     timelines = [json.loads(v) for v in store.multi_get(
-        [keys.started_key(generation, r) for r in m["members"]])]
+        [contract.started_key(generation, r) for r in m["members"]])]
     rebuilt = max(t["rebuilt"] for t in timelines)
     migrated = max(t["migrated"] for t in timelines)
     started = max(t["started"] for t in timelines)
@@ -69,7 +69,7 @@ def recovery_event(store: dist.Store, generation: int, decision: dict, first_ste
         "migrate": migrated - rebuilt,
         "first_step": started - migrated,
     }
-    injected = [_get_json(store, keys.injected_key(r)) for r in lost]
+    injected = [_get_json(store, contract.injected_key(r)) for r in lost]
     return {
         "kind": "recovery",
         "generation": generation,

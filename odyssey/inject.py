@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from odyssey import keys
+from odyssey import contract
 from planner.program import Op
 
 KINDS = ("kill", "hang", "slow", "raise")
@@ -93,9 +93,9 @@ class FaultInjector:
 
     def poll(self, store, next_step: int) -> None:
         """Pick up requests from `odyssey inject` (one store round trip when none)."""
-        count = store.add(keys.INJECT_COUNT, 0)
+        count = store.add(contract.INJECT_COUNT, 0)
         while self._seen < count:
-            text = store.get(keys.inject_key(self._seen)).decode()
+            text = store.get(contract.inject_key(self._seen)).decode()
             self._seen += 1
             spec = FaultSpec.parse(text)
             if spec.rank == self.worker_id:

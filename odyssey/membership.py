@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from odyssey import keys
+from odyssey import contract
 from odyssey.monitor import FailureMonitor
 
 
@@ -54,8 +54,8 @@ class Membership:
 
 def pending_newcomers(store: dist.Store) -> list[int]:
     """Ranks that asked to join the job (replacement workers)."""
-    n = store.add(keys.NEWCOMERS_COUNT, 0)
-    return sorted({int(store.get(keys.newcomer_key(i))) for i in range(n)})
+    n = store.add(contract.NEWCOMERS_COUNT, 0)
+    return sorted({int(store.get(contract.newcomer_key(i))) for i in range(n)})
 
 
 def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
@@ -65,12 +65,12 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
     Raises `Fenced` if the others decided without this rank.
     """
     cfg = monitor.cfg
-    store.set(keys.join_key(generation, me),
+    store.set(contract.join_key(generation, me),
               json.dumps({"rank": me, "committed": committed_step, "time": time.time()}))
-    store.add(keys.joined_count_key(generation), 1)
+    store.add(contract.joined_count_key(generation), 1)
     deadline = time.monotonic() + cfg.join_timeout_s
     monitor.members = sorted(set(previous) | {me})
-    decided = keys.members_key(generation)
+    decided = contract.members_key(generation)
     polls = 0
     while True:
         try:  # blocks in the store until someone decides, or 10 ms pass
@@ -79,7 +79,7 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
         except dist.DistStoreError:
             pass
         polls += 1
-        if polls % 10 == 0 and store.check([keys.JOB_STATUS]):
+        if polls % 10 == 0 and store.check([contract.JOB_STATUS]):
             raise JobFinished(f"the job finished before generation {generation} formed")
         dead = monitor.exited_members()
         if me in dead:
@@ -89,11 +89,11 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
         newcomers = [r for r in pending_newcomers(store) if r not in previous]
         expected = sorted((set(previous) - dead) | set(newcomers) | {me})
         timed_out = time.monotonic() > deadline
-        count = store.add(keys.joined_count_key(generation), 0)
+        count = store.add(contract.joined_count_key(generation), 0)
         all_in = count >= len(expected) and store.check(
-            [keys.join_key(generation, r) for r in expected])
+            [contract.join_key(generation, r) for r in expected])
         if all_in or timed_out:
-            joined = [r for r in expected if store.check([keys.join_key(generation, r)])]
+            joined = [r for r in expected if store.check([contract.join_key(generation, r)])]
             silent = sorted(set(expected) - set(joined))
             for r in silent:
                 monitor.fence(r, f"did not join generation {generation}")
@@ -117,15 +117,15 @@ def _wait_fenced(monitor: FailureMonitor, ranks: list[int]) -> None:
 
 def _propose(store: dist.Store, generation: int, members: list[int], dead: list[int],
              newcomers: list[int]) -> None:
-    raw = store.multi_get([keys.join_key(generation, r) for r in members])
+    raw = store.multi_get([contract.join_key(generation, r) for r in members])
     steps = {json.loads(v)["rank"]: json.loads(v)["committed"] for v in raw}
     veterans = {r: s for r, s in steps.items() if r not in newcomers}
     if len(set(veterans.values())) > 1:
         raise AgreementError(f"survivors disagree on the last committed step: {veterans}")
     committed = next(iter(veterans.values())) if veterans else -1
     proposal = Membership(generation, sorted(members), committed, dead, newcomers, time.time())
-    store.compare_set(keys.members_key(generation), "", proposal.to_json())
+    store.compare_set(contract.members_key(generation), "", proposal.to_json())
 
 
 def _read(store: dist.Store, generation: int) -> Membership:
-    return Membership(**json.loads(store.get(keys.members_key(generation))))
+    return Membership(**json.loads(store.get(contract.members_key(generation))))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from odyssey import keys
+from odyssey import contract
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class FailureMonitor:
         if self._hb_thread is not None or self.store_factory is None:
             return
         store = self.store_factory()
-        key = keys.heartbeat_key(self.rank)
+        key = contract.heartbeat_key(self.rank)
 
         def beat() -> None:
             while not self._stop.wait(self.cfg.heartbeat_s):
@@ -89,7 +89,7 @@ class FailureMonitor:
 
     def notice(self) -> dict | None:
         """The notice of the current generation, if one was published."""
-        key = keys.notice_key(self.generation)
+        key = contract.notice_key(self.generation)
         if self.store.check([key]):
             return json.loads(self.store.get(key))
         return None
@@ -100,17 +100,17 @@ class FailureMonitor:
         gen = self.generation if generation is None else generation
         record = {"kind": kind, "reason": reason, "suspects": sorted(suspects or []),
                   "by": self.rank, "gen": gen, "time": time.time()}
-        won = self.store.compare_set(keys.notice_key(gen), "", json.dumps(record))
+        won = self.store.compare_set(contract.notice_key(gen), "", json.dumps(record))
         return json.loads(won)
 
     # ---- checks --------------------------------------------------------------------
     def exited_members(self) -> set[int]:
         """Members with an exit record (asks the store only when the exit count moved)."""
-        count = self.store.add(keys.EXITS_COUNT, 0)
+        count = self.store.add(contract.EXITS_COUNT, 0)
         if count != self._exits_seen:
             self._exits_seen = count
             for r in self.members:
-                if r not in self.dead and self.store.check([keys.exit_key(r)]):
+                if r not in self.dead and self.store.check([contract.exit_key(r)]):
                     self.dead.add(r)
         return self.dead & set(self.members)
 
@@ -120,7 +120,7 @@ class FailureMonitor:
         others = [r for r in self.members if r != self.rank and r not in self.dead]
         if not others:
             return []
-        hb_keys = [keys.heartbeat_key(r) for r in others]
+        hb_keys = [contract.heartbeat_key(r) for r in others]
         if not self.store.check(hb_keys):  # someone has not started beating yet
             return []
         values = self.store.multi_get(hb_keys)
@@ -156,8 +156,8 @@ class FailureMonitor:
 
     def fence(self, rank: int, reason: str) -> None:
         """Ask the launcher to kill `rank` (idempotent)."""
-        self.store.compare_set(keys.fence_key(rank), "", reason)
+        self.store.compare_set(contract.fence_key(rank), "", reason)
 
     def fenced_or_exited(self, rank: int) -> bool:
-        return bool(self.store.check([keys.fenced_key(rank)]) or
-                    self.store.check([keys.exit_key(rank)]))
+        return bool(self.store.check([contract.fenced_key(rank)]) or
+                    self.store.check([contract.exit_key(rank)]))

@@ -12,6 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
+from odyssey import contract
 from odyssey.engine import expand_ranges
 
 
@@ -21,9 +22,9 @@ class RunLog:
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.dir / "metrics.jsonl"
-        self.ledger_path = self.dir / "ledger.jsonl"
-        self.events_path = self.dir / "events.jsonl"
+        self.metrics_path = self.dir / contract.METRICS_FILE
+        self.ledger_path = self.dir / contract.LEDGER_FILE
+        self.events_path = self.dir / contract.EVENTS_FILE
 
     def _append(self, path: Path, record: dict) -> None:
         with open(path, "a") as f:
@@ -96,5 +97,5 @@ def build_report(run_log: RunLog, *, mode: str, world_size: int, plan: dict, ste
         "events": read_jsonl(run_log.events_path),
     }
     report.update(extra or {})
-    (run_log.dir / "report.json").write_text(json.dumps(report, indent=1))
+    (run_log.dir / contract.REPORT_FILE).write_text(json.dumps(report, indent=1))
     return report

@@ -24,6 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from odyssey import contract
+
 PHASES = ("detect", "agree", "plan", "rebuild", "migrate", "first_step")
 _NUM = (int, float)
 
@@ -99,14 +101,14 @@ def read_jsonl_checked(path: Path) -> list[dict]:
 def load_run(run_dir: str | Path) -> tuple[dict, list[dict], list[dict]]:
     """(report, metrics, events) of a run directory, validated."""
     d = Path(run_dir)
-    path = d / "report.json"
+    path = d / contract.REPORT_FILE
     if not path.exists():
         raise ReportError(f"{path} does not exist (is {d} a finished run's directory?)")
     try:
         report = validate_report(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise ReportError(f"report.json: not JSON ({e})") from None
-    mpath = d / "metrics.jsonl"
+    mpath = d / contract.METRICS_FILE
     if not mpath.exists():
         raise ReportError(f"{mpath} does not exist")
     metrics = read_jsonl_checked(mpath)
@@ -122,7 +124,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict], list[dict]]:
     if not metrics:
         raise ReportError("metrics.jsonl: no steps recorded")
     events = report["events"]
-    epath = d / "events.jsonl"
+    epath = d / contract.EVENTS_FILE
     if epath.exists():  # the source the report copied; validate it too and prefer it
         events = [validate_event(ev, f"events.jsonl line {n}")
                   for n, ev in enumerate(read_jsonl_checked(epath), 1)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from odyssey import contract
+
 
 def require_tensorboard() -> None:
     """Fail early, on every rank, with an actionable message."""
@@ -27,7 +29,7 @@ class TensorBoardLog:
 
     def __init__(self, run_dir: str | Path, flush_secs: int = 5):
         require_tensorboard()
-        self.dir = Path(run_dir) / "tensorboard"
+        self.dir = Path(run_dir) / contract.TENSORBOARD_DIR
         self.flush_secs = flush_secs
         self._writer = None
 

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from odyssey import checkpoint as ckpt
-from odyssey import ds_config, keys
+from odyssey import contract, ds_config
 from odyssey.calibration import StepTimeModel
 from odyssey.comm import CommConfig, CommError, StepAborted
-from odyssey.commit import step_prefix
 from odyssey.coordinator import Coordinator, Generation
 from odyssey.data import Sampler
 from odyssey.engine import Engine, OptimizerConfig, StepResult, make_optimizer
@@ -85,7 +84,7 @@ class Trainer:
             self.engine.swap_options = {"budget": cfg.memory_budget,
                                         "min_swap_bytes": cfg.swap_min_bytes}
         self.run_dir = Path(cfg.run_dir or worker.run_dir or "runs/latest")
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / contract.CHECKPOINT_DIR
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir)
         self.run_log: RunLog | None = None
         if cfg.tensorboard:
@@ -170,7 +169,7 @@ class Trainer:
 
         Returns the first step to run, or None when the job already finished."""
         store, me = self.worker.store, self.worker.rank
-        if store.check([keys.JOB_STATUS]):
+        if store.check([contract.JOB_STATUS]):
             return None
         # warm up before announcing: the first optimizer step in a process pays seconds of
         # lazy imports, which must not land inside the survivors' recovery time
@@ -179,11 +178,11 @@ class Trainer:
         for p in warm.parameters():
             p.grad = torch.zeros_like(p)
         opt.step()
-        idx = store.add(keys.NEWCOMERS_COUNT, 1) - 1
-        store.set(keys.newcomer_key(idx), str(me))
-        store.wait(["odyssey/generation"])
-        g = int(store.get("odyssey/generation"))
-        members = (json.loads(store.get(keys.members_key(g)))["members"] if g > 0
+        idx = store.add(contract.NEWCOMERS_COUNT, 1) - 1
+        store.set(contract.newcomer_key(idx), str(me))
+        store.wait([contract.GENERATION])
+        g = int(store.get(contract.GENERATION))
+        members = (json.loads(store.get(contract.members_key(g)))["members"] if g > 0
                    else self.plan.ranks)
         self.monitor.watch(g, members)
         self.monitor.publish("join", f"rank {me} joins the job", generation=g)
@@ -262,7 +261,7 @@ class Trainer:
                        "initial_plan": self.plan.to_dict(), "generation": self.gen.number,
                        "replicas_identical": consistent,
                        "swap": self.engine.swap.report() if self.engine.swap else None})
-            w.store.set(keys.JOB_STATUS, keys.JOB_DONE)
+            w.store.set(contract.JOB_STATUS, contract.JOB_DONE)
             self.progress.close()
             if self.tb is not None:
                 self.tb.close()
@@ -270,7 +269,7 @@ class Trainer:
             self._say(f"done: loss {result.report['loss']['first']:.4f} -> "
                       f"{result.report['loss']['final']:.4f}, samples trained {s['trained']}/"
                       f"{s['expected']} (lost {s['lost']}, duplicated {s['duplicated']}), "
-                      f"report {self.run_dir / 'report.json'}", step=cfg.steps - 1)
+                      f"report {self.run_dir / contract.REPORT_FILE}", step=cfg.steps - 1)
         self.monitor.stop()
         return result
 
@@ -280,12 +279,11 @@ class Trainer:
         log = self._log()
         logged = {rec["step"] for rec in read_jsonl(log.ledger_path)}
         if committed >= 0 and committed not in logged:
-            p = step_prefix(self.last_commit_gen, committed)
             ranks = json.loads(self.worker.store.get(
-                keys.members_key(self.last_commit_gen)))["members"] \
+                contract.members_key(self.last_commit_gen)))["members"] \
                 if self.last_commit_gen > 0 else self.plan.ranks
             votes = [json.loads(v) for v in self.worker.store.multi_get(
-                [f"{p}/vote/{r}" for r in ranks])]
+                [contract.vote_key(self.last_commit_gen, committed, r) for r in ranks])]
             gb = self.plan.global_batch
             log.ledger(committed, self.last_commit_gen,
                        sorted(r for v in votes for r in v["samples"]))
@@ -345,10 +343,10 @@ class Trainer:
     def _mark_injected(self, spec: FaultSpec) -> None:
         record = json.dumps({"time": time.time(), "rank": self.worker.rank,
                              "attempt": self.worker.attempt, "spec": spec.__dict__})
-        self.worker.store.set(keys.injected_key(self.worker.rank), record)
+        self.worker.store.set(contract.injected_key(self.worker.rank), record)
         # also on disk: under torchrun the next attempt cannot read this attempt's keys
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "faults.jsonl", "a") as f:
+        with open(self.run_dir / contract.FAULTS_FILE, "a") as f:
             f.write(record + "\n")
 
     def _say(self, msg: str, step: int, always: bool = False) -> None:

@@ -23,8 +23,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch import cli, contract
+from launch import cli
 from launch.agent import AgentResult, exit_status
+from odyssey import contract
 
 torch.set_num_threads(1)
 

@@ -17,12 +17,12 @@ from datetime import timedelta
 import pytest
 from torch.distributed import TCPStore
 
-from launch import contract
 from launch.agent import Agent, AgentConfig
 from launch.node_watch import NODE_LOST_EXITCODE, NodeWatchConfig, NodeWatcher
 from launch.options import UsageError, build_parser, resolve
 from launch.store import SafeStore
 from launch.workers import spawn
+from odyssey import contract
 from odyssey.membership import Fenced, agree
 from odyssey.monitor import FailureMonitor, MonitorConfig
 

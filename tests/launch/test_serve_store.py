@@ -23,8 +23,7 @@ from datetime import timedelta
 import pytest
 from torch.distributed import TCPStore
 
-from launch import contract
-from odyssey import keys
+from odyssey import contract
 from tests.conftest import ROOT
 from tests.odyssey.test_fault_tolerance import TINY, check_same_numbers
 
@@ -112,7 +111,7 @@ def test_losing_node0_is_survivable_when_the_store_lives_apart(tmp_path):
         assert client.get(contract.JOB_STATUS).decode() == contract.JOB_DONE
         # Kill -> the survivor starts the new generation: was ~16 s (join + fence timeouts)
         # before lost-node detection; now --node-timeout (3 s) + agreement + migration.
-        started = json.loads(client.get(keys.started_key(event["generation"], 1)))
+        started = json.loads(client.get(contract.started_key(event["generation"], 1)))
         resumed_after = started["started"] - t_kill
         assert resumed_after < 8.0, f"recovery took {resumed_after:.1f}s after the kill"
         record = contract.ExitRecord(**json.loads(client.get(contract.exit_key(0))))

@@ -1,0 +1,239 @@
+"""The contract between the launcher and its workers, spelled in exactly one place.
+
+Every store key, environment variable, run-directory file name and the exit record that
+`odyssey run` (launch/) and the workers (odyssey/) share is defined here and nowhere
+else; this module imports neither torch nor anything of the project, so both sides (and
+tools that read a store or run directory) can import it. `docs/launcher.md` describes it.
+
+All store keys live in the launcher-hosted TCPStore at ``ODYSSEY_STORE_ADDR:PORT`` under
+``odyssey/``. Generation-scoped keys carry ``gen{g}`` so a new generation never reads a
+stale value of an old one. JSON values are UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal as _signal
+from dataclasses import asdict, dataclass
+
+# --- environment variables the launcher sets for every worker ------------------------
+# (torchrun's own names, RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR..., are set in
+# launch.workers as torchrun does)
+ENV_STORE_ADDR = "ODYSSEY_STORE_ADDR"
+ENV_STORE_PORT = "ODYSSEY_STORE_PORT"
+ENV_RUN_DIR = "ODYSSEY_RUN_DIR"
+ENV_LAUNCHER = "ODYSSEY_LAUNCHER"
+"""'odyssey' (survivors kept) or absent (plain torchrun)."""
+ENV_HOST = "ODYSSEY_HOST"
+"""Address this worker binds and advertises for its communication transport (gloo)."""
+ENV_JOIN = "ODYSSEY_JOIN"
+"""'1' for a replacement worker joining a running job."""
+ENV_BENCH_PROFILE_DIR = "ODYSSEY_BENCH_PROFILE_DIR"
+"""Benchmarks only: where the DeepSpeed-comparison worker writes per-rank op timings."""
+ENV_OPLOG_DIR = "ODYSSEY_OPLOG_DIR"
+"""Benchmarks only: where the model-accuracy worker writes per-op timing lines."""
+
+# --- files in a run directory ------------------------------------------------------
+REPORT_FILE = "report.json"
+METRICS_FILE = "metrics.jsonl"
+LEDGER_FILE = "ledger.jsonl"
+EVENTS_FILE = "events.jsonl"
+FAULTS_FILE = "faults.jsonl"
+"""Injected faults as they fire (also readable by a later torchrun attempt)."""
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_META = "meta.json"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def launcher_file(node_rank: int) -> str:
+    """Name of the JSON file each node's launcher writes into the run directory."""
+    return f"launcher-node{node_rank}.json"
+
+
+# --- store keys ----------------------------------------------------------------------
+GENERATION = "odyssey/generation"
+"""Number of the newest generation (set by its leader once agreed)."""
+CALIBRATION_FACTOR = "odyssey/calibration/step_factor"
+"""Measured / predicted step time, shared by the leader for candidate scoring."""
+LAUNCH_STORE = "odyssey/launch/store"
+"""Multi-node start-up (rendezvous store): ``addr:port`` of the job store node 0 hosts."""
+LAUNCH_RUN_DIR = "odyssey/launch/run_dir"
+"""Multi-node start-up (rendezvous store): the run directory node 0 chose."""
+
+
+def launch_nproc_key(node: int) -> str:
+    """Multi-node start-up (rendezvous store): that node's worker count."""
+    return f"odyssey/launch/nproc/{node}"
+
+
+def step_prefix(generation: int, step: int) -> str:
+    """Prefix of the commit-protocol keys of one step in one generation."""
+    return f"odyssey/gen{generation}/step{step}"
+
+
+def vote_key(generation: int, step: int, rank: int) -> str:
+    """JSON vote of `rank` for that step (loss sum, sample ids, timings)."""
+    return f"{step_prefix(generation, step)}/vote/{rank}"
+
+
+def group_prefix(generation: int, name: str) -> str:
+    """Store prefix under which the process group `name` of a generation meets."""
+    return f"odyssey/gen{generation}/pg/{name}"
+
+
+# written by the launcher
+EXITS_COUNT = "odyssey/exits/count"
+JOB_STATUS = "odyssey/job/status"
+JOB_DONE = "done"
+
+
+def exit_key(rank: int) -> str:
+    """JSON exit record {"rank","pid","exitcode","signal","time"} written by the launcher."""
+    return f"odyssey/exits/{rank}"
+
+
+def fence_key(rank: int) -> str:
+    """Set (value: reason) by anyone to ask the owning launcher to kill `rank`."""
+    return f"odyssey/fence/{rank}"
+
+
+def fenced_key(rank: int) -> str:
+    """JSON {"rank","time","reason"} written by the launcher once `rank` is dead."""
+    return f"odyssey/fenced/{rank}"
+
+
+# written by workers
+def heartbeat_key(rank: int) -> str:
+    return f"odyssey/hb/{rank}"
+
+
+def notice_key(gen: int) -> str:
+    """First membership event seen in generation `gen` (compare-and-set once)."""
+    return f"odyssey/gen{gen}/notice"
+
+
+def join_key(gen: int, rank: int) -> str:
+    return f"odyssey/gen{gen}/join/{rank}"
+
+
+def joined_count_key(gen: int) -> str:
+    return f"odyssey/gen{gen}/joined"
+
+
+def members_key(gen: int) -> str:
+    return f"odyssey/gen{gen}/members"
+
+
+def plan_key(gen: int) -> str:
+    return f"odyssey/gen{gen}/plan"
+
+
+def checksum_key(tag: int | str, rank: int) -> str:
+    return f"odyssey/gen{tag}/checksum/{rank}"
+
+
+def verdict_key(tag: int | str) -> str:
+    return f"odyssey/gen{tag}/verdict"
+
+
+def started_key(gen: int, rank: int) -> str:
+    return f"odyssey/gen{gen}/started/{rank}"
+
+
+def injected_key(rank: int) -> str:
+    """When an injected fault fired in `rank` (wall time), for MTTR accounting."""
+    return f"odyssey/injected/{rank}"
+
+
+NEWCOMERS_COUNT = "odyssey/newcomers/count"
+
+
+def newcomer_key(index: int) -> str:
+    return f"odyssey/newcomers/{index}"
+
+
+INJECT_COUNT = "odyssey/inject/count"
+
+
+def inject_key(index: int) -> str:
+    """A fault spec string from `odyssey inject` (step=-1: the next step)."""
+    return f"odyssey/inject/{index}"
+
+
+SPAWN_COUNT = "odyssey/spawn/count"
+"""Counter of replacement-worker requests; request i is ``odyssey/spawn/{i}``."""
+NEXT_RANK = "odyssey/next_rank"
+"""Counter of replacement workers started; the i-th gets global rank world_size + i."""
+
+
+def spawn_key(index: int) -> str:
+    """JSON ``{"node", "reason"}``: start one replacement worker on that node."""
+    return f"odyssey/spawn/{index}"
+
+
+def worker_key(rank: int) -> str:
+    """Key of the JSON spawn record ``{"rank","pid","node","host"}`` (an Odyssey addition)."""
+    return f"odyssey/workers/{rank}"
+
+
+def node_done_key(node: int) -> str:
+    """Set by a node's launcher once all its workers have exited (multi-node bookkeeping)."""
+    return f"odyssey/nodes/{node}/done"
+
+
+def node_beat_key(node: int) -> str:
+    """Counter a node's launcher bumps every fraction of a second (liveness, multi-node)."""
+    return f"odyssey/nodes/{node}/beat"
+
+
+def node_lost_key(node: int) -> str:
+    """JSON ``{"node","by","time","last_beat","silent_s"}``: set once (compare-and-set) by
+    the watcher that declared ``node`` lost (launch/node_watch.py)."""
+    return f"odyssey/nodes/{node}/lost"
+
+
+NODES_CONFIG = "odyssey/nodes/config"
+"""JSON ``{"nnodes","world_size","node_timeout_s"}`` set by every multi-node launcher, so
+``odyssey store`` knows which heartbeats to watch."""
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """What the launcher records when a worker process ends.
+
+    ``exitcode`` follows :class:`subprocess.Popen`: the exit status, or ``-N`` when the
+    process was killed by signal ``N`` (then ``signal`` holds its name, e.g. ``SIGKILL``).
+    A rank whose whole node was lost gets ``exitcode`` 255, no ``signal``, and
+    ``node_lost`` set to the node (written by the watcher that declared it lost).
+    """
+
+    rank: int
+    pid: int
+    exitcode: int
+    signal: str | None
+    time: float
+    node_lost: int | None = None
+
+    @classmethod
+    def from_returncode(cls, rank: int, pid: int, returncode: int, when: float) -> ExitRecord:
+        """Build a record from a ``Popen.returncode``."""
+        sig = signal_name(-returncode) if returncode < 0 else None
+        return cls(rank, pid, returncode, sig, when)
+
+    def to_json(self) -> str:
+        """Serialise as the JSON object stored under :func:`exit_key`."""
+        return json.dumps(asdict(self))
+
+    def describe(self) -> str:
+        """Human-readable outcome, e.g. ``exit 0`` or ``killed by SIGKILL``."""
+        if self.node_lost is not None:
+            return f"lost with node {self.node_lost}"
+        return f"killed by {self.signal}" if self.signal else f"exit {self.exitcode}"
+
+
+def signal_name(signum: int) -> str:
+    """``9 -> "SIGKILL"``; unknown numbers become ``"SIG<n>"``."""
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
