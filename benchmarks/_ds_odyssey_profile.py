@@ -1,15 +1,17 @@
 """Odyssey side of `engine_vs_deepspeed.py --profile`: examples/train_gpt.py plus timers.
 
-Runs `examples/train_gpt.py` unchanged (same flags) after wrapping, from the outside, a few
-functions with wall-clock timers; nothing in odyssey/ is edited. Each rank writes
-`$ODYSSEY_BENCH_PROFILE_DIR/rank{r}.json` with, per step:
+Runs `examples/train_gpt.py` (same flags) with a trainer hook (`odyssey.hooks`) that
+records, per committed step, on each rank `$ODYSSEY_BENCH_PROFILE_DIR/rank{r}.json`:
 
 * `op_seconds`: the engine's own per-instruction seconds (`StepResult.op_seconds`),
-* `run_step_s`: the whole `Engine.run_step`; `cpu_s`: process CPU time (all threads) in it,
-* `flat_grads_s`: `Engine._flat_grads` (torch.cat of the gradients for the all-reduce),
-* `vote_s`: `CommitProtocol.vote` (store set + add + waiting for the decision key),
-* `record_s`: `Trainer._record` (leader: multi_get of the votes, ledger/metrics appends),
-* `op_cpu_seconds`: main-thread CPU seconds per instruction kind (time.thread_time),
+* `op_cpu_seconds`: main-thread CPU seconds per instruction kind (the engine's op hook),
+* `run_step_s`: the whole `Engine.run_step`; `cpu_s`: process CPU time (all threads)
+  from the end of the previous step's bookkeeping to this step's last instruction,
+* `record_s`: the leader's bookkeeping after the commit (votes, calibration, ledger and
+  metrics, the telemetry hook; 0 on the other ranks),
+* `flat_grads_s`, `vote_s`: `Engine._flat_grads` (torch.cat of the gradients for the
+  all-reduce) and `CommitProtocol.vote` (store set + add + waiting for the decision),
+  both inside one instruction, so timed by wrapping them from the outside,
 and, for the whole run, `thread_cpu_s`: CPU seconds of every thread of the process.
 
 Started by torchrun exactly like train_gpt.py.
@@ -33,10 +35,10 @@ from examples import train_gpt  # noqa: E402
 from odyssey import commit as commit_mod  # noqa: E402
 from odyssey import contract  # noqa: E402
 from odyssey import engine as engine_mod  # noqa: E402
-from odyssey import trainer as trainer_mod  # noqa: E402
+from odyssey.engine import OpTiming  # noqa: E402
+from odyssey.hooks import CommittedStep, FitResult, Recovery, TrainerHook  # noqa: E402
 
-_acc: dict[str, float] = defaultdict(float)
-_steps: list[dict] = []
+_inside_ops: dict[str, float] = defaultdict(float)  # the two wrapped functions, this step
 
 
 def _timed(cls, name: str, key: str) -> None:
@@ -50,65 +52,51 @@ def _timed(cls, name: str, key: str) -> None:
         try:
             return fn(*a, **kw)
         finally:
-            _acc[key] += time.perf_counter() - t
+            _inside_ops[key] += time.perf_counter() - t
 
     setattr(cls, name, wrapper)
 
 
-def _install() -> None:
-    _timed(engine_mod.Engine, "_flat_grads", "flat_grads_s")
-    _timed(commit_mod.CommitProtocol, "vote", "vote_s")
-    _timed(trainer_mod.Trainer, "_record", "record_s")
+class StepProfile(TrainerHook):
+    """Collects the per-step record above; writes it when `fit` ends."""
 
-    execute = engine_mod.Engine._execute
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self._op_cpu: dict[str, float] = defaultdict(float)
+        self._cpu_mark = time.process_time()
+        self._last_op_cpu = self._cpu_mark
 
-    @functools.wraps(execute)
-    def execute_wrapper(self, ins, st, *a, **kw):  # main-thread CPU seconds per op kind
-        c = time.thread_time()
-        try:
-            return execute(self, ins, st, *a, **kw)
-        finally:
-            _acc["cpu:" + ins.op.value] += time.thread_time() - c
+    def on_op(self, op: OpTiming) -> None:
+        self._op_cpu[op.instruction.op.value] += op.thread_cpu_s
+        self._last_op_cpu = time.process_time()
 
-    engine_mod.Engine._execute = execute_wrapper
+    def on_step_committed(self, step: CommittedStep) -> None:
+        self.steps.append({
+            "step": step.step, "run_step_s": step.result.seconds,
+            "cpu_s": self._last_op_cpu - self._cpu_mark,
+            "op_seconds": dict(step.result.op_seconds), "op_cpu_seconds": dict(self._op_cpu),
+            "flat_grads_s": _inside_ops.get("flat_grads_s", 0.0),
+            "vote_s": _inside_ops.get("vote_s", 0.0),
+            "record_s": time.perf_counter() - step.committed_at if step.leader else 0.0})
+        self._reset()
 
-    run_step = engine_mod.Engine.run_step
+    def on_recovered(self, recovery: Recovery) -> None:
+        self._reset()  # the aborted step's partial timings
 
-    @functools.wraps(run_step)
-    def run_step_wrapper(self, step, *a, **kw):
-        if _steps:  # _record of the previous step ran after its run_step: fold it in
-            _steps[-1]["record_s"] = _acc.pop("record_s", 0.0)
-        _acc.clear()
-        t, c = time.perf_counter(), time.process_time()
-        res = run_step(self, step, *a, **kw)
-        _steps.append({"step": step, "run_step_s": time.perf_counter() - t,
-                       "cpu_s": time.process_time() - c,
-                       "op_seconds": dict(res.op_seconds),
-                       "op_cpu_seconds": {k[4:]: v for k, v in _acc.items()
-                                          if k.startswith("cpu:")},
-                       "flat_grads_s": _acc.pop("flat_grads_s", 0.0),
-                       "vote_s": _acc.pop("vote_s", 0.0)})
-        return res
-
-    engine_mod.Engine.run_step = run_step_wrapper
-
-    fit = trainer_mod.Trainer.fit
-
-    @functools.wraps(fit)
-    def fit_wrapper(self, *a, **kw):
-        out = fit(self, *a, **kw)
-        if _steps:
-            _steps[-1]["record_s"] = _acc.pop("record_s", 0.0)
+    def on_fit_end(self, result: FitResult) -> None:
         d = Path(os.environ.get(contract.ENV_BENCH_PROFILE_DIR, "build/odyssey_profile"))
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"rank{self.worker.rank}.json").write_text(
-            json.dumps({"rank": self.worker.rank, "steps": _steps,
+        (d / f"rank{result.worker_id}.json").write_text(
+            json.dumps({"rank": result.worker_id, "steps": self.steps,
                         "thread_cpu_s": thread_cpu()}))
-        return out
 
-    trainer_mod.Trainer.fit = fit_wrapper
+    def _reset(self) -> None:
+        self._op_cpu.clear()
+        _inside_ops.clear()
+        self._cpu_mark = self._last_op_cpu = time.process_time()
 
 
 if __name__ == "__main__":
-    _install()
-    train_gpt.main()
+    _timed(engine_mod.Engine, "_flat_grads", "flat_grads_s")
+    _timed(commit_mod.CommitProtocol, "vote", "vote_s")
+    train_gpt.main(hooks=[StepProfile()])

@@ -32,10 +32,10 @@ import torch.distributed as tdist  # noqa: E402
 
 from benchmarks.common import thread_cpu  # noqa: E402
 from examples.gpt import GPTConfig, build_gpt  # noqa: E402
-from odyssey.config import add_dataclass_args, from_args  # noqa: E402
 from odyssey.data import ArithmeticTokens, Sampler  # noqa: E402
 from odyssey.engine import OptimizerConfig  # noqa: E402
 from planner.plan import even_partition  # noqa: E402
+from profiler.configtree import add_dataclass_args, from_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

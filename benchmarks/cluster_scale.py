@@ -12,7 +12,8 @@ compute is modelled by the planner's cost model):
     python benchmarks/cluster_scale.py                      # all scenarios
     python benchmarks/cluster_scale.py --only p3 oobleck-1h
 
-Writes benchmarks/results/cluster_scale.json and PNGs benchmarks/results/cluster_scale/.
+Writes OUT/cluster_scale.json and OUT/cluster_scale/NAME.{json,png}; --out defaults to
+runs/bench/ (docs/BENCHMARKS.md, "Where results go").
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import out_dir  # noqa: E402
 from planner.cluster.bench import ModelConfig, TraceConfig, run_policies, save, table  # noqa: E402
 from planner.cluster.policies import SIM_POLICIES  # noqa: E402
 from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig  # noqa: E402
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=None, help="scenario names to run")
     ap.add_argument("--preset", default="gpt3-6.7b", help="GPT-3-like model preset")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(out_dir()))
     args = ap.parse_args(argv)
     out_all = {"load_before": os.getloadavg(), "scenarios": {}}
     for name, (model, cluster, trace) in scenarios(ModelConfig(preset=args.preset)).items():

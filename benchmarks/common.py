@@ -1,4 +1,10 @@
-"""Helpers shared by the benchmarks: launch a training run and read its report."""
+"""Helpers shared by the benchmarks: where output goes, launch a training run, read its report.
+
+Output rule (docs/BENCHMARKS.md, "Where results go"): every benchmark writes under
+`out_dir()`, i.e. runs/bench/ (git-ignored), unless its `--out` says otherwise;
+benchmarks/results/ holds only the small summaries the docs cite, refreshed by passing
+`--out` into it.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+from odyssey import contract
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_gpt.py"
+RESULTS = ROOT / "benchmarks" / "results"
+"""The committed summaries the docs cite; written only when a benchmark's --out points here."""
+
+
+def out_dir(*parts: str) -> Path:
+    """Default output folder of a benchmark, runs/bench[/parts...] (git-ignored), created.
+
+    Raw output (per-step and per-iteration logs, run directories, plots) always lands
+    here by default, so running a benchmark never changes tracked files."""
+    path = ROOT.joinpath("runs", "bench", *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def free_port() -> int:
@@ -37,11 +57,12 @@ def launch(nproc: int, run_dir: Path, script_args: list[str], launcher: str = "o
     if proc.returncode != 0:
         raise RuntimeError(f"run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
                            f"{proc.stderr[-2000:]}")
-    return json.loads((run_dir / "report.json").read_text())
+    return json.loads((run_dir / contract.REPORT_FILE).read_text())
 
 
 def step_times(run_dir: Path, skip: int) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    """Step times of a run (its metrics.jsonl), the first `skip` dropped."""
+    lines = (run_dir / contract.METRICS_FILE).read_text().splitlines()
     return [json.loads(x)["step_time_s"] for x in lines if x.strip()][skip:]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, launch, step_times  # noqa: E402
+from benchmarks.common import launch, out_dir, step_times  # noqa: E402
 
 
 def ideal_1f1b_s(layers: int, dp: int, pp: int, mbs: int, fwd_ms: float, bwd_ms: float) -> float:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="steps dropped from the median")
     ap.add_argument("--launcher", choices=["odyssey", "torchrun"], default="odyssey")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "emulated.json"))
+    ap.add_argument("--out", default=str(out_dir() / "emulated.json"))
     args = ap.parse_args(argv)
     rows = []
     print(f"emulated compute, {args.layers} layers, fwd {args.forward_ms} ms / bwd "

@@ -25,8 +25,11 @@ rounding (they drift apart slowly as rounding differences compound).
     python benchmarks/engine_vs_deepspeed.py --quick     # smoke test, ~1 min
     python benchmarks/engine_vs_deepspeed.py --configs 1x2,2x2 --repeats 3 --profile
 
-Needs deepspeed in the running python (scripts/setup_deepspeed.sh). Writes
-benchmarks/results/engine_vs_deepspeed.json (--out to change) and prints the table.
+Needs deepspeed in the running python (scripts/setup_deepspeed.sh). Prints the table and
+writes a summary to runs/bench/engine_vs_deepspeed.json (--out to change; the copies
+docs/ cite are in benchmarks/results/): per-launch step times and losses, and with
+--profile each rank's per-op costs averaged over the steps after warm-up. The raw report,
+with one profile line per step, goes to WORK_DIR/report.raw.json.
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ import sys
 import time
 from pathlib import Path
 
-from odyssey import contract
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import out_dir  # noqa: E402
+from odyssey import contract  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -236,6 +242,46 @@ def profile_table(cfg_runs: dict, warmup: int) -> str:
     return "\n".join(out) + "\n  (ms per step: wall/main-thread CPU, mean after warm-up)"
 
 
+def _mean_nested(rows: list[dict]) -> dict:
+    """Key-wise mean of dicts of numbers (nested dicts averaged the same way; a key missing
+    from a row counts as 0, as in `profile_table`)."""
+    out = {}
+    for k in dict.fromkeys(k for r in rows for k in r):
+        vals = [r.get(k, 0.0) for r in rows]
+        if all(isinstance(v, dict) for v in vals):
+            out[k] = _mean_nested(vals)
+        elif all(isinstance(v, (int, float)) for v in vals):
+            out[k] = statistics.mean(vals)
+    return out
+
+
+def summarise_launch(launch: dict, warmup: int) -> dict:
+    """One launch as the summary keeps it: per-step times and losses as measured, but each
+    rank's per-step profile (``profile`` on the Odyssey side, ``op_seconds`` on DeepSpeed's)
+    replaced by its mean over the steps after warm-up (``*_mean``: ``per_step``, ``steps``
+    averaged, ``thread_cpu_s`` over the whole run)."""
+    out = {k: v for k, v in launch.items() if k not in ("profile", "op_seconds")}
+    for key in ("profile", "op_seconds"):
+        if launch.get(key):
+            out[f"{key}_mean"] = {
+                rank: {"per_step": _mean_nested([{k: v for k, v in s.items() if k != "step"}
+                                                 for s in steady(prof["steps"], warmup)]),
+                       "steps": len(steady(prof["steps"], warmup)),
+                       "thread_cpu_s": prof.get("thread_cpu_s", {})}
+                for rank, prof in launch[key].items()}
+    return out
+
+
+def summarise_report(report: dict) -> dict:
+    """The report as written to --out (and committed): every launch through
+    `summarise_launch`; everything else unchanged."""
+    warmup = report["settings"]["warmup"]
+    runs = {name: {fw: [summarise_launch(r, warmup) for r in launches]
+                   for fw, launches in cfg.items()}
+            for name, cfg in report["runs"].items()}
+    return {**report, "runs": runs}
+
+
 # ---- main --------------------------------------------------------------------------------
 def parse_configs(text: str) -> list[tuple[int, int]]:
     out = []
@@ -269,7 +315,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable,
                    help="python with torch + deepspeed used for the launches")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per launch")
-    p.add_argument("--work-dir", type=Path, default=ROOT / "build" / "engine_vs_deepspeed")
+    p.add_argument("--work-dir", type=Path, default=out_dir("engine_vs_deepspeed"))
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     quick = dict(configs="1x2", repeats=1, steps=6, warmup=2, d_model=64, n_blocks=2,
@@ -281,7 +327,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(a, k, v)
     if a.out is None:
         a.out = (a.work_dir / "quick.json" if a.quick
-                 else ROOT / "benchmarks" / "results" / "engine_vs_deepspeed.json")
+                 else out_dir() / "engine_vs_deepspeed.json")
     a.config_list = parse_configs(a.configs)
     for dp, _pp in a.config_list:
         if a.num_microbatches % dp:
@@ -375,9 +421,11 @@ def main(argv=None) -> None:
         "results": results, "table": text, "elapsed_s": time.perf_counter() - t0,
         "runs": raw,
     }
+    raw = a.work_dir / "report.raw.json"
+    raw.write_text(json.dumps(report, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1))
-    print(f"[bench] wrote {a.out}")
+    a.out.write_text(json.dumps(summarise_report(report), indent=1))
+    print(f"[bench] wrote {a.out} (summary) and {raw}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ default one more single-stage run right before each configuration refreshes the 
 never feed the calibration.
 
 Every configuration (DP x PP in (1,2) (2,1) (1,4) (2,2) (4,1), 4 and 8 microbatches,
-uniform and one skewed partition where PP > 1) is predicted with `CostModel.predict`
+uniform and one skewed partition where PP > 1) is predicted with `simulate_plan`
 (the event simulator) + the fixed overhead and measured with real processes under
 `odyssey run` (`benchmarks.common.launch`): median step time of the steps after
 warm-up. Reported: per-configuration error, MAPE, max error and Kendall's tau between
@@ -42,9 +42,7 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -54,237 +52,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 import torch  # noqa: E402
 
+from benchmarks.common import out_dir  # noqa: E402
 from odyssey import contract  # noqa: E402
+from odyssey.job_config import job_config  # noqa: E402
+from odyssey.testing.memory import measure_memory  # noqa: E402
+from planner.accuracy import kendall_tau, mape, max_ape, rel_errors  # noqa: E402
+from planner.calibrate import Calibration, CalibrationConfig  # noqa: E402
 from planner.cost import CostConfig, CostModel  # noqa: E402
 from planner.memory import plan_memory  # noqa: E402
 from planner.plan import Plan, even_partition  # noqa: E402
+from planner.simulate import simulate_plan  # noqa: E402
 from profiler.profile import CommProfile, Profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((1, 2), (2, 1), (1, 4), (2, 2), (4, 1))
 MICROBATCHES = (4, 8)
-
-
-# ---- statistics ---------------------------------------------------------------------
-def kendall_tau(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Kendall's tau-b between two equally long sequences (ties handled; O(n^2)).
-
-    1.0: same order; -1.0: reversed. NaN when either sequence is constant.
-    """
-    if len(xs) != len(ys):
-        raise ValueError(f"sequences differ in length ({len(xs)} vs {len(ys)})")
-    concordant = discordant = ties_x = ties_y = 0
-    n = len(xs)
-    for i in range(n):
-        for j in range(i + 1, n):
-            dx = (xs[i] > xs[j]) - (xs[i] < xs[j])
-            dy = (ys[i] > ys[j]) - (ys[i] < ys[j])
-            if dx == 0 and dy == 0:
-                continue  # tied in both: counts in neither denominator term
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif dx == dy:
-                concordant += 1
-            else:
-                discordant += 1
-    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return (concordant - discordant) / denom if denom else float("nan")
-
-
-def rel_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
-    """Signed relative errors predicted / measured - 1."""
-    if len(predicted) != len(measured):
-        raise ValueError("predicted and measured differ in length")
-    if any(m <= 0 for m in measured):
-        raise ValueError("measured values must be positive")
-    return [p / m - 1.0 for p, m in zip(predicted, measured)]
-
-
-def mape(predicted: Sequence[float], measured: Sequence[float]) -> float:
-    """Mean absolute percentage error, as a fraction (0.05 = 5%)."""
-    errs = rel_errors(predicted, measured)
-    return sum(abs(e) for e in errs) / len(errs) if errs else float("nan")
-
-
-def max_ape(predicted: Sequence[float], measured: Sequence[float]) -> float:
-    """Largest absolute percentage error, as a fraction."""
-    return max((abs(e) for e in rel_errors(predicted, measured)), default=float("nan"))
-
-
-# ---- memory accounting --------------------------------------------------------------
-def tensor_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
-
-
-def unique_storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views counted once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if t is None:
-            continue
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in an optimizer's state (AdamW: exp_avg, exp_avg_sq, step)."""
-    return sum(tensor_bytes(v) for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
-
-
-class MemoryProbe:
-    """Counts one rank's live activation bytes through saved-tensor hooks.
-
-    Tracked: every tensor autograd saves for backward inside a watched layer (or the
-    loss) except parameters, and every watched layer's output (a stage's output buffer
-    stays alive until its backward). A tracked tensor counts while it is alive
-    (weak reference); storages are counted once however many views share them. At each
-    probe (every save, every layer output, every optimizer step) the live activation
-    bytes and the gradient bytes then allocated are recorded; the per-step maxima are
-    the measured peaks.
-    """
-
-    def __init__(self):
-        self._live: dict[int, tuple[weakref.ref, int, int]] = {}
-        self._param_ptrs: set[int] = set()
-        self._params: list[torch.nn.Parameter] = []
-        self.step = -1
-        self.peaks: dict[int, dict[str, int]] = {}
-
-    # -- registration
-    def watch_layer(self, layer: torch.nn.Module, track_output: bool = True) -> torch.nn.Module:
-        for p in layer.parameters():
-            self._param_ptrs.add(p.untyped_storage().data_ptr())
-            self._params.append(p)
-        ctx: list = []
-
-        def pre(_mod, _args):
-            c = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
-            c.__enter__()
-            ctx.append(c)
-
-        def post(_mod, _args, out):
-            ctx.pop().__exit__(None, None, None)
-            if track_output and isinstance(out, torch.Tensor):
-                self.track(out)
-            self.probe()
-
-        layer.register_forward_pre_hook(pre)
-        layer.register_forward_hook(post)
-        return layer
-
-    # -- accounting
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in self._param_ptrs:
-            self.track(t)
-        self.probe()
-        return t
-
-    def track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        if st.nbytes():
-            self._live[id(t)] = (weakref.ref(t), st.data_ptr(), st.nbytes())
-
-    def activation_bytes(self) -> int:
-        storages: dict[int, int] = {}
-        for key, (ref, ptr, nbytes) in list(self._live.items()):
-            if ref() is None:
-                del self._live[key]
-            else:
-                storages[ptr] = nbytes
-        return sum(storages.values())
-
-    def grad_bytes(self) -> int:
-        return sum(tensor_bytes(p.grad) for p in self._params)
-
-    def param_bytes(self) -> int:
-        return unique_storage_bytes(self._params)
-
-    def probe(self) -> None:
-        act, grads = self.activation_bytes(), self.grad_bytes()
-        pk = self.peaks.setdefault(self.step, {"activations": 0, "grads": 0, "dynamic": 0})
-        pk["activations"] = max(pk["activations"], act)
-        pk["grads"] = max(pk["grads"], grads)
-        pk["dynamic"] = max(pk["dynamic"], act + grads)
-
-
-def _unpack(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-_CURRENT = threading.local()
-
-
-def instrumented_model(model, probes: dict[int, MemoryProbe]):
-    """A copy of a `LayeredModel` whose layers and loss report to the calling rank's
-    `MemoryProbe` (`_CURRENT.rank` is set by the rank's thread)."""
-    from odyssey.model import LayeredModel
-
-    n = model.num_layers
-
-    def build_layer(i: int):
-        layer = model.build_layer(i)
-        # the model's last layer feeds the loss: its output is not a stage output buffer
-        return probes[_CURRENT.rank].watch_layer(layer, track_output=i < n - 1)
-
-    def loss_fn(out, target):
-        probe = probes[_CURRENT.rank]
-        with torch.autograd.graph.saved_tensors_hooks(probe.pack, _unpack):
-            return model.loss_fn(out, target)
-
-    return LayeredModel(model.name, n, build_layer, loss_fn, model.activation_spec)
-
-
-def measure_memory(model, data, plan_cfg, world: int, steps: int = 3,
-                   timeout_s: float = 300.0) -> dict[int, dict]:
-    """Run `steps` steps with ranks as threads; return per-rank measured bytes (from the
-    last step: parameters, gradients and optimizer state exist, activations are at their
-    steady peak)."""
-    from odyssey.testing.threads import run_threads
-    from odyssey.trainer import Trainer
-
-    probes = {r: MemoryProbe() for r in range(world)}
-    inst = instrumented_model(model, probes)
-    cfg = replace(plan_cfg, steps=steps)
-
-    def before_optimizer_step(*_):  # every gradient exists, no activation does
-        rank = getattr(_CURRENT, "rank", None)
-        if rank in probes:
-            probes[rank].probe()
-
-    def worker(w):
-        _CURRENT.rank = w.rank
-        torch.set_num_threads(1)
-        tr = Trainer(inst, data, cfg, w)
-        probe = probes[w.rank]
-        eng = tr.engine
-        run_step = eng.run_step
-
-        def counted(step):
-            probe.step = step
-            return run_step(step)
-
-        eng.run_step = counted
-        tr.fit()
-        last = steps - 1
-        pk = probe.peaks.get(last, {"activations": 0, "grads": 0, "dynamic": 0})
-        params = probe.param_bytes()
-        opt = sum(optimizer_state_bytes(o) for o in eng.optimizers.values())
-        return {"params": params, "grads": pk["grads"], "optimizer": opt,
-                "activations": pk["activations"],
-                "categories_total": params + pk["grads"] + opt + pk["activations"],
-                "peak_total": params + opt + pk["dynamic"]}
-
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-    handle = register_optimizer_step_pre_hook(before_optimizer_step)
-    try:
-        return dict(enumerate(run_threads(world, worker, timeout_s)))
-    finally:
-        handle.remove()
 
 
 # ---- configurations -----------------------------------------------------------------
@@ -519,7 +301,7 @@ class Calibrated:
     points: list[dict]
 
     def predict(self, plan: Plan):
-        sim = self.cost.predict(plan)
+        sim = simulate_plan(plan, self.cost)
         return sim.step_time_s + self.overhead_s, sim
 
 
@@ -530,18 +312,15 @@ KIND_OF = {"forward": "forward", "backward": "backward", "optimizer_step": "opti
 class CalibrationState:
     """Every single-stage run so far: its per-kind factor (measured / modelled seconds,
     summed over the run: the step time is a sum of durations, so stalls count) and its
-    residual step time. Factors are the median over the `window` most recent runs (one
-    run hit by a load burst does not carry over), the overhead the median residual of
-    all runs."""
+    residual step time. Factors are `planner.calibrate`'s median estimator over the
+    `window` most recent runs (one run hit by a load burst does not carry over), the
+    overhead the median residual of all runs."""
 
     window: int = 3
-    factors: list[dict[str, float]] = field(default_factory=list)
     residuals: list[float] = field(default_factory=list)
 
-    def current(self) -> dict[str, float]:
-        recent = self.factors[-self.window:]
-        return {k: statistics.median(f[k] for f in recent if k in f)
-                for k in {k for f in recent for k in f}}
+    def __post_init__(self) -> None:
+        self.factors = Calibration(CalibrationConfig(estimator="median", window=self.window))
 
 
 def calibrate(mode: Mode, comm: CommProfile, counts: Sequence[int], steps: int, drop: int,
@@ -569,14 +348,16 @@ def calibrate(mode: Mode, comm: CommProfile, counts: Sequence[int], steps: int, 
                     if pred > 0:
                         sums[KIND_OF[op]][0] += t1 - t0
                         sums[KIND_OF[op]][1] += pred
-        state.factors.append({k: a / b for k, (a, b) in sums.items() if b > 0})
+        for kind, (measured, modelled) in sums.items():
+            if modelled > 0:
+                state.factors.observe(kind, modelled, measured)
         runs.append((m, c, meas))
     cost = CostModel(with_comm(mode.profile, comm), CostConfig())
-    for kind, f in state.current().items():
+    for kind, f in state.factors.factors().items():
         cost.observe(kind, 1.0, f)
     points = []
     for m, c, meas in runs:
-        sim = cost.predict(mode.plan(c)).step_time_s
+        sim = simulate_plan(mode.plan(c), cost).step_time_s
         split = split_timeline(mode, c, cost, meas.pop("ranks"))
         points.append({"microbatches": m, "simulated_s": sim,
                        "residual_s": meas["median_s"] - sim, "split": split, **meas})
@@ -675,20 +456,18 @@ def run_mode(mode: Mode, comm: CommProfile, args, log) -> dict:
 
 
 def memory_rows(mode: Mode, cost: CostModel, configs: list[Config], log) -> list[dict]:
-    from odyssey.trainer import TrainConfig
-
     log(f"== {mode.name} mode: memory (ranks as threads)")
     rows = []
     for c in configs:
         plan = mode.plan(c)
-        sim = cost.predict(plan)
+        sim = simulate_plan(plan, cost)
         formula = plan_memory(plan, cost.memory)
         model, data = mode.build()
-        cfg = TrainConfig(dp=c.dp, pp=c.pp, num_microbatches=c.microbatches,
-                          microbatch_size=mode.microbatch_size, partition=c.partition,
-                          mode=mode.name, log_every=1000, resume=False)
+        cfg = job_config(dp=c.dp, pp=c.pp, num_microbatches=c.microbatches,
+                         microbatch_size=mode.microbatch_size, partition=c.partition,
+                         mode=mode.name, log_every=1000, resume=False)
         with tempfile.TemporaryDirectory(prefix="model-accuracy-mem-") as d:
-            measured = measure_memory(model, data, replace(cfg, run_dir=d), c.ranks)
+            measured = measure_memory(model, data, job_config(cfg, run_dir=d), c.ranks)
         for r in sorted(measured):
             pm = sim.ranks[r].memory
             meas = measured[r]
@@ -750,7 +529,7 @@ def attribute(res: dict, comm: CommProfile) -> dict:
                     cost.observe(kind, 1.0, f)
             plan = Plan.uniform(profile.num_layers, r["dp"], r["pp"], r["microbatches"],
                                 int(res["microbatch_size"]), "1f1b", partition=r["partition"])
-            pred = cost.predict(plan).step_time_s + overhead
+            pred = simulate_plan(plan, cost).step_time_s + overhead
             errs.append(pred / r["measured_s"] - 1)
             r.setdefault("attribution", {})[name] = pred / r["measured_s"] - 1
         out[name] = {"mape": statistics.mean(abs(e) for e in errs),
@@ -866,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recheck", action=argparse.BooleanOptionalAction, default=True,
                     help="re-measure the largest calibration run after the sweep (drift)")
     ap.add_argument("--seed", type=int, default=0, help="measurement order shuffle")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_accuracy.json"))
+    ap.add_argument("--out", default=str(out_dir() / "model_accuracy.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.time()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, launch  # noqa: E402
+from benchmarks.common import launch, out_dir  # noqa: E402
 from odyssey.report import read_jsonl  # noqa: E402
 
 KINDS = ("reroute", "redundant", "reparallelize", "restart")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=14)
     ap.add_argument("--kill-step", type=int, default=6)
     ap.add_argument("--victim", type=int, default=5, help="rank to SIGKILL")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mttr.json"))
+    ap.add_argument("--out", default=str(out_dir() / "mttr.json"))
     args = ap.parse_args(argv)
     rows = []
     for kind in args.kinds.split(","):

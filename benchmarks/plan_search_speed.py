@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.memory import GiB, fmt_bytes  # noqa: E402
 from planner.search import SearchConfig, search  # noqa: E402
 from profiler.synthetic import FormulaConfig, formula_profile  # noqa: E402
+from profiler.units import GiB, format_size  # noqa: E402
 
 TARGETS = {32: 1.0, 256: 3.0, 1024: 10.0}
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     mbs = tuple(int(x) for x in args.microbatch_sizes.split(","))
     prof = formula_profile(FormulaConfig(preset=args.preset, microbatch_sizes=mbs))
     print(f"model {prof.model}: {prof.num_layers} layers; global batch {args.global_batch}; "
-          f"microbatch sizes {mbs}; {fmt_bytes(args.memory_gb * GiB)} per rank; "
+          f"microbatch sizes {mbs}; {format_size(args.memory_gb * GiB)} per rank; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     print(f"{'ranks':>6} {'shapes':>7} {'fit':>5} {'sim':>4} {'median s':>9} {'min s':>7} "
           f"{'cpu s':>6} {'target':>7} {'ok':>3}  {'step s':>8} {'closed-form err':>15}  "

@@ -12,7 +12,7 @@ the worker's Ray actor process on the Ray path. Per kill it reports
 * kill -> resume: record latency + MTTR, the time from the kill until every survivor runs
   the new plan.
 
-    python benchmarks/ray_actor_death.py            # writes benchmarks/results/ray_actor_death.json
+    python benchmarks/ray_actor_death.py            # writes runs/bench/ray_actor_death.json
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import out_dir  # noqa: E402
+
 TINY = ["--gpt-vocab-size", "32", "--gpt-seq-len", "16", "--gpt-d-model", "32",
         "--gpt-n-heads", "2", "--gpt-n-blocks", "2"]
 # (rank to kill, kill once this many steps are committed)
@@ -94,8 +97,7 @@ def run_once(backend: str, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
-                                        "ray_actor_death.json"))
+    p.add_argument("--out", default=str(out_dir() / "ray_actor_death.json"))
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="odyray-b-", dir="/tmp"))  # short socket paths
     try:

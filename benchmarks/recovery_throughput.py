@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, launch  # noqa: E402
+from benchmarks.common import launch, out_dir  # noqa: E402
 from odyssey.report import read_jsonl  # noqa: E402
 
 POLICIES = ("reroute", "redundant", "reparallelize", "restart", "adaptive")
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--kill-step", type=int, default=5)
     ap.add_argument("--horizon-s", type=float, default=600.0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
-                                         "recovery_throughput.json"))
+    ap.add_argument("--out", default=str(out_dir() / "recovery_throughput.json"))
     args = ap.parse_args(argv)
     results = []
     for sc in args.scenarios.split(","):

@@ -12,7 +12,7 @@ so the drifting load of a shared machine hits all of them alike. Timings use the
 thread's CPU time by default (and the server its CPU-time clock); a wall-clock replay is
 added for reference. The simulator charges the profile's measured wake-up cost (`wake_s`)
 to the first iteration after an idle wait in real-time replays, not in CPU-clock ones (that
-server never sleeps). Writes benchmarks/results/serving_accuracy.json, the median profile
+server never sleeps). Writes runs/bench/serving_accuracy.json (--out), the median profile
 (serving_profile.json), the last replays (serving_replay_*/) and serving_accuracy.png; an
 --out named serving_accuracy<TAG>.json gives serving_profile<TAG>.json and
 serving_replay<TAG>_*/ next to it, so a wall-clock run leaves the default files alone.
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import out_dir  # noqa: E402
 from examples.gpt_kv import KVCacheGPT, ServeModelConfig  # noqa: E402
 from examples.serve_gpt import serve, write_result  # noqa: E402
 from planner.serving.batching import SchedulerConfig, TraceConfig, generate_requests  # noqa: E402
@@ -47,7 +48,7 @@ from profiler.serving_profiler import (  # noqa: E402
 )
 from profiler.timing import TimingConfig  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = out_dir()
 
 
 def main(argv: list[str] | None = None) -> int:

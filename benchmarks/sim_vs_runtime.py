@@ -44,12 +44,11 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, TRAIN  # noqa: E402
+from benchmarks.common import ROOT, TRAIN, out_dir  # noqa: E402
 from launch.replay_trace import Injection, plan_injections, replay, wait_for_step0  # noqa: E402
 from odyssey.report import read_jsonl  # noqa: E402
 from planner.cluster.sim import (  # noqa: E402
     ClusterConfig,
-    Membership,
     SimConfig,
     TransitionConfig,
     simulate_trace,
@@ -61,43 +60,25 @@ from planner.cluster.traces import (  # noqa: E402
     initial_nodes,
     load_trace,
 )
+from planner.cluster.validation import (  # noqa: E402
+    B_MS,
+    DP,
+    F_MS,
+    GB,
+    LAYERS,
+    LOSS,
+    MB,
+    MBS,
+    PP,
+    WORLD,
+    compare,
+    default_trace,
+    rank_order_mismatches,
+)
 from planner.cost import CostModel  # noqa: E402
 from planner.plan import Plan  # noqa: E402
 from planner.simulate import simulate_plan  # noqa: E402
 from profiler.synthetic import emulated_profile  # noqa: E402
-
-DP, PP, LAYERS, F_MS, B_MS, MBS, MB = 2, 4, 8, 10.0, 20.0, 8, 2
-WORLD = DP * PP
-GB = MBS * MB
-DEFAULT_TRACE = [(6.0, "remove", "node5"), (18.0, "remove", "node2"), (30.0, "add", "node5"),
-                 (44.0, "remove", "node1"), (56.0, "add", "node2")]
-
-
-def default_trace() -> list[TraceEvent]:
-    return [*initial_nodes(WORLD), *(TraceEvent(t, k, n) for t, k, n in DEFAULT_TRACE)]
-
-
-def rank_order_mismatches(events: list[TraceEvent], injections: list[Injection]) -> list[str]:
-    """Losses after t=0 where the lost node's place in rank order differs between the
-    simulator (slots) and the runtime (launch ranks, replacements numbered on)."""
-    mship = Membership(ClusterConfig(num_nodes=1, gpus_per_node=WORLD, trace_node_gpus=1))
-    for e in initial_nodes(WORLD):
-        mship.apply(e)
-    live = set(range(WORLD))
-    out = []
-    for inj in injections:
-        ev = TraceEvent(inj.time_s, "remove" if inj.kind == "kill" else "add", inj.node)
-        if inj.kind == "kill":
-            sim_pos = mship.members().index(mship.ranks_of_node(inj.node)[0])
-            run_pos = sorted(live).index(inj.rank)
-            if sim_pos != run_pos:
-                out.append(f"t={inj.time_s:.1f}s {inj.node}: place {sim_pos} in the simulator's"
-                           f" rank order, {run_pos} in the runtime's")
-            live.discard(inj.rank)
-        else:
-            live.add(inj.rank)
-        mship.apply(ev)
-    return out
 
 
 def run_runtime(args, run_dir: Path, injections: list[Injection]) -> tuple[dict, list[dict]]:
@@ -188,52 +169,6 @@ def simulated(meas: dict, args) -> tuple[dict, object]:
             "trace": format_trace(events)}, res
 
 
-def cumulative(res, t: float) -> float:
-    """Samples the simulator has committed by time t (segments are piecewise linear;
-    whole steps only: a step counts when it ends)."""
-    done = 0.0
-    for s in res.segments:
-        if s.what != "train" or s.t0 >= t:
-            continue
-        step = GB / s.samples_per_s
-        done += int((min(s.t1, t) - s.t0) / step + 1e-6) * GB
-    return done
-
-
-def phase_bounds(applied: list[dict], end: float) -> list[tuple[str, float, float]]:
-    """(label, start, end) of each phase between applied events: 'start' up to the first,
-    then '-nodeN' / '+nodeN' after each loss / arrival (events at one instant merge)."""
-    cuts: list[tuple[float, str]] = []
-    for a in sorted((a for a in applied if a["applied_s"] is not None),
-                    key=lambda a: a["applied_s"]):
-        label = ("-" if a["kind"] == "kill" else "+") + a["node"]
-        if cuts and abs(cuts[-1][0] - a["applied_s"]) < 1e-9:
-            cuts[-1] = (cuts[-1][0], cuts[-1][1] + " " + label)
-        else:
-            cuts.append((a["applied_s"], label))
-    edges = [(0.0, "start"), *cuts]
-    return [(lab, t, edges[i + 1][0] if i + 1 < len(edges) else end)
-            for i, (t, lab) in enumerate(edges) if t < end]
-
-
-def compare(meas: dict, res) -> dict:
-    real = [(t, (i + 1) * GB) for i, (_, t) in enumerate(meas["steps"])]
-    errs = [(t, cumulative(res, t + 1e-6), n) for t, n in real]
-    gap_steps = max(abs(s - n) / GB for _, s, n in errs)
-    out = []
-    for name, a, b in phase_bounds(meas["applied"], meas["steps"][-1][1]):
-        n_real = sum(GB for _, t in meas["steps"] if a < t <= b)
-        n_sim = cumulative(res, b + 1e-6) - cumulative(res, a + 1e-6)
-        out.append({"phase": name, "t0": a, "t1": b, "real_samples_per_s": n_real / (b - a),
-                    "sim_samples_per_s": n_sim / (b - a),
-                    "error": n_sim / n_real - 1 if n_real else None})
-    total_real = real[-1][1]
-    total_sim = cumulative(res, real[-1][0] + 1e-6)
-    return {"phases": out, "largest_gap_steps": gap_steps, "total_real": total_real,
-            "total_sim": total_sim, "total_error": total_sim / total_real - 1,
-            "points": errs}
-
-
 def plot(meas: dict, res, cmp: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -260,10 +195,10 @@ def plot(meas: dict, res, cmp: dict, path: Path) -> None:
     for a in meas["applied"]:
         if a["applied_s"] is None:
             continue
-        c = "red" if a["kind"] == "kill" else "green"
+        c = "red" if a["kind"] == LOSS else "green"
         for ax in (ax1, ax2):
             ax.axvline(a["applied_s"], color=c, lw=0.8, ls=":")
-        ax2.text(a["applied_s"], top * 1.02, ("-" if a["kind"] == "kill" else "+") + a["node"],
+        ax2.text(a["applied_s"], top * 1.02, ("-" if a["kind"] == LOSS else "+") + a["node"],
                  color=c, fontsize=7, ha="center")
     ax2.set_ylim(0, top * 1.1)
     ax2.set_ylabel("samples/s")
@@ -313,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="where in its next step a lost node's rank is killed")
     ap.add_argument("--policy", default="adaptive")
     ap.add_argument("--horizon-s", type=float, default=60.0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(out_dir()))
     ap.add_argument("--tag", default="", help="suffix of the output names (repeats)")
     ap.add_argument("--from-json", default=None, metavar="JSON",
                     help="no job: re-simulate, compare and plot the measurement recorded in "

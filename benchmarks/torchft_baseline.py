@@ -36,8 +36,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import out_dir  # noqa: E402
+
 WORKER = ROOT / "benchmarks" / "_torchft_worker.py"
-OUT = ROOT / "benchmarks" / "results" / "torchft_baseline.json"
+OUT = out_dir() / "torchft_baseline.json"
 DATE = "2026-11-21"
 
 

@@ -7,9 +7,10 @@ Engine integration: `SwapManager(model, SwapConfig(...))` and `step_context()` /
 `run_step(fn)`. See docs/chameleon.md.
 """
 
-from chameleon.config import SwapConfig, format_size, parse_size
+from chameleon.config import SwapConfig
 from chameleon.manager import StepReport, SwapManager, is_oom, manager_for, swap
 from chameleon.policy import Action, BudgetError, Policy, PolicyConfig, generate_policy
+from profiler.units import format_size, parse_size
 
 __all__ = [
     "Action", "BudgetError", "Policy", "PolicyConfig", "StepReport", "SwapConfig",

@@ -129,6 +129,3 @@ class HostArena:
         fl.insert(i, (off, size))
         self.used -= block.size
         block.tensor = None  # type: ignore[assignment]
-
-    def free_bytes(self) -> int:
-        return sum(size for fl in self._free for _, size in fl)

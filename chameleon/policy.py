@@ -15,9 +15,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field, replace
 
-from chameleon.config import format_size
 from chameleon.simulate import KEEP, RECOMPUTE, SWAP, SimResult, need_times, simulate
 from profiler.op_monitor import StageId, StepProfile, TensorKey
+from profiler.units import format_size
 
 
 class BudgetError(RuntimeError):

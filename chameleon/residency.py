@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from chameleon.config import SwapConfig, parse_size
+from chameleon.config import SwapConfig
 from chameleon.host import Block, HostArena
 from chameleon.lanes import BandwidthMeter, Ticket, make_lanes
 from chameleon.simulate import KEEP, SWAP
 from profiler.op_monitor import OpMonitor, StageId
+from profiler.units import parse_size
 
 
 @dataclass

@@ -91,10 +91,6 @@ class KVCacheGPT:
             del self.caches[rid]
             self.free_slots.append(self._slot.pop(rid))
 
-    def cache_bytes(self) -> int:
-        """Bytes of the whole KV pool."""
-        return self.pool.numel() * self.pool.element_size()
-
     # ---- components (timed separately by the serving profiler) ----------------------
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.emb.tok(tokens) + self.emb.pos(positions)

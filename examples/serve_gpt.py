@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from examples.gpt_kv import KVCacheGPT, ServeModelConfig  # noqa: E402
-from odyssey.config import add_dataclass_args, from_args  # noqa: E402
 from planner.serving.batching import (  # noqa: E402
     Request,
     Scheduler,
@@ -34,6 +33,7 @@ from planner.serving.batching import (  # noqa: E402
     TraceResult,
     generate_requests,
 )
+from profiler.configtree import add_dataclass_args, from_args  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,6 @@ def load_trace(path: str | Path) -> list[Request]:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}:{i}: bad request line ({type(e).__name__}: {e})") from e
     return out
-
-
-def save_trace(requests: list[Request], path: str | Path) -> None:
-    Path(path).write_text("".join(json.dumps(asdict(r)) + "\n" for r in requests))
 
 
 def prompt_tokens(requests: list[Request], vocab: int, seed: int = 0) -> dict:

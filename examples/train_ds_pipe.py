@@ -13,7 +13,6 @@ Needs deepspeed installed (for `LayerSpec`); nothing of DeepSpeed runs at traini
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from examples.gpt import Block, GPTConfig  # noqa: E402
-from odyssey.config import add_dataclass_args, from_args  # noqa: E402
 from odyssey.data import ArithmeticTokens  # noqa: E402
 from odyssey.deepspeed_model import from_deepspeed  # noqa: E402
 from odyssey.env import worker_from_env  # noqa: E402
+from odyssey.job_config import SHORT_FLAGS, JobConfig  # noqa: E402
 from odyssey.model import LayeredModel  # noqa: E402
-from odyssey.trainer import TrainConfig, Trainer, fit_and_exit  # noqa: E402
+from odyssey.trainer import Trainer, fit_and_exit  # noqa: E402
+from profiler.configtree import ConfigParser, section  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -93,16 +93,21 @@ def build(cfg: PipeConfig) -> tuple[LayeredModel, ArithmeticTokens]:
     return model, data
 
 
+@dataclass(frozen=True)
+class TrainPipeConfig(JobConfig):
+    """The job, and the DeepSpeed pipeline model it trains."""
+
+    pipe: PipeConfig = section(PipeConfig)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    cfg = ConfigParser(
+        TrainPipeConfig, aliases={**SHORT_FLAGS, "pipe-*": "pipe"},
         description="Train a DeepSpeed pipeline model (LayerSpec list + DeepSpeed JSON "
-                    "config) with Odyssey; start it with `odyssey run` or `torchrun`.")
-    add_dataclass_args(p, TrainConfig, "training")
-    add_dataclass_args(p, PipeConfig, "model", prefix="pipe")
-    args = p.parse_args(argv)
+                    "config) with Odyssey; start it with `odyssey run` or `torchrun`."
+    ).parse_config(argv)
     torch.set_num_threads(1)
-    cfg = from_args(TrainConfig, args)
-    model, data = build(from_args(PipeConfig, args, prefix="pipe"))
+    model, data = build(cfg.pipe)
     worker = worker_from_env()
     fit_and_exit(lambda: Trainer(model, data, cfg, worker))
 

@@ -2,6 +2,8 @@
 
 Unlike torch's elastic agent, a worker exit never stops the others: it is recorded in
 the store (``odyssey/exits/{rank}``) and the training runtime decides what happens next.
+Control requests it serves (fences, replacement workers) must carry the job token's HMAC
+(:mod:`odyssey.control`); others are ignored with one log line.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from launch.node_watch import NodeWatcher
 from launch.store import SafeStore
 from launch.workers import Worker, kill_leftovers, signal_group
 from odyssey import contract
+from odyssey.control import CommandGate, sign
 
 log = logging.getLogger("launch")
 
@@ -26,6 +29,10 @@ _FENCE_REAP_WAIT_S = 2.0
 """How long a fence waits in line for the SIGKILLed process to be reaped. A process in
 uninterruptible sleep can take longer; then ``fenced`` is written when the reaping loop
 sees it die, never before."""
+
+_SPAWN_WRITE_WAIT_S = 5.0
+"""A replacement request counted but not yet written is waited for this long (its writer
+adds to the counter first), then skipped."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class AgentConfig:
     """This launcher's node (replacement requests name the node that starts them)."""
     rejoin_after_s: float | None = None
     """Request a replacement worker this long after a worker fails (None: never)."""
+    token: str | None = None
+    """The job token fence and spawn requests must be signed with (None: take them as
+    they are, for a store nobody else can reach)."""
 
 
 @dataclass
@@ -77,6 +87,8 @@ class Agent:
         self._last_beat = 0.0
         self._spawner: Callable[[int, int], Worker] | None = None
         self._spawns_seen = 0
+        self._spawn_missing_since: float | None = None
+        self._gate = CommandGate(config.token, log, f"node {config.node_rank} launcher")
         self._rejoin_due: list[float] = []
         self._watcher: NodeWatcher | None = None
         self._declared_lost = False
@@ -176,10 +188,12 @@ class Agent:
         for rank, worker in self.workers.items():
             if rank in self._fenced or rank in self._fencing:
                 continue
-            if not self.store.check(contract.fence_key(rank)):
+            key = contract.fence_key(rank)
+            if not self.store.check(key):
                 continue
-            reason = self.store.get_text(contract.fence_key(rank)) or ""
-            self._fence(worker, reason)
+            reason = self._gate.open(key, self.store.get_text(key) or "")
+            if reason is not None:
+                self._fence(worker, reason)
 
     def _fence(self, worker: Worker, reason: str) -> None:
         if not worker.alive:
@@ -211,15 +225,30 @@ class Agent:
         for due in [d for d in self._rejoin_due if d <= now]:
             self._rejoin_due.remove(due)
             i = self.store.add(contract.SPAWN_COUNT, 1) - 1
-            self.store.set(contract.spawn_key(i), json.dumps(
-                {"node": self.config.node_rank, "reason": "--rejoin-after"}))
+            key = contract.spawn_key(i)
+            self.store.set(key, sign(self.config.token, key, json.dumps(
+                {"node": self.config.node_rank, "reason": "--rejoin-after"})))
         count = self.store.add(contract.SPAWN_COUNT, 0)
         while self._spawns_seen < count:
             key = contract.spawn_key(self._spawns_seen)
+            if not self.store.check(key):
+                self._spawn_missing_since = self._spawn_missing_since or now
+                if now - self._spawn_missing_since < _SPAWN_WRITE_WAIT_S:
+                    return  # its writer counted it and is about to set it
+                log.warning("replacement request %s never written: skipped", key)
+            self._spawn_missing_since = None
             self._spawns_seen += 1
             text = self.store.get_text(key) if self.store.check(key) else None
-            request = json.loads(text) if text else {"node": 0}
-            if int(request.get("node", 0)) != self.config.node_rank:
+            command = self._gate.open(key, text) if text else None
+            if command is None:
+                continue
+            try:
+                request = json.loads(command)
+                node = int(request.get("node", 0))
+            except (ValueError, TypeError, AttributeError):
+                log.warning("ignoring %s: not a replacement request: %r", key, command[:80])
+                continue
+            if node != self.config.node_rank:
                 continue
             index = self.store.add(contract.NEXT_RANK, 1) - 1
             worker = self._spawner(index, len(self.workers))

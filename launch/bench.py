@@ -5,7 +5,8 @@
     odyssey bench recovery-throughput --scenarios 2x4:5
 
 Benchmarks live in the repository's benchmarks/ folder and write their tables to
-stdout and JSON under benchmarks/results/; docs/BENCHMARKS.md records the figures.
+stdout and JSON under runs/bench/ (`--out` to change; the copies docs/ cite are in
+benchmarks/results/); docs/BENCHMARKS.md records the figures.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ with a message meant for the user.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 
-from launch.ray_backend import STRATEGIES, RayConfig
+from launch.ray_config import STRATEGIES, RayConfig
 from odyssey import contract
 
 DESCRIPTION = """\
@@ -37,6 +38,9 @@ worker environment:
   {contract.ENV_STORE_ADDR}, {contract.ENV_STORE_PORT}  the launcher-hosted TCPStore
   {contract.ENV_RUN_DIR}                     --run-dir, absolute
   {contract.ENV_LAUNCHER}=1
+  {contract.ENV_HOST}    this node's address, which gloo binds: 127.0.0.1 on a single node;
+                  multi-node: --local-addr, else the address routing to --rdzv-endpoint
+  {contract.ENV_TOKEN}   the job token (also in RUN_DIR/{contract.TOKEN_FILE}, mode 0600)
   OMP_NUM_THREADS=1, TORCH_CPP_LOG_LEVEL=ERROR   unless already set
 
 store keys:
@@ -44,7 +48,8 @@ store keys:
   odyssey/exits/count     launcher adds 1 per exit (after writing the record)
   odyssey/nodes/{{n}}/lost  set once by the watcher that declared node n lost; it also
                           writes that node's ranks' exit records ("node_lost": n)
-  odyssey/fence/{{rank}}    anyone sets (value: reason) -> launcher SIGKILLs that rank
+  odyssey/fence/{{rank}}    reason signed with the job token -> launcher SIGKILLs that
+                          rank (unsigned or forged values are ignored, with one log line)
   odyssey/fenced/{{rank}}   launcher writes {{"rank","time","reason"}} once it is dead
   odyssey/workers/{{rank}}  launcher writes {{"rank","pid","node","host"}} at spawn
   odyssey/job/status      training leader sets "done" on success
@@ -100,6 +105,11 @@ _HELP_OVERRIDES = {
     "(c10d, static, etcd, ...; default: %(default)s). Unused for single-node jobs.",
     "master_addr": "Static multi-node rendezvous: address of node 0 (default: %(default)s). "
     "Workers' MASTER_ADDR always names the launcher-hosted store instead.",
+    "local_addr": "Multi-node: this node's address, which its workers bind and advertise "
+    f"({contract.ENV_HOST}) and node 0's store listens on (default: the address of the "
+    "interface that routes to the rendezvous endpoint, else the host's FQDN). Give it when "
+    "that route is not the network the nodes share (e.g. the endpoint is reached over a "
+    "different interface than the workers should use).",
     "master_port": "Static multi-node rendezvous: port of node 0's rendezvous store "
     "(default 29500). Single node: the store port, unless --store-port is given.",
 }
@@ -137,6 +147,8 @@ class LaunchOptions:
     """Placement of the workers under ``--backend ray``."""
     store_endpoint: str | None = None
     """``HOST:PORT`` of a store run apart from the job (``odyssey store``); None: host one."""
+    token_file: str | None = None
+    """File holding the job token (--token-file); None: the launcher creates one."""
 
     @property
     def multi_node(self) -> bool:
@@ -186,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "stops keeping the store up for such a node. Too small a value "
                        "declares a merely slow node lost (its workers are then killed); "
                        "at least 1 (default: %(default)s).")
+    group.add_argument("--token-file", default=None, metavar="PATH",
+                       help="Read the job token from PATH instead of creating a random one "
+                       "(multi-node: give every launcher the same file, or none; then node "
+                       "0's token reaches the others through the rendezvous store). It is "
+                       f"written to <run dir>/{contract.TOKEN_FILE} (mode 0600) and "
+                       f"exported to workers as {contract.ENV_TOKEN}; fences, `odyssey "
+                       "inject` and replacement requests must be signed with it.")
     group.add_argument("--store-endpoint", default=None, metavar="HOST:PORT",
                        help="Use the store that `odyssey store` serves there instead of "
                        "hosting one, so the store (the job's single point of failure) runs "
@@ -272,6 +291,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Launch
               "never restarted, survivors keep running", file=sys.stderr)
     backend, ray = _backend(args, parser, max_nodes)
     store_endpoint = _store_endpoint(args.store_endpoint)
+    if args.token_file is not None and not os.access(args.token_file, os.R_OK):
+        raise UsageError(f"--token-file: cannot read {args.token_file}")
     return LaunchOptions(
         cmd=cmd, nproc=nproc, min_nodes=min_nodes, max_nodes=max_nodes,
         run_dir=args.run_dir, store_port=store_port, poll_interval_s=args.monitor_interval,
@@ -281,15 +302,13 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Launch
         rdzv_backend=args.rdzv_backend, rdzv_endpoint=rdzv_endpoint,
         rdzv_configs=rdzv_configs, local_addr=args.local_addr,
         rejoin_after_s=args.rejoin_after, backend=backend, ray=ray,
-        store_endpoint=store_endpoint,
+        store_endpoint=store_endpoint, token_file=args.token_file,
     )
 
 
 def _backend(args: argparse.Namespace, parser: argparse.ArgumentParser, max_nodes: int
              ) -> tuple[str, RayConfig | None]:
     """The backend and, for ``ray``, its validated placement settings."""
-    import importlib.util
-
     if args.backend != "ray":
         used = [f"--{k.replace('_', '-')}" for k in vars(args)
                 if k.startswith("ray_") and getattr(args, k) != parser.get_default(k)]

@@ -8,6 +8,7 @@ place of a ``Popen``. Nothing here imports ray at module level.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -42,7 +43,14 @@ class WorkerHost:
 
     async def start(self, cmd: list[str], layout: JobLayout, cwd: str,
                     extra_env: dict[str, str]) -> int:
-        """Start the training script with the launcher's worker environment; its pid."""
+        """Start the training script with the launcher's worker environment; its pid.
+
+        The worker binds and advertises this actor's node IP, as a torchrun-path worker
+        binds its node's address.
+        """
+        import ray
+
+        layout = dataclasses.replace(layout, host=ray.util.get_node_ip_address())
         env = worker_env(layout, 0)
         env.update(extra_env)
         if os.path.isdir(cwd):  # same path on this node: relative script paths work

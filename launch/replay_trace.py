@@ -10,7 +10,8 @@ Node i of the launched job is rank i; the k-th `add` after t=0 becomes rank
 world_size + k (the launcher numbers replacements in request order; so nothing else may
 ask for replacements: no `--rejoin-after`), and a node lost again after it came back is
 killed under its new rank. Fail-slow (`slow`) lines are
-refused: a live job has no persistent slowdown to inject.
+refused: a live job has no persistent slowdown to inject. Requests are signed with the job
+token, read from the run directory or given with --token (as `odyssey inject` does).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from launch import inject
 from odyssey import contract
+from odyssey.control import TokenError
+from odyssey.faults import STEP_PHASES
 from planner.cluster.traces import TraceError, TraceEvent, load_trace
 
 
@@ -41,12 +45,14 @@ class Injection:
     rank: int
     """kill: the rank to SIGKILL; rejoin: the rank the replacement worker will get."""
 
-    def argv(self, run_dir: str | Path, phase: str = "backward") -> list[str]:
+    def argv(self, run_dir: str | Path, phase: str = "backward",
+             token: str | None = None) -> list[str]:
         """Arguments of `odyssey inject` for this request."""
+        auth = ["--token", token] if token is not None else []
         if self.kind == "rejoin":
-            return ["--run-dir", str(run_dir), "--kind", "rejoin"]
+            return ["--run-dir", str(run_dir), "--kind", "rejoin", *auth]
         return ["--run-dir", str(run_dir), "--kind", "kill", "--rank", str(self.rank),
-                "--phase", phase]
+                "--phase", phase, *auth]
 
 
 def plan_injections(events: list[TraceEvent], world_size: int) -> list[Injection]:
@@ -107,12 +113,12 @@ def wait_for_step0(run_dir: Path, alive=lambda: True, timeout_s: float = 600) ->
 
 
 def replay(injections: list[Injection], run_dir: str | Path, t0: float,
-           phase: str = "backward", alive=lambda: True) -> list[dict]:
+           phase: str = "backward", alive=lambda: True, token: str | None = None
+           ) -> list[dict]:
     """Send each request at t0 + its time (t0: wall clock of the end of step 0). Returns
     one record per request with the wall time it was sent. Raises RuntimeError when the
-    job ends first or `odyssey inject` refuses (e.g. the rank has already exited)."""
-    from launch import inject
-
+    job ends first or `odyssey inject` refuses (e.g. the rank has already exited, or the
+    token is not the job's)."""
     done = []
     for inj in injections:
         delay = t0 + inj.time_s - time.time()
@@ -125,7 +131,7 @@ def replay(injections: list[Injection], run_dir: str | Path, t0: float,
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:
-                rc = inject.main(inj.argv(run_dir, phase))
+                rc = inject.main(inj.argv(run_dir, phase, token))
             except SystemExit as e:  # inject exits with a message when the job is gone
                 rc, msg = 2, str(e)
                 err.write(msg)
@@ -142,12 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", required=True, help="ms,add|remove,nodeN file")
     p.add_argument("--world-size", type=int, required=True,
                    help="ranks the job was launched with (one per trace node)")
-    p.add_argument("--phase", default="backward",
-                   choices=("step", "forward", "backward", "allreduce", "commit"),
+    p.add_argument("--phase", default="backward", choices=STEP_PHASES,
                    help="where in its next step a removed node's rank is killed "
                    "(default: %(default)s)")
     p.add_argument("--wait-s", type=float, default=600,
                    help="how long to wait for the job's step 0 (default: %(default)s)")
+    p.add_argument("--token", default=None, metavar="TOKEN",
+                   help=f"the job token (default: read RUN_DIR/{contract.TOKEN_FILE})")
     return p
 
 
@@ -161,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     try:
         t0 = wait_for_step0(run_dir, timeout_s=args.wait_s)
-        for rec in replay(injections, run_dir, t0, args.phase):
+        token = inject.check_token(run_dir, args.token)
+        for rec in replay(injections, run_dir, t0, args.phase, token=token):
             print(f"t={rec['sent_s']:7.2f}s {rec['kind']} {rec['node']} (rank {rec['rank']})",
                   flush=True)
+    except TokenError as e:
+        print(f"odyssey replay: refused: {e}; pass the job's token with --token",
+              file=sys.stderr)
+        return 2
     except (RuntimeError, TimeoutError) as e:
         print(f"odyssey replay: {e}", file=sys.stderr)
         return 1

@@ -19,34 +19,52 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
-from odyssey.config import add_dataclass_args, from_args
 from planner.cluster.bench import ModelConfig, TraceConfig, run_policies, save, table
 from planner.cluster.policies import SIM_POLICIES
 from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig
 from planner.plan import PlanError
+from profiler.configtree import ConfigParser, section
 from profiler.profile import ProfileError
 
+POLICY_CHOICES = (*SIM_POLICIES, "reroute+bf")
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="odyssey simulate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policies", nargs="+", default=list(SIM_POLICIES),
-                    choices=[*SIM_POLICIES, "reroute+bf"], help="policies to simulate")
-    ap.add_argument("--out", default=None,
-                    help="folder for NAME.json, NAME-timeline.png, NAME-bars.png")
-    ap.add_argument("--name", default="simulate", help="file name stem under --out")
-    for cls in (ModelConfig, ClusterConfig, TraceConfig, TransitionConfig, SimConfig):
-        add_dataclass_args(ap, cls)
-    return ap
+
+@dataclass(frozen=True)
+class SimulateCommand:
+    """What `odyssey simulate` runs (the model, cluster, trace, transition and simulator
+    sections' flags carry no namespace: --num-nodes, --trace, ...)."""
+
+    policies: tuple[str, ...] = SIM_POLICIES
+    """Policies to simulate, of adaptive, reroute, reroute+bf, reparallelize, redundant,
+    restart, drop-replica."""
+    out: str = ""
+    """Folder for NAME.json, NAME-timeline.png, NAME-bars.png (empty: print only)."""
+    name: str = "simulate"
+    """File name stem under --out."""
+    model: ModelConfig = section(ModelConfig, flat=True)
+    cluster: ClusterConfig = section(ClusterConfig, flat=True)
+    trace: TraceConfig = section(TraceConfig, flat=True)
+    transition: TransitionConfig = section(TransitionConfig, flat=True)
+    sim: SimConfig = section(SimConfig, flat=True)
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.policies if p not in POLICY_CHOICES]
+        if unknown:
+            raise ValueError(f"--policies: unknown {unknown}; choose from {POLICY_CHOICES}")
+
+
+def build_parser() -> ConfigParser:
+    return ConfigParser(SimulateCommand, prog="odyssey simulate", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    cmd = build_parser().parse_config(argv)
     try:
-        out = run_policies(from_args(ModelConfig, args), from_args(ClusterConfig, args),
-                           from_args(TraceConfig, args), from_args(TransitionConfig, args),
-                           from_args(SimConfig, args), tuple(args.policies))
+        out = run_policies(cmd.model, cmd.cluster, cmd.trace, cmd.transition, cmd.sim,
+                           cmd.policies)
     except (PlanError, ProfileError, ValueError) as e:
         print(f"odyssey simulate: {e}", file=sys.stderr)
         return 2
@@ -56,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
           f"start)\ninitial plan: {s['initial_plan']}; failure-free {s['ff_samples_per_s']:.2f}"
           f" samples/s ({s['full_plan']}); simulated in {s['elapsed_s']:.1f} s")
     print(table(out))
-    if args.out:
-        for p in save(out, args.out, args.name):
+    if cmd.out:
+        for p in save(out, cmd.out, cmd.name):
             print(f"wrote {p}")
     return 0
 

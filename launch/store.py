@@ -13,6 +13,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from odyssey import contract
+from odyssey.netaddr import is_loopback
+
 log = logging.getLogger("launch")
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -69,19 +72,23 @@ def connect_store(addr: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     return TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def use_external_store(endpoint: str) -> HostedStore:
+    """A client of the store ``odyssey store`` serves at ``endpoint`` (--store-endpoint).
+
+    Wrapped as a HostedStore so both paths look alike; closing it drops only the client.
+    A store that already saw a job end is refused: its keys would mislead this one.
+    """
+    addr, _, port = endpoint.rpartition(":")
+    store = connect_store(addr, int(port))
+    if store.check([contract.JOB_STATUS]):
+        raise RuntimeError("it already holds a finished job's keys; start a fresh "
+                           "`odyssey store` for each job")
+    return HostedStore(store=store, addr=addr, port=int(port))
+
+
 def _is_ipv6(addr: str) -> bool:
     try:
         return ipaddress.ip_address(addr.strip("[]")).version == 6
-    except ValueError:
-        return False
-
-
-def is_loopback(addr: str) -> bool:
-    """True for ``localhost`` and loopback IP literals."""
-    if addr == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(addr.strip("[]")).is_loopback
     except ValueError:
         return False
 

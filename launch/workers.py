@@ -1,4 +1,8 @@
-"""Spawning worker processes, building their environment, and signalling them."""
+"""Spawning worker processes, building their environment, and signalling them.
+
+:class:`ProcessBackend` is the default backend of :func:`launch.supervise.supervise`:
+this node's workers as local child processes (the Ray backend runs them in actors).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from odyssey import contract
+from odyssey.netaddr import interface_of, is_loopback
 
 _SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pdeathsig.py")
 
@@ -30,6 +36,10 @@ class JobLayout:
     run_dir: str
     run_id: str = "none"
     role: str = "default"
+    host: str = "127.0.0.1"
+    """This node's address: its workers bind and advertise it (``ODYSSEY_HOST``)."""
+    token: str | None = None
+    """The job token workers sign control commands with (``ODYSSEY_TOKEN``)."""
 
     def global_rank(self, local_rank: int) -> int:
         """Global rank of ``local_rank`` on this node."""
@@ -69,8 +79,17 @@ def worker_env(
             contract.ENV_STORE_PORT: str(layout.store_port),
             contract.ENV_RUN_DIR: layout.run_dir,
             contract.ENV_LAUNCHER: "1",
+            contract.ENV_HOST: layout.host,
         }
     )
+    if layout.token is not None:
+        env[contract.ENV_TOKEN] = layout.token
+    if not is_loopback(layout.host):
+        # For scripts that call init_process_group("gloo") themselves: without it gloo
+        # binds the address the host name resolves to, often 127.0.0.1 in containers.
+        ifname = interface_of(layout.host)
+        if ifname is not None:
+            env.setdefault(contract.ENV_GLOO_IFNAME, ifname)
     # User settings win for these; the defaults keep 2-core boxes usable and silence
     # TCPStore's per-timeout warnings, which workers polling the store trigger constantly.
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -155,3 +174,41 @@ def kill_leftovers(worker: Worker) -> None:
 def hostname() -> str:
     """This machine's name, for records and logs."""
     return socket.gethostname()
+
+
+class ProcessBackend:
+    """This node's workers as child processes of the launcher (``--backend torchrun``)."""
+
+    def __init__(self, cmd: Sequence[str], layout: JobLayout) -> None:
+        self.cmd = list(cmd)
+        self.layout = layout
+
+    def start_workers(self) -> Iterator[Worker]:
+        """Spawn one worker per local rank, yielding each as soon as it runs."""
+        for local_rank in range(self.layout.nproc):
+            yield spawn(self.cmd, worker_env(self.layout, local_rank),
+                        self.layout.global_rank(local_rank), local_rank)
+
+    def start_replacement(self, rank: int, local_rank: int) -> Worker:
+        """Spawn a replacement worker that joins the running job as ``rank``."""
+        env = worker_env(self.layout, local_rank)
+        env.update({"RANK": str(rank), contract.ENV_JOIN: "1"})
+        return spawn(self.cmd, env, rank, local_rank)
+
+    def worker_record(self, worker: Worker) -> dict[str, Any]:
+        """The spawn record of ``worker`` (``odyssey/workers/{rank}``)."""
+        return {"rank": worker.rank, "pid": worker.pid, "node": self.layout.node_rank,
+                "host": hostname()}
+
+    def describe(self) -> str:
+        """Where the workers run, for the start-up log line."""
+        first = self.layout.rank_offset
+        return (f"{self.layout.nproc} worker(s) (ranks {first}..{first + self.layout.nproc - 1}"
+                f" of {self.layout.world_size}), workers bind {self.layout.host}")
+
+    def launcher_info(self, final: bool) -> dict[str, Any]:
+        """Backend-specific fields of the launcher file (none beyond the common ones)."""
+        return {"host": hostname()}
+
+    def release(self) -> None:
+        """Nothing to give back: the supervision loop reaps every process."""

@@ -3,14 +3,15 @@
 The profile is either given (emulated mode: the configured durations) or measured online
 from the timings every rank sends with its commit vote. The event simulator predicts a
 plan's step time from it; a correction factor, the median measured/predicted ratio of
-recent steps, absorbs what the model leaves out (Python, polling, contention). The
-factor lives in the store so a new leader inherits it.
+recent steps (`planner.calibrate`, kind 'step', estimator 'median'), absorbs what the
+model leaves out (Python, polling, contention). This module is the runtime's side: it
+feeds the leader's measured steps in and keeps the factor in the store, so a new leader
+inherits it.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections import deque
+import math
 from collections.abc import Callable
 
 import torch
@@ -19,12 +20,11 @@ import torch.distributed as dist
 from odyssey import contract
 from odyssey.model import LayeredModel
 from odyssey.online_profile import OnlineProfile
+from planner.calibrate import Calibration, CalibrationConfig
 from planner.cost import CostModel
 from planner.plan import Plan
 from planner.simulate import simulate_plan
 from profiler.profile import Profile
-
-FACTOR_KEY = contract.CALIBRATION_FACTOR
 
 
 class StepTimeModel:
@@ -37,7 +37,10 @@ class StepTimeModel:
         self.store = store
         self.profile = profile
         self.online = OnlineProfile(model.num_layers)
-        self._ratios: deque[float] = deque(maxlen=window)
+        # the raw median, unclamped: a whole step can be far slower than a profile that
+        # leaves most of it out (emulated compute of 0 ms)
+        self.calibration = Calibration(CalibrationConfig(
+            estimator="median", window=window, min_factor=0.0, max_factor=math.inf))
         self._predicted_now: float | None = None
 
     def observe_votes(self, votes: dict[int, dict]) -> None:
@@ -57,7 +60,8 @@ class StepTimeModel:
     def predictor(self) -> Callable[[Plan], float]:
         """Calibrated prediction (simulator x the current correction factor)."""
         sim = self.simulator()
-        factor = float(self.store.get(FACTOR_KEY)) if self.store.check([FACTOR_KEY]) else 1.0
+        key = contract.CALIBRATION_FACTOR
+        factor = float(self.store.get(key)) if self.store.check([key]) else 1.0
         return lambda plan: sim(plan) * factor
 
     def observe_step(self, plan: Plan, seconds: float, first_of_generation: bool) -> None:
@@ -67,9 +71,10 @@ class StepTimeModel:
             return
         if self._predicted_now is None:
             self._predicted_now = self.simulator()(plan)
-        self._ratios.append(seconds / self._predicted_now)
-        if len(self._ratios) >= 2:  # one store write per step
-            self.store.set(FACTOR_KEY, repr(statistics.median(self._ratios)))
+        self.calibration.observe("step", self._predicted_now, seconds)
+        stats = self.calibration.kinds.get("step")
+        if stats is not None and stats.accepted >= 2:  # one store write per step
+            self.store.set(contract.CALIBRATION_FACTOR, repr(stats.factor))
 
     def layer_bytes(self) -> list[float]:
         """Parameter + AdamW state bytes per layer (what a migration moves)."""

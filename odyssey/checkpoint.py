@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import threading
 from pathlib import Path
@@ -19,11 +18,9 @@ import torch
 
 from odyssey import contract
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
 
 def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
+    return root / contract.checkpoint_step_dir(step)
 
 
 def _clone_state(obj):
@@ -64,7 +61,7 @@ class Checkpointer:
                 d = _step_dir(self.root, step)
                 d.mkdir(parents=True, exist_ok=True)
                 for i, state in snapshot.items():
-                    _atomic_save(state, d / f"layer_{i:04d}.pt")
+                    _atomic_save(state, d / contract.checkpoint_layer_file(i))
                 if meta is not None:
                     tmp = d / (contract.CHECKPOINT_META + ".tmp")
                     tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
@@ -98,10 +95,10 @@ def complete_steps(root: str | os.PathLike, num_layers: int) -> list[int]:
         return []
     out = []
     for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
+        m = contract.CHECKPOINT_STEP_DIR.match(d.name)
         if not m or not (d / contract.CHECKPOINT_META).exists():
             continue
-        if all((d / f"layer_{i:04d}.pt").exists() for i in range(num_layers)):
+        if all((d / contract.checkpoint_layer_file(i)).exists() for i in range(num_layers)):
             out.append(int(m.group(1)))
     return sorted(out)
 
@@ -116,5 +113,5 @@ def read_meta(root: str | os.PathLike, step: int) -> dict:
 
 
 def load_layer(root: str | os.PathLike, step: int, layer: int) -> dict:
-    path = _step_dir(Path(root), step) / f"layer_{layer:04d}.pt"
+    path = _step_dir(Path(root), step) / contract.checkpoint_layer_file(layer)
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -14,7 +14,6 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from odyssey import contract
-from odyssey.comm import StepAborted
 
 COMMIT = "commit"
 ABORT = "abort"
@@ -39,20 +38,20 @@ class CommitProtocol:
 
     def vote(self, worker_id: int, step: int, payload: dict) -> str:
         """Record this rank's vote; block until the step is decided; return the decision."""
-        p = contract.step_prefix(self.generation, step)
-        self.store.set(contract.vote_key(self.generation, step, worker_id), json.dumps(payload))
-        if self.store.add(f"{p}/votes", 1) == len(self.members):
-            self.store.compare_set(f"{p}/decision", "", COMMIT)
+        g = self.generation
+        self.store.set(contract.vote_key(g, step, worker_id), json.dumps(payload))
+        if self.store.add(contract.vote_count_key(g, step), 1) == len(self.members):
+            self.store.compare_set(contract.decision_key(g, step), "", COMMIT)
         return self.wait_decision(step)
 
     def abort(self, step: int, reason: str) -> str:
         """Try to abort `step`; returns the decision that stands (commit may have won)."""
-        p = contract.step_prefix(self.generation, step)
-        self.store.compare_set(f"{p}/reason", "", reason)
-        return self.store.compare_set(f"{p}/decision", "", ABORT).decode()
+        g = self.generation
+        self.store.compare_set(contract.abort_reason_key(g, step), "", reason)
+        return self.store.compare_set(contract.decision_key(g, step), "", ABORT).decode()
 
     def wait_decision(self, step: int) -> str:
-        key = f"{contract.step_prefix(self.generation, step)}/decision"
+        key = contract.decision_key(self.generation, step)
         while True:
             try:
                 self.store.wait([key], self.poll)
@@ -67,8 +66,3 @@ class CommitProtocol:
         raw = self.store.multi_get([contract.vote_key(self.generation, step, w)
                                     for w in self.members])
         return {w: json.loads(v) for w, v in zip(self.members, raw)}
-
-
-def raise_if_aborted(decision: str, step: int) -> None:
-    if decision != COMMIT:
-        raise StepAborted(f"step {step} aborted")

@@ -13,6 +13,7 @@ stale value of an old one. JSON values are UTF-8 bytes.
 from __future__ import annotations
 
 import json
+import re
 import signal as _signal
 from dataclasses import asdict, dataclass
 
@@ -28,6 +29,12 @@ ENV_HOST = "ODYSSEY_HOST"
 """Address this worker binds and advertises for its communication transport (gloo)."""
 ENV_JOIN = "ODYSSEY_JOIN"
 """'1' for a replacement worker joining a running job."""
+ENV_TOKEN = "ODYSSEY_TOKEN"
+"""The job token (hex): workers sign the control commands they write (fences) and
+ignore those without a valid HMAC (injects); see odyssey/control.py."""
+ENV_GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
+"""gloo's own variable: the interface ``init_process_group("gloo")`` binds (set by the
+launcher of a multi-node job to the interface of ``ODYSSEY_HOST``, unless already set)."""
 ENV_BENCH_PROFILE_DIR = "ODYSSEY_BENCH_PROFILE_DIR"
 """Benchmarks only: where the DeepSpeed-comparison worker writes per-rank op timings."""
 ENV_OPLOG_DIR = "ODYSSEY_OPLOG_DIR"
@@ -42,7 +49,23 @@ FAULTS_FILE = "faults.jsonl"
 """Injected faults as they fire (also readable by a later torchrun attempt)."""
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_META = "meta.json"
+"""In each step's checkpoint directory: step, sampler position, the plan that wrote it."""
+CHECKPOINT_STEP_DIR = re.compile(r"^step_(\d{8})$")
+"""Name of one step's checkpoint directory under CHECKPOINT_DIR (group 1: the step)."""
+
+
+def checkpoint_step_dir(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_layer_file(layer: int) -> str:
+    """One layer's parameters and optimizer state in a step's checkpoint directory."""
+    return f"layer_{layer:04d}.pt"
+
+
 TENSORBOARD_DIR = "tensorboard"
+TOKEN_FILE = "job-token"
+"""The job token, readable by its owner only (mode 0600); `odyssey inject`/`replay` read it."""
 
 
 def launcher_file(node_rank: int) -> str:
@@ -59,6 +82,9 @@ LAUNCH_STORE = "odyssey/launch/store"
 """Multi-node start-up (rendezvous store): ``addr:port`` of the job store node 0 hosts."""
 LAUNCH_RUN_DIR = "odyssey/launch/run_dir"
 """Multi-node start-up (rendezvous store): the run directory node 0 chose."""
+LAUNCH_TOKEN = "odyssey/launch/token"
+"""Multi-node start-up (rendezvous store): the job token node 0 created, unless every
+launcher was given one (--token-file)."""
 
 
 def launch_nproc_key(node: int) -> str:
@@ -74,6 +100,21 @@ def step_prefix(generation: int, step: int) -> str:
 def vote_key(generation: int, step: int, rank: int) -> str:
     """JSON vote of `rank` for that step (loss sum, sample ids, timings)."""
     return f"{step_prefix(generation, step)}/vote/{rank}"
+
+
+def vote_count_key(generation: int, step: int) -> str:
+    """How many members voted for that step (the last voter decides commit)."""
+    return f"{step_prefix(generation, step)}/votes"
+
+
+def decision_key(generation: int, step: int) -> str:
+    """That step's outcome, commit or abort: one compare-and-set, first writer wins."""
+    return f"{step_prefix(generation, step)}/decision"
+
+
+def abort_reason_key(generation: int, step: int) -> str:
+    """Why that step was aborted (the first reason given)."""
+    return f"{step_prefix(generation, step)}/reason"
 
 
 def group_prefix(generation: int, name: str) -> str:
@@ -93,7 +134,8 @@ def exit_key(rank: int) -> str:
 
 
 def fence_key(rank: int) -> str:
-    """Set (value: reason) by anyone to ask the owning launcher to kill `rank`."""
+    """Set (value: the reason, signed with the job token) to ask the owning launcher to
+    kill `rank`; an unsigned or forged value is ignored (odyssey/control.py)."""
     return f"odyssey/fence/{rank}"
 
 
@@ -156,10 +198,14 @@ INJECT_COUNT = "odyssey/inject/count"
 
 
 def inject_key(index: int) -> str:
-    """A fault spec string from `odyssey inject` (step=-1: the next step)."""
+    """A fault spec string from `odyssey inject` (step=-1: the next step), signed with the
+    job token; ranks ignore one without a valid HMAC (odyssey/control.py)."""
     return f"odyssey/inject/{index}"
 
 
+TOKEN_CHECK = "odyssey/token/check"
+"""HMAC of this very key name under the job token, set by the launchers: a control CLI
+checks its token against it before sending anything (the token itself is never stored)."""
 SPAWN_COUNT = "odyssey/spawn/count"
 """Counter of replacement-worker requests; request i is ``odyssey/spawn/{i}``."""
 NEXT_RANK = "odyssey/next_rank"
@@ -167,7 +213,8 @@ NEXT_RANK = "odyssey/next_rank"
 
 
 def spawn_key(index: int) -> str:
-    """JSON ``{"node", "reason"}``: start one replacement worker on that node."""
+    """JSON ``{"node", "reason"}``, signed with the job token: start one replacement
+    worker on that node (launchers ignore an unsigned or forged request)."""
     return f"odyssey/spawn/{index}"
 
 

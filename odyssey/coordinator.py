@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
 from odyssey import checkpoint as ckpt
@@ -25,18 +24,12 @@ from odyssey.comm import Comm, CommConfig, CommError, StepAborted
 from odyssey.commit import CommitProtocol
 from odyssey.engine import Engine
 from odyssey.membership import Membership, agree
-from odyssey.migrate import layer_digest, pack_layer, packed_size, unpack_layer
+from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
+from planner.decision import RecoveryDecision
 from planner.plan import Plan
 from planner.program import Channel, Program, compile_plan
-from planner.recovery import (
-    RecoveryCandidate,
-    RecoveryConfig,
-    RecoveryContext,
-    build_candidates,
-    choose,
-    score,
-)
+from planner.recovery import RecoveryConfig, RecoveryContext, build_candidates, choose, score
 
 
 class RecoveryFailed(RuntimeError):
@@ -55,18 +48,22 @@ class Generation:
     members: list[int]
     timeline: dict = field(default_factory=dict)
     """Wall times of this rank's recovery phases (empty for generation 0)."""
-    decision: dict | None = None
+    decision: RecoveryDecision | None = None
     """The leader's published recovery decision that created this generation."""
 
 
 class Coordinator:
-    """Owns this rank's generations; see the module docstring."""
+    """Owns this rank's generations; see the module docstring.
+
+    `before_migrate(resume_step)` is called once a transition's new groups exist, before
+    any state moves (fault injection)."""
 
     def __init__(self, store: dist.Store, rank: int, engine: Engine, monitor: FailureMonitor,
                  comm_cfg: CommConfig, recovery: RecoveryConfig, ckpt_dir,
                  predictor: Callable[[], Callable[[Plan], float]],
                  layer_bytes: Callable[[], list[float]],
-                 say: Callable[..., None]):
+                 say: Callable[..., None],
+                 before_migrate: Callable[[int], None] | None = None):
         self.store = store
         self.rank = rank
         self.engine = engine
@@ -77,13 +74,12 @@ class Coordinator:
         self.predictor = predictor
         self.layer_bytes = layer_bytes
         self.say = say
+        self._before_migrate = before_migrate
         self.current: Generation | None = None
-        self.trained_plan: Plan | None = None
-        """Plan of the last generation that committed a step (what ranks really hold)."""
+        self._trained_plan: Plan | None = None  # of the last generation that committed
+        self._adopted: tuple[int, list[int]] | None = None  # a joiner's starting point
         self._graveyard: list[Comm] = []  # old groups: destroying them can block
         self._interrupted = 0
-        self.before_migrate: Callable[[int], None] | None = None
-        """Called with the resume step once the new groups exist (fault injection)."""
 
     # ---- generations ---------------------------------------------------------------
     def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None) -> Generation:
@@ -97,8 +93,14 @@ class Coordinator:
         gen = self._open(number, plan)
         self.engine.install(gen.program, gen.comm, gen.commit)
         self._activate(gen)
-        self.trained_plan = plan
+        self._trained_plan = plan
         return gen
+
+    def adopt(self, plan: Plan, number: int, members: list[int]) -> None:
+        """A replacement worker starts from the job's generation `number` (run by
+        `members` under `plan`) without training in it; `recover` joins the next one."""
+        self._trained_plan = plan
+        self._adopted = (number, list(members))
 
     def _activate(self, gen: Generation) -> None:
         if self.current is not None:
@@ -110,16 +112,18 @@ class Coordinator:
 
     def committed(self) -> None:
         """A step committed under the current generation."""
-        self.trained_plan = self.current.plan
+        self._trained_plan = self.current.plan
 
     # ---- recovery ------------------------------------------------------------------
-    def recover(self, committed_step: int, reason: str, newcomer: bool = False
-                ) -> tuple[Generation, int]:
+    def recover(self, committed_step: int, reason: str) -> tuple[Generation, int]:
         """Move to a new generation; return it and the first step to run."""
-        previous = list(self.current.members) if self.current else []
+        if self.current is not None:
+            number, previous = self.current.number + 1, list(self.current.members)
+        elif self._adopted is not None:
+            number, previous = self._adopted[0] + 1, list(self._adopted[1])
+        else:
+            raise RuntimeError("recover() before begin() or adopt()")
         self._interrupted = 0
-        number = self.current.number + 1 if self.current else int(
-            self.store.get(contract.GENERATION)) + 1
         while True:
             t0 = time.time()
             m: Membership | None = None
@@ -128,7 +132,7 @@ class Coordinator:
                 t_agreed = time.time()
                 decision = self._decide(m) if self.rank == m.leader else self._await_decision(m)
                 t_planned = time.time()
-                gen, resume = self._transition(m, decision, committed_step)
+                gen, resume = self._transition(m, decision)
                 gen.timeline.update(agree_start=t0, agreed=t_agreed, planned=t_planned)
                 return gen, resume
             except (StepAborted, CommError, TimeoutError) as e:
@@ -139,64 +143,64 @@ class Coordinator:
                 number += 1
                 self._interrupted += 1
 
-    def _decide(self, m: Membership) -> dict:
-        ctx = RecoveryContext(self.trained_plan, m.members, m.committed_step,
-                              self.layer_bytes(),
-                              ckpt.latest_step(self.ckpt_dir, self.trained_plan.num_layers),
+    def _decide(self, m: Membership) -> RecoveryDecision:
+        trained = self._trained_plan
+        ctx = RecoveryContext(trained, m.members, m.committed_step, self.layer_bytes(),
+                              ckpt.latest_step(self.ckpt_dir, trained.num_layers),
                               m.newcomers)
         predict = self.predictor()
         cands, dropped = build_candidates(ctx, predict)
         score(cands, ctx, self.recovery, predict)
         chosen = choose(cands, self.recovery)
-        decision = {"chosen": chosen.to_dict(), "policy": self.recovery.policy,
-                    "horizon_s": self.recovery.horizon_s,
-                    "candidates": [c.row() for c in sorted(cands, key=lambda c: -c.score)],
-                    "dropped": dropped, "membership": json.loads(m.to_json()),
-                    "ranks_lost": sorted(set(self.trained_plan.ranks) - set(m.members)),
-                    "interrupted": self._interrupted, "time": time.time()}
-        self.store.set(contract.plan_key(m.generation), json.dumps(decision))
+        decision = RecoveryDecision(
+            generation=m.generation, chosen=chosen, policy=self.recovery.policy,
+            horizon_s=self.recovery.horizon_s, members=m.members,
+            committed_step=m.committed_step, agreed_at=m.decided_at, decided_at=time.time(),
+            candidates=[c.row() for c in sorted(cands, key=lambda c: -c.score)],
+            dropped=dropped, ranks_lost=sorted(set(trained.ranks) - set(m.members)),
+            newcomers=m.newcomers, interrupted=self._interrupted)
+        self.store.set(contract.plan_key(m.generation), json.dumps(decision.to_dict()))
         return decision
 
-    def _await_decision(self, m: Membership) -> dict:
+    def _await_decision(self, m: Membership) -> RecoveryDecision:
         key = contract.plan_key(m.generation)
         self.monitor.watch(m.generation, m.members)
         while True:
             try:
                 self.store.wait([key], _td(self.comm_cfg.poll_s))
-                return json.loads(self.store.get(key))
+                return RecoveryDecision.from_dict(json.loads(self.store.get(key)))
             except dist.DistStoreError:
                 reason = self.monitor.abort_check()
                 if reason:
                     raise StepAborted(f"while waiting for the recovery plan: {reason}") from None
 
-    def _transition(self, m: Membership, decision: dict, committed_step: int
+    def _transition(self, m: Membership, decision: RecoveryDecision
                     ) -> tuple[Generation, int]:
-        cand = RecoveryCandidate.from_dict(decision["chosen"])
+        cand = decision.chosen
+        held = self.engine.held
+        wire = transport_device(self.comm_cfg.backend, self.engine.device)
         self.monitor.watch(m.generation, m.members)
-        mine_out = [t for t in cand.transfers if t.src == self.rank]
         # pack what we send before the new plan reshapes our layers
-        outgoing = [(t.layer, t.dst, pack_layer(self.engine.layers[t.layer],
-                                                self.engine.optimizers[t.layer]))
-                    for t in mine_out]
+        outgoing = [(t.dst, held.pack(t.layer, wire))
+                    for t in cand.transfers if t.src == self.rank]
         extra = sorted({Channel(t.src, t.dst, "mig") for t in cand.transfers},
                        key=lambda c: (c.src, c.dst))
         gen = self._open(m.generation, cand.plan, extra)
         gen.decision = decision
         t_rebuilt = time.time()
         self.engine.install(gen.program, gen.comm, gen.commit, keep=True)
-        if self.before_migrate is not None:
-            self.before_migrate(cand.resume_step)
-        sends = [gen.comm.send(flat, dst, "mig") for _, dst, flat in outgoing]
-        if cand.from_checkpoint:
-            self._reload(cand, gen)
+        if self._before_migrate is not None:
+            self._before_migrate(cand.resume_step)
+        sends = [gen.comm.send(flat, dst, "mig") for dst, flat in outgoing]
+        if cand.from_checkpoint:  # resume_step 0: no checkpoint, from initial weights
+            step = cand.resume_step - 1
+            self.engine.load_checkpoint(self.ckpt_dir, step if step >= 0 else None)
         else:
             for t in sorted(cand.transfers, key=lambda t: (t.layer, t.src, t.dst)):
                 if t.dst != self.rank:
                     continue
-                layer = self.engine.layers[t.layer]
-                buf = torch.empty(packed_size(layer))
-                gen.comm.wait(gen.comm.recv(buf, t.src, "mig"))
-                unpack_layer(buf, layer, self.engine.optimizers[t.layer])
+                buf = held.receive_buffer(t.layer, wire)
+                held.unpack(t.layer, gen.comm.wait(gen.comm.recv(buf, t.src, "mig")))
         for p in sends:
             gen.comm.wait(p)
         t_migrated = time.time()
@@ -212,15 +216,6 @@ class Coordinator:
                      cand.resume_step)
         return gen, cand.resume_step
 
-    def _reload(self, cand: RecoveryCandidate, gen: Generation) -> None:
-        step = cand.resume_step - 1
-        stage = cand.plan.stage(self.rank)
-        for i in stage.layers:
-            if step < 0:
-                self.engine.reset_layer(i)
-            else:
-                self.engine.load_layer_state(i, ckpt.load_layer(self.ckpt_dir, step, i))
-
     def _verify(self, gen: Generation) -> None:
         """Every replica of every layer must be bit-identical before training resumes."""
         verdict = self._compare_digests(gen, str(gen.number))
@@ -232,8 +227,7 @@ class Coordinator:
         return self._compare_digests(self.current, f"{self.current.number}/final") == "ok"
 
     def _compare_digests(self, gen: Generation, tag: str) -> str:
-        stage = gen.plan.stage(self.rank)
-        mine = {i: layer_digest(self.engine.layers[i]) for i in stage.layers}
+        mine = self.engine.layer_digests()  # the engine runs `gen`'s program
         self.store.set(contract.checksum_key(tag, self.rank), json.dumps(mine))
         key = contract.verdict_key(tag)
         if self.rank == min(gen.members):

@@ -30,9 +30,6 @@ class Sampler:
         base = step * self.global_batch + microbatch * self.microbatch_size
         return list(range(base, base + self.microbatch_size))
 
-    def step_sample_ids(self, step: int) -> list[int]:
-        return [s for m in range(self.num_microbatches) for s in self.sample_ids(step, m)]
-
 
 @dataclass(frozen=True)
 class ArithmeticTokens:

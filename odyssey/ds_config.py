@@ -21,9 +21,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from odyssey.engine import OptimizerConfig
+from odyssey.job_config import JobConfig
 from planner.plan import Plan
 
 IGNORED_KEYS = frozenset({
@@ -174,14 +174,16 @@ def settings(source: str | Path | dict, dp: int) -> DSSettings:
                       gradient_accumulation_steps=gas, optimizer=optimizer(config))
 
 
-def apply(cfg: Any, world_size: int) -> tuple[Any, OptimizerConfig]:
-    """(TrainConfig with the config's batch layout and lr, its AdamW settings) for
-    `cfg.ds_config`; DP comes from the plan file, --dp, or world_size // --pp."""
-    if cfg.plan_file:
-        dp = len(Plan.from_json(Path(cfg.plan_file).read_text()).pipelines)
+def apply(job: JobConfig, world_size: int) -> JobConfig:
+    """`job` with the batch layout and AdamW settings of its `training.ds_config` (they
+    win over the flags); DP comes from the plan file, `parallelism.dp`, or
+    world_size // pp."""
+    par = job.parallelism
+    if par.plan_file:
+        dp = len(Plan.from_json(Path(par.plan_file).read_text()).pipelines)
     else:
-        dp = cfg.dp or max(1, world_size // cfg.pp)
-    ds = settings(cfg.ds_config, dp)
-    optim = ds.optimizer or OptimizerConfig(lr=cfg.lr)
-    return dataclasses.replace(cfg, microbatch_size=ds.microbatch_size,
-                               num_microbatches=ds.num_microbatches, lr=optim.lr), optim
+        dp = par.dp or max(1, world_size // par.pp)
+    ds = settings(job.training.ds_config, dp)
+    training = dataclasses.replace(job.training, microbatch_size=ds.microbatch_size,
+                                   num_microbatches=ds.num_microbatches)
+    return dataclasses.replace(job, training=training, optimizer=ds.optimizer or job.optimizer)

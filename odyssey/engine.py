@@ -8,18 +8,21 @@ protocol says every member finished the step.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from chameleon import SwapConfig, SwapManager
 from odyssey.comm import Comm, Pending, StepAborted
 from odyssey.commit import COMMIT, CommitProtocol
 from odyssey.data import Sampler
+from odyssey.held_layers import HeldLayers
 from odyssey.model import LayeredModel
 from odyssey.online_profile import stage_timing
 from planner.plan import runs_of
@@ -82,8 +85,25 @@ class StepResult:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class OpTiming:
+    """One executed instruction, as an op hook sees it (`Engine.add_op_hook`)."""
+
+    step: int
+    instruction: Instruction
+    start_s: float
+    """`time.perf_counter()` when it started (CLOCK_MONOTONIC on Linux: one clock for
+    every process of a host)."""
+    end_s: float
+    """`time.perf_counter()` when it returned."""
+    thread_cpu_s: float
+    """CPU seconds of the executing thread spent in it (`time.thread_time`)."""
+
+
 class Engine:
-    """Holds one rank's layers and optimizers and executes its instructions."""
+    """Holds one rank's layers and optimizers and executes its instructions.
+
+    `before_op(step, op)` is called before each instruction (fault injection)."""
 
     def __init__(
         self,
@@ -93,6 +113,7 @@ class Engine:
         worker_id: int,
         optim: OptimizerConfig | None = None,
         device: torch.device | str = "cpu",
+        before_op: Callable[[int, Op], None] | None = None,
     ):
         self.model = model
         self.data = data
@@ -100,16 +121,16 @@ class Engine:
         self.worker_id = worker_id
         self.optim_cfg = optim or OptimizerConfig()
         self.device = torch.device(device)
-        self.layers: dict[int, nn.Module] = {}
-        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.held = HeldLayers(model, self.device,
+                               lambda layer: make_optimizer(layer, self.optim_cfg))
+        """This rank's layers with their optimizers: checkpoints and migration use it."""
         self.program: Program | None = None
         self.comm: Comm | None = None
         self.commit: CommitProtocol | None = None
-        self.before_op: Callable[[int, Op], None] | None = None
-        """Called before each instruction (fault injection, tracing)."""
-        self.swap_options: dict | None = None
-        """Chameleon SwapConfig fields when activation swapping is on (None: off)."""
-        self.swap = None
+        self._before_op = before_op
+        self._op_hooks: list[Callable[[OpTiming], None]] = []
+        self._swap_cfg: SwapConfig | None = None  # None: no activation swapping
+        self._swap: SwapManager | None = None
         self._stage_module: nn.ModuleList | None = None
 
     # ---- configuration -------------------------------------------------------------
@@ -121,41 +142,55 @@ class Engine:
         set (a transition that fails half-way must still find the old state intact).
         """
         self.program, self.comm, self.commit = program, comm, commit
-        stage = program.plan.stage(self.worker_id)
         if not keep:
             self.prune()
-        for i in stage.layers:
-            if i not in self.layers:
-                self.reset_layer(i)
-        self._setup_swap(stage.layers)
+        for i in self.stage_layers:
+            if i not in self.held:
+                self.held.reset(i)
+        self._setup_swap()
 
-    def _setup_swap(self, held: range) -> None:
+    def enable_swap(self, cfg: SwapConfig) -> None:
+        """Swap saved activations with Chameleon as `cfg` says (from the next `install`
+        on; its `layers` become this rank's stage)."""
+        self._swap_cfg = cfg
+
+    def add_op_hook(self, hook: Callable[[OpTiming], None]) -> None:
+        """Call `hook` after every instruction this rank executes (telemetry, profiling;
+        with no hook the loop takes no extra timings)."""
+        self._op_hooks.append(hook)
+
+    def _setup_swap(self) -> None:
         """(Re)create Chameleon's manager over this rank's stage (its layers changed)."""
-        if self.swap_options is None:
+        if self._swap_cfg is None:
             return
-        from chameleon import SwapConfig, SwapManager  # optional: only when swapping
-
-        if self.swap is not None:
-            self.swap.close()
-        layers = [self.layers[i] for i in held]
+        if self._swap is not None:
+            self._swap.close()
+        layers = [self.held.module(i) for i in self.stage_layers]
         self._stage_module = nn.ModuleList(layers)
-        self.swap = SwapManager(self._stage_module,
-                                SwapConfig(layers=layers, **self.swap_options), self.device)
+        self._swap = SwapManager(self._stage_module, replace(self._swap_cfg, layers=layers),
+                                self.device)
+
+    def swap_report(self) -> dict | None:
+        """Chameleon's report (None when swapping is off)."""
+        return self._swap.report() if self._swap is not None else None
 
     def prune(self) -> None:
         """Drop layers outside the current program's stage."""
-        stage = self.program.plan.stage(self.worker_id)
-        for i in [i for i in self.layers if i not in stage.layers]:
-            del self.layers[i], self.optimizers[i]
-
-    def reset_layer(self, i: int) -> None:
-        """(Re)build layer i with its initial weights and a fresh optimizer."""
-        self.layers[i] = self.model.build_layer(i).to(self.device)
-        self.optimizers[i] = make_optimizer(self.layers[i], self.optim_cfg)
+        self.held.keep_only(self.stage_layers)
 
     @property
-    def held_layers(self) -> list[int]:
-        return sorted(self.layers)
+    def stage_layers(self) -> range:
+        """Layers of this rank's stage in the installed program."""
+        return self.program.plan.stage(self.worker_id).layers
+
+    def warm_up(self) -> None:
+        """One optimizer step on a throwaway copy of layer 0: the first step in a process
+        pays seconds of lazy imports, which a joining rank pays before it announces."""
+        layer = self.model.build_layer(0)
+        opt = make_optimizer(layer, self.optim_cfg)
+        for p in layer.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
 
     # ---- execution -----------------------------------------------------------------
     def run_step(self, step: int) -> StepResult:
@@ -164,15 +199,21 @@ class Engine:
         t0 = time.perf_counter()
         st = _StepState(step)
         op_s = st.op_seconds
-        swapping = self.swap.step_context() if self.swap is not None else nullcontext()
+        swapping = self._swap.step_context() if self._swap is not None else nullcontext()
         try:
             with swapping:
                 for ins in self.program.for_rank(self.worker_id):
-                    if self.before_op is not None:
-                        self.before_op(step, ins.op)
+                    if self._before_op is not None:
+                        self._before_op(step, ins.op)
+                    cpu = time.thread_time() if self._op_hooks else 0.0
                     t = time.perf_counter()
                     self._execute(ins, st)
-                    op_s[ins.op.value] += time.perf_counter() - t
+                    end = time.perf_counter()
+                    op_s[ins.op.value] += end - t
+                    if self._op_hooks:
+                        timing = OpTiming(step, ins, t, end, time.thread_time() - cpu)
+                        for hook in self._op_hooks:
+                            hook(timing)
         except BaseException:
             self.zero_grad()
             raise
@@ -201,8 +242,7 @@ class Engine:
         elif op is Op.COMMIT:
             self._commit(st)
         elif op is Op.OPTIMIZER_STEP:
-            for i in range(ins.start, ins.end):
-                self.optimizers[i].step()
+            self.held.step(ins.start, ins.end)
             self.zero_grad()
         else:  # pragma: no cover - Op is closed
             raise ValueError(f"unknown instruction {ins}")
@@ -222,7 +262,7 @@ class Engine:
             x = st.inputs.pop(mb).requires_grad_(True)
         h = x
         for i in range(ins.start, ins.end):
-            h = self.layers[i](h)
+            h = self.held.module(i)(h)
         st.stage_inputs[mb] = x
         if ins.end == self.model.num_layers:
             ids, _, y = self._batch(st, mb)
@@ -252,14 +292,11 @@ class Engine:
                 else self.model.activation_spec(mb))
         return torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
 
-    def _params(self, start: int, end: int) -> list[torch.nn.Parameter]:
-        return [p for i in range(start, end) for p in self.layers[i].parameters()]
-
     def _flat_grads(self, start: int, end: int) -> torch.Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p)
-                 for p in self._params(start, end)]
+                 for p in self.held.parameters(start, end)]
         if not grads:  # only parameterless layers in this range
-            return torch.zeros(0)
+            return torch.zeros(0, device=self.device)
         return torch.cat([g.reshape(-1) for g in grads])
 
     def _commit(self, st: _StepState) -> None:
@@ -268,13 +305,14 @@ class Engine:
         for ins, p in st.reductions:
             flat = self.comm.wait(p)
             offset = 0
-            for param in self._params(ins.start, ins.end):
+            for param in self.held.parameters(ins.start, ins.end):
                 n = param.numel()
                 param.grad = flat[offset:offset + n].view_as(param).clone()
                 offset += n
         stage = self.program.plan.stage(self.worker_id)
         n_mb = sum(1 for i in self.program.for_rank(self.worker_id) if i.op is Op.FORWARD)
-        params = [sum(p.numel() for p in self.layers[i].parameters()) for i in stage.layers]
+        params = [sum(p.numel() for p in self.held.module(i).parameters())
+                  for i in stage.layers]
         payload = {"loss_sum": st.loss_sum, "samples": _ranges(st.sample_ids),
                    "timing": stage_timing(st.op_seconds, stage.start, stage.end, n_mb, params)}
         decision = self.commit.vote(self.worker_id, st.step, payload)
@@ -282,16 +320,19 @@ class Engine:
             raise StepAborted(f"step {st.step} aborted by the commit protocol")
 
     def zero_grad(self) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+        self.held.zero_grad()
 
-    # ---- state ---------------------------------------------------------------------
-    def layer_state(self, i: int) -> dict:
-        return {"model": self.layers[i].state_dict(), "optim": self.optimizers[i].state_dict()}
+    # ---- state of the whole stage ----------------------------------------------------
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike, step: int | None) -> None:
+        """Load this rank's stage from the checkpoint of `step` (None: initial weights).
 
-    def load_layer_state(self, i: int, state: dict) -> None:
-        self.layers[i].load_state_dict(state["model"])
-        self.optimizers[i].load_state_dict(state["optim"])
+        The one reload path: a torchrun restart resuming and an in-place restart
+        recovery both come here."""
+        self.held.load_checkpoint(ckpt_dir, step, self.stage_layers)
+
+    def layer_digests(self) -> dict[int, str]:
+        """Digest of each layer of this rank's stage (replica checks)."""
+        return self.held.digests(self.stage_layers)
 
 
 @dataclass

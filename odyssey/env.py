@@ -1,8 +1,10 @@
 """Who this worker is and where the job's store lives, read from the environment.
 
 Under `odyssey run` the launcher hosts the store (ODYSSEY_STORE_ADDR/PORT) so it outlives
-any worker. Under plain `torchrun` we use torchrun's store, under a prefix per restart
-attempt so a restarted group never reads keys of the previous attempt.
+any worker, and says which address this worker binds (ODYSSEY_HOST: its node's) and the
+job token (ODYSSEY_TOKEN). Under plain `torchrun` we use torchrun's store, under a prefix
+per restart attempt so a restarted group never reads keys of the previous attempt, and
+bind the address that routes to MASTER_ADDR (127.0.0.1 on a single node).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from odyssey import contract
+from odyssey.netaddr import is_loopback, route_addr
 
 
 @dataclass
@@ -41,6 +44,8 @@ class WorkerInfo:
     """Opens another client of the same store (for the heartbeat thread)."""
     joining: bool = False
     """A replacement worker joining a running job (ODYSSEY_JOIN=1)."""
+    token: str | None = None
+    """The job token control commands are signed with (None outside `odyssey run`)."""
 
 
 def store_client(addr: str, port: int, timeout_s: float = 120.0) -> dist.TCPStore:
@@ -58,16 +63,16 @@ def worker_from_env(timeout_s: float = 120.0) -> WorkerInfo:
             "`odyssey run --nproc-per-node N script.py` or `torchrun ...`"
         )
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    host = env.get(contract.ENV_HOST, "127.0.0.1")
     if contract.ENV_STORE_ADDR in env:
         addr, port = env[contract.ENV_STORE_ADDR], int(env[contract.ENV_STORE_PORT])
         return WorkerInfo(rank, world, store_client(addr, port, timeout_s),
                           int(env.get("LOCAL_RANK", 0)), 0, "odyssey",
-                          env.get(contract.ENV_RUN_DIR), host,
+                          env.get(contract.ENV_RUN_DIR), env[contract.ENV_HOST],
                           lambda: store_client(addr, port, timeout_s),
-                          env.get(contract.ENV_JOIN) == "1")
+                          env.get(contract.ENV_JOIN) == "1", env.get(contract.ENV_TOKEN))
     attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
     addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    host = "127.0.0.1" if is_loopback(addr) else (route_addr(addr, port) or "127.0.0.1")
 
     def open_store() -> dist.Store:
         return dist.PrefixStore(f"attempt{attempt}", store_client(addr, port, timeout_s))

@@ -15,6 +15,7 @@ import json
 import torch.distributed as dist
 
 from odyssey import contract
+from planner.decision import RecoveryDecision
 
 
 def _get_json(store: dist.Store, key: str) -> dict | None:
@@ -37,35 +38,34 @@ def fault_time(store: dist.Store, ranks: list[int], fallback: float) -> tuple[fl
     return min(times) if times else (fallback, "notice")
 
 
-def recovery_event(store: dist.Store, generation: int, decision: dict, first_step_s: float
-                   ) -> dict:
+def recovery_event(store: dist.Store, generation: int, decision: RecoveryDecision,
+                   first_step_s: float) -> dict:
     """Assemble the event of the recovery that created `generation` (leader only)."""
-    m = decision["membership"]
     notice = None
     for g in range(generation - 1, -1, -1):  # the notice that started this recovery
         notice = _get_json(store, contract.notice_key(g))
         if notice is not None:
             break
-    notice = notice or {"time": m["decided_at"], "reason": "?", "kind": "?"}
-    lost = decision.get("ranks_lost", m["dead"])
+    notice = notice or {"time": decision.agreed_at, "reason": "?", "kind": "?"}
+    lost = decision.ranks_lost
     # the first notice of this recovery (an interrupted recovery adds later ones)
-    for g in range(generation - 1 - decision.get("interrupted", 0), generation):
+    for g in range(generation - 1 - decision.interrupted, generation):
         first = _get_json(store, contract.notice_key(g))
         if first is not None:
             notice = first
             break
     t_fault, source = fault_time(store, lost, notice["time"])
     timelines = [json.loads(v) for v in store.multi_get(
-        [contract.started_key(generation, r) for r in m["members"]])]
+        [contract.started_key(generation, r) for r in decision.members])]
     rebuilt = max(t["rebuilt"] for t in timelines)
     migrated = max(t["migrated"] for t in timelines)
     started = max(t["started"] for t in timelines)
-    chosen = decision["chosen"]
+    chosen = decision.chosen
     phases = {
         "detect": notice["time"] - t_fault,
-        "agree": m["decided_at"] - notice["time"],
-        "plan": decision["time"] - m["decided_at"],
-        "rebuild": rebuilt - decision["time"],
+        "agree": decision.agreed_at - notice["time"],
+        "plan": decision.decided_at - decision.agreed_at,
+        "rebuild": rebuilt - decision.decided_at,
         "migrate": migrated - rebuilt,
         "first_step": started - migrated,
     }
@@ -76,25 +76,25 @@ def recovery_event(store: dist.Store, generation: int, decision: dict, first_ste
         "cause": notice.get("kind", "failure"),
         "reason": notice.get("reason"),
         "ranks_lost": lost,
-        "newcomers": m["newcomers"],
-        "members": m["members"],
-        "step": m["committed_step"] + 1,
+        "newcomers": decision.newcomers,
+        "members": decision.members,
+        "step": decision.committed_step + 1,
         "phase": next((i["spec"]["phase"] for i in injected if i), None),
         "fault_time_source": source,
         "detected_after_s": phases["detect"],
-        "candidates": decision["candidates"],
-        "dropped": decision["dropped"],
-        "policy": decision["policy"],
-        "chosen": chosen["kind"],
-        "chosen_note": chosen["note"],
-        "plan": chosen["plan"],
-        "resume_step": chosen["resume_step"],
-        "lost_steps": chosen["lost_steps"],
-        "moved_bytes": chosen["moved_bytes"],
-        "predicted_transition_s": chosen["predicted_transition_s"],
-        "predicted_step_s": chosen["predicted_step_s"],
+        "candidates": decision.candidates,
+        "dropped": decision.dropped,
+        "policy": decision.policy,
+        "chosen": chosen.kind,
+        "chosen_note": chosen.note,
+        "plan": chosen.plan.to_dict(),
+        "resume_step": chosen.resume_step,
+        "lost_steps": chosen.lost_steps,
+        "moved_bytes": sum(t.nbytes for t in chosen.transfers),
+        "predicted_transition_s": chosen.predicted_transition_s,
+        "predicted_step_s": chosen.predicted_step_s,
         "mttr_s": started - t_fault,
         "phases": phases,
         "redone_step_s": first_step_s,
-        "interrupted_recoveries": decision.get("interrupted", 0),
+        "interrupted_recoveries": decision.interrupted,
     }

@@ -1,103 +1,62 @@
-"""Fault specs: kill, hang, slow down or raise in a rank at a step and phase.
+"""Fault injection inside a worker: fire each spec at its step and phase.
 
-Spec syntax (also used by `odyssey run --inject`): `KIND:rank=R,step=S[,phase=P][,delay=D]`
-e.g. `kill:rank=1,step=6,phase=backward`. Phases name the first instruction of that kind
-in the step: forward, backward, allreduce, commit; `step` (default) fires before the step;
-`migrate` fires during a recovery that resumes at that step, after the new groups exist.
+Specs (kinds, phases, syntax) are defined in :mod:`odyssey.faults`. Besides those given
+at launch, a rank picks up requests from `odyssey inject` in the store; under `odyssey
+run` it acts only on requests signed with the job token (:mod:`odyssey.control`).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import time
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from odyssey import contract
+from odyssey.control import CommandGate, token_from_env
+from odyssey.faults import FaultSpec, InjectedFault
 from planner.program import Op
 
-KINDS = ("kill", "hang", "slow", "raise")
-PHASES = {"step": None, "forward": Op.FORWARD, "backward": Op.BACKWARD,
-          "allreduce": Op.ALLREDUCE, "commit": Op.COMMIT, "migrate": "migrate"}
+__all__ = ["FaultInjector", "FaultSpec", "InjectedFault", "PHASE_OPS"]
 
+log = logging.getLogger("odyssey.inject")
 
-class InjectedFault(RuntimeError):
-    """Raised by a `raise` fault."""
-
-
-@dataclass(frozen=True)
-class FaultSpec:
-    """One fault to inject."""
-
-    kind: str
-    """kill (SIGKILL itself), hang (SIGSTOP itself), slow (sleep `delay` s), raise."""
-    rank: int
-    """Worker id that suffers the fault."""
-    step: int
-    """Step at which it fires."""
-    phase: str = "step"
-    """When: step (before it), forward, backward, allreduce, commit, or migrate (during
-    a recovery that resumes at `step`)."""
-    delay: float = 1.0
-    """Seconds of delay for `slow`."""
-
-    @classmethod
-    def parse(cls, text: str, world_size: int | None = None) -> FaultSpec:
-        kind, sep, rest = text.partition(":")
-        if not sep or kind not in KINDS:
-            raise ValueError(f"bad fault spec {text!r}: expected KIND:rank=R,step=S with KIND "
-                             f"in {KINDS}")
-        fields: dict[str, str] = {}
-        for part in filter(None, rest.split(",")):
-            key, eq, value = part.partition("=")
-            if not eq or key not in ("rank", "step", "phase", "delay"):
-                raise ValueError(f"bad fault spec {text!r}: unknown or malformed field {part!r}")
-            fields[key] = value
-        if "rank" not in fields or "step" not in fields:
-            raise ValueError(f"bad fault spec {text!r}: rank= and step= are required")
-        try:
-            spec = cls(kind, int(fields["rank"]), int(fields["step"]),
-                       fields.get("phase", "step"), float(fields.get("delay", 1.0)))
-        except ValueError as e:
-            raise ValueError(f"bad fault spec {text!r}: {e}") from e
-        if spec.phase not in PHASES:
-            raise ValueError(f"bad fault spec {text!r}: phase must be one of {list(PHASES)}")
-        if world_size is not None and not 0 <= spec.rank < world_size:
-            raise ValueError(f"bad fault spec {text!r}: rank {spec.rank} is not in the job "
-                             f"(ranks 0..{world_size - 1})")
-        if spec.step < -1:
-            raise ValueError(f"bad fault spec {text!r}: step must be >= 0 (or -1: next step)")
-        return spec
-
-    def fire(self) -> None:
-        if self.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif self.kind == "hang":
-            os.kill(os.getpid(), signal.SIGSTOP)
-        elif self.kind == "slow":
-            time.sleep(self.delay)
-        else:
-            raise InjectedFault(f"injected fault {self}")
+PHASE_OPS: dict[str, Op | str | None] = {
+    "step": None, "forward": Op.FORWARD, "backward": Op.BACKWARD,
+    "allreduce": Op.ALLREDUCE, "commit": Op.COMMIT, "migrate": "migrate"}
+"""The instruction each phase of :data:`odyssey.faults.PHASES` fires before."""
 
 
 class FaultInjector:
     """Fires this rank's faults once each, at their step and phase."""
 
     def __init__(self, specs: list[FaultSpec], worker_id: int,
-                 on_fire: Callable[[FaultSpec], None] | None = None):
+                 on_fire: Callable[[FaultSpec], None] | None = None,
+                 token: str | None = None):
+        """``token``: the job token requests must be signed with (default: the one the
+        launcher exported; none outside `odyssey run`, then requests are taken as is)."""
         self.worker_id = worker_id
         self.pending = [s for s in specs if s.rank == worker_id]
         self.on_fire = on_fire
+        self._gate = CommandGate(token if token is not None else token_from_env(), log,
+                                 f"rank {worker_id}")
         self._seen = 0
 
     def poll(self, store, next_step: int) -> None:
         """Pick up requests from `odyssey inject` (one store round trip when none)."""
         count = store.add(contract.INJECT_COUNT, 0)
         while self._seen < count:
-            text = store.get(contract.inject_key(self._seen)).decode()
+            key = contract.inject_key(self._seen)
+            if not store.check([key]):
+                return  # counted but not written yet: read it at the next step
             self._seen += 1
-            spec = FaultSpec.parse(text)
+            text = self._gate.open(key, store.get(key).decode())
+            if text is None:
+                continue
+            try:
+                spec = FaultSpec.parse(text)
+            except ValueError as err:
+                log.warning("rank %d: ignoring %s: %s", self.worker_id, key, err)
+                continue
             if spec.rank == self.worker_id:
                 self.pending.append(replace(spec, step=max(spec.step, next_step)))
 
@@ -112,7 +71,7 @@ class FaultInjector:
 
     def _fire(self, step: int, op: Op | str | None) -> None:
         for spec in list(self.pending):
-            if spec.step == step and PHASES[spec.phase] is op:
+            if spec.step == step and PHASE_OPS[spec.phase] is op:
                 self.pending.remove(spec)
                 if self.on_fire is not None:
                     self.on_fire(spec)  # record the time first: a killed rank says nothing

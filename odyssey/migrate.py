@@ -1,8 +1,9 @@
-"""Moving layer state between live ranks, and checking replicas agree afterwards.
+"""The wire format of layer state moving between live ranks, and the replica digest.
 
 A layer's state (parameters and AdamW moments and step) travels as one flat fp32 tensor
-over a 2-member group per (src, dst) pair. Senders post every send first (asynchronous),
-then receivers receive in one global order, so no transfer waits on another.
+over a 2-member group per (src, dst) pair. It is packed where the layer lives and moved
+to the transport's device only when the backend needs it there (gloo: host memory), so
+on CUDA with NCCL the state never leaves the GPU.
 """
 
 from __future__ import annotations
@@ -12,21 +13,28 @@ import hashlib
 import torch
 from torch import nn
 
-from odyssey.comm import Comm, Pending
+
+def transport_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor must be for `backend` to send it: gloo gets host tensors, NCCL
+    the device's own."""
+    return torch.device("cpu") if backend == "gloo" else device
 
 
-def pack_layer(layer: nn.Module, optim: torch.optim.Optimizer) -> torch.Tensor:
-    """[has_state, step, params..., exp_avg..., exp_avg_sq...] as one fp32 tensor."""
+def pack_layer(layer: nn.Module, optim: torch.optim.Optimizer,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """[has_state, step, params..., exp_avg..., exp_avg_sq...] as one fp32 tensor on
+    `device` (the transport's)."""
     params = list(layer.parameters())
     states = [optim.state.get(p, {}) for p in params]
     has_state = all("exp_avg" in s for s in states) and bool(states)
-    parts = [torch.tensor([1.0 if has_state else 0.0]),
-             torch.tensor([float(states[0]["step"]) if has_state else 0.0])]
+    home = params[0].device if params else torch.device(device)
+    header = [1.0 if has_state else 0.0, float(states[0]["step"]) if has_state else 0.0]
+    parts = [torch.tensor(header, device=home)]
     parts += [p.detach().reshape(-1).float() for p in params]
     for name in ("exp_avg", "exp_avg_sq"):
         parts += [(s[name] if has_state else torch.zeros_like(p)).reshape(-1).float()
                   for s, p in zip(states, params)]
-    return torch.cat([t.cpu() for t in parts])
+    return torch.cat(parts).to(device)
 
 
 def packed_size(layer: nn.Module) -> int:
@@ -34,6 +42,7 @@ def packed_size(layer: nn.Module) -> int:
 
 
 def unpack_layer(flat: torch.Tensor, layer: nn.Module, optim: torch.optim.Optimizer) -> None:
+    """Load a packed state into `layer` and `optim` (wherever `flat` arrived)."""
     params = list(layer.parameters())
     has_state, step = bool(flat[0].item()), float(flat[1].item())
     offset = 2
@@ -53,11 +62,6 @@ def unpack_layer(flat: torch.Tensor, layer: nn.Module, optim: torch.optim.Optimi
             optim.state[p] = {"step": torch.tensor(step),
                               "exp_avg": moments["exp_avg"][i].to(p.device),
                               "exp_avg_sq": moments["exp_avg_sq"][i].to(p.device)}
-
-
-def send_layers(comm: Comm, outgoing: list[tuple[int, int, torch.Tensor]]) -> list[Pending]:
-    """Post sends of packed layers: (layer, dst, flat) each."""
-    return [comm.send(flat, dst, "mig") for _, dst, flat in outgoing]
 
 
 def layer_digest(layer: nn.Module) -> str:

@@ -42,9 +42,6 @@ class LayeredModel:
     """Optional (layer i, microbatch size) -> spec of layer i's input, for models whose
     boundaries differ in shape (e.g. DeepSpeed layer lists); None: activation_spec."""
 
-    def build_layers(self, start: int, end: int) -> dict[int, nn.Module]:
-        return {i: self.build_layer(i) for i in range(start, end)}
-
 
 def seeded_init_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
     """Re-initialise parameters from a private generator (thread-safe, deterministic).
@@ -67,9 +64,3 @@ def seeded_init_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
 
 def layer_seed(model_seed: int, layer: int) -> int:
     return model_seed * 1_000_003 + layer * 7919 + 17
-
-
-def single_process_forward(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    for layer in layers:
-        x = layer(x)
-    return x

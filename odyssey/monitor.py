@@ -7,7 +7,8 @@
 The first rank to see one publishes `odyssey/gen{g}/notice` (compare-and-set, so one
 notice per generation). Every rank polls for it while it waits on communication, so no
 survivor sits in a timeout. Timeouts form a hierarchy: heartbeat < collective op <
-launcher fence timeout.
+launcher fence timeout. Fence requests are signed with the job token
+(:mod:`odyssey.control`): a launcher ignores one that is not.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from odyssey import contract
+from odyssey.control import sign, token_from_env, verify
 
 
 @dataclass(frozen=True)
@@ -34,17 +36,29 @@ class MonitorConfig:
     poll_s: float = 0.02
     """How often a rank waiting on communication checks for a notice."""
     join_timeout_s: float = 6.0
-    """Agreement: how long to wait for a silent member before declaring it dead."""
+    """Agreement on the next generation: how long survivors wait for a silent member (no
+    exit record, not joining) before fencing it and going on without it."""
     fence_timeout_s: float = 10.0
-    """How long to wait for the launcher to confirm it killed a fenced rank."""
+    """How long survivors wait for a launcher to confirm it killed a fenced rank before
+    going on anyway (a lost node's ranks are confirmed by its --node-timeout instead)."""
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_s", "heartbeat_timeout_s", "poll_s", "join_timeout_s",
+                     "fence_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"monitor.{name} must be > 0, got {getattr(self, name)}")
 
 
 class FailureMonitor:
     """Watches one generation's members on behalf of one rank."""
 
     def __init__(self, store: dist.Store, rank: int, cfg: MonitorConfig | None = None,
-                 store_factory: Callable[[], dist.Store] | None = None):
+                 store_factory: Callable[[], dist.Store] | None = None,
+                 token: str | None = None):
+        """``token``: the job token fence requests are signed with (default: the one the
+        launcher exported; none outside `odyssey run`)."""
         self.store = store
+        self.token = token if token is not None else token_from_env()
         self.rank = rank
         self.cfg = cfg or MonitorConfig()
         self.store_factory = store_factory
@@ -155,8 +169,12 @@ class FailureMonitor:
         return None
 
     def fence(self, rank: int, reason: str) -> None:
-        """Ask the launcher to kill `rank` (idempotent)."""
-        self.store.compare_set(contract.fence_key(rank), "", reason)
+        """Ask the launcher to kill `rank` (idempotent; the first valid reason stands)."""
+        key = contract.fence_key(rank)
+        value = sign(self.token, key, reason)
+        standing = self.store.compare_set(key, "", value).decode()
+        if standing != value and verify(self.token, key, standing) is None:
+            self.store.set(key, value)  # a forged value must not block the real fence
 
     def fenced_or_exited(self, rank: int) -> bool:
         return bool(self.store.check([contract.fenced_key(rank)]) or

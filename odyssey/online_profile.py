@@ -38,10 +38,6 @@ class OnlineProfile:
             if j < len(timing["params"]):
                 self.params[i] = int(timing["params"][j])
 
-    @property
-    def complete(self) -> bool:
-        return all(v is not None for v in self.fwd) and all(v is not None for v in self.bwd)
-
     def to_profile(self, model_name: str, microbatch_size: int, activation_bytes: float
                    ) -> Profile:
         """Layers never observed (no step committed yet) get 1 ms forward, 2 ms backward:

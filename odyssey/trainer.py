@@ -4,7 +4,8 @@ One `Trainer` runs in each worker. Under `odyssey run` (or ranks as threads) a l
 triggers in-place recovery (odyssey.coordinator); under plain torchrun the failure ends
 the attempt and torchrun restarts the group, which resumes from the last checkpoint.
 The leader (lowest member of the current generation) prints progress, appends metrics
-and the sample ledger, and writes `report.json` at the end.
+and the sample ledger, and writes `report.json` at the end (`odyssey.telemetry`, one of
+the hooks every committed step and recovery is reported to).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,107 +24,84 @@ import torch
 from odyssey import checkpoint as ckpt
 from odyssey import contract, ds_config
 from odyssey.calibration import StepTimeModel
-from odyssey.comm import CommConfig, CommError, StepAborted
+from odyssey.comm import CommError, StepAborted
 from odyssey.coordinator import Coordinator, Generation
 from odyssey.data import Sampler
-from odyssey.engine import Engine, OptimizerConfig, StepResult, make_optimizer
+from odyssey.engine import Engine, StepResult
 from odyssey.env import WorkerInfo
-from odyssey.events import recovery_event
+from odyssey.hooks import CommittedStep, FitResult, Recovery, TrainerHook, overrides_on_op
 from odyssey.inject import FaultInjector, FaultSpec
+from odyssey.job_config import JobConfig
 from odyssey.membership import JobFinished
 from odyssey.model import LayeredModel
-from odyssey.monitor import FailureMonitor, MonitorConfig
-from odyssey.progress import ProgressLine
-from odyssey.report import RunLog, build_report, read_jsonl
-from odyssey.tb import TensorBoardLog, require_tensorboard
-from odyssey.train_config import TrainConfig
+from odyssey.monitor import FailureMonitor
+from odyssey.telemetry import Telemetry
 from planner.plan import Plan, PlanError
-from planner.recovery import POLICIES, RecoveryConfig
 from profiler.profile import Profile
 
-
-@dataclass
-class FitResult:
-    """What `Trainer.fit` returns on each rank."""
-
-    worker_id: int
-    steps_run: int
-    losses: dict[int, float] = field(default_factory=dict)
-    """Per-step global loss (leader only)."""
-    report: dict | None = None
-    """report.json content (leader only)."""
+__all__ = ["FitResult", "JobConfig", "Trainer", "exit_cleanly", "fit_and_exit"]
 
 
 class Trainer:
-    """Runs one worker of a training job."""
+    """Runs one worker of a training job, as `job` says.
 
-    def __init__(self, model: LayeredModel, data, cfg: TrainConfig, worker: WorkerInfo,
-                 device: str = "cpu", comm: CommConfig | None = None,
-                 profile: Profile | None = None, monitor: MonitorConfig | None = None):
-        if cfg.ft_policy not in POLICIES:
-            raise ValueError(f"--ft-policy must be one of {POLICIES}, got {cfg.ft_policy!r}")
+    `hooks` hear about every committed step, recovery and instruction (after the
+    trainer's own telemetry); `profile` seeds the recovery cost model's timings."""
+
+    def __init__(self, model: LayeredModel, data, job: JobConfig, worker: WorkerInfo,
+                 device: str = "cpu", profile: Profile | None = None,
+                 hooks: Sequence[TrainerHook] = ()):
         self.model = model
         self.data = data
         self.worker = worker
         self.device = device
-        self.optim_cfg = OptimizerConfig(lr=cfg.lr)
-        if cfg.ds_config:  # batch layout and optimizer from a DeepSpeed JSON (wins over flags)
-            cfg, self.optim_cfg = ds_config.apply(cfg, worker.world_size)
-        self.cfg = cfg
+        if job.training.ds_config:  # batch layout, optimizer from a DeepSpeed JSON (wins)
+            job = ds_config.apply(job, worker.world_size)
+        self.cfg = job
         self.plan = self._make_plan()
         self.sampler = Sampler(self.plan.num_microbatches, self.plan.microbatch_size)
-        self.comm_cfg = comm or CommConfig(host=worker.host, timeout_s=cfg.comm_timeout_s)
-        self.engine = Engine(model, data, self.sampler, worker.rank, self.optim_cfg, device)
-        specs = [FaultSpec.parse(s, worker.world_size) for s in cfg.inject]
+        ft = job.fault_tolerance
+        specs = [FaultSpec.parse(s, worker.world_size) for s in ft.inject]
         self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank,
                                     on_fire=self._mark_injected)
-        self.engine.before_op = self.faults.before_op
-        if cfg.swap not in ("off", "auto"):
-            raise ValueError(f"--swap must be 'off' or 'auto', got {cfg.swap!r}")
-        if cfg.swap == "auto":
-            self.engine.swap_options = {"budget": cfg.memory_budget,
-                                        "min_swap_bytes": cfg.swap_min_bytes}
-        self.run_dir = Path(cfg.run_dir or worker.run_dir or "runs/latest")
-        self.ckpt_dir = self.run_dir / contract.CHECKPOINT_DIR
+        self.engine = Engine(model, data, self.sampler, worker.rank, job.optimizer, device,
+                             before_op=self.faults.before_op)
+        if job.swap.mode == "auto":
+            self.engine.enable_swap(job.swap.chameleon())
+        self.run_dir = Path(job.training.run_dir or worker.run_dir or "runs/latest")
+        self.ckpt_dir = (Path(job.checkpoint.dir) if job.checkpoint.dir
+                         else self.run_dir / contract.CHECKPOINT_DIR)
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir)
-        self.run_log: RunLog | None = None
-        if cfg.tensorboard:
-            require_tensorboard()
-        self.tb: TensorBoardLog | None = None
-        self.progress = ProgressLine(cfg.steps, cfg.progress, cfg.progress_every_s)
-        self._plan_kind = "initial"
+        self.telemetry = Telemetry(job, self.run_dir, worker.store, worker.rank,
+                                   self.plan.global_batch)
+        self.hooks: list[TrainerHook] = [self.telemetry, *hooks]
+        for hook in self.hooks:
+            if overrides_on_op(hook):
+                self.engine.add_op_hook(hook.on_op)
         self.in_place = worker.launcher in ("odyssey", "threads")
-        for name in ("heartbeat_timeout_s", "join_timeout_s", "fence_timeout_s"):
-            if getattr(cfg, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, "
-                                 f"got {getattr(cfg, name)}")
-        mcfg = monitor or MonitorConfig(heartbeat_timeout_s=cfg.heartbeat_timeout_s,
-                                        join_timeout_s=cfg.join_timeout_s,
-                                        fence_timeout_s=cfg.fence_timeout_s,
-                                        poll_s=self.comm_cfg.poll_s)
-        self.monitor = FailureMonitor(worker.store, worker.rank, mcfg, worker.store_factory)
+        self.monitor = FailureMonitor(worker.store, worker.rank, job.monitor,
+                                      worker.store_factory)
         self.step_model = StepTimeModel(model, self.plan.microbatch_size, worker.store, profile)
         self.coord = Coordinator(
-            worker.store, worker.rank, self.engine, self.monitor, self.comm_cfg,
-            RecoveryConfig(policy=cfg.ft_policy, horizon_s=cfg.horizon_s), self.ckpt_dir,
+            worker.store, worker.rank, self.engine, self.monitor,
+            replace(job.comm, host=worker.host), ft, self.ckpt_dir,
             self.step_model.predictor, self.step_model.layer_bytes,
-            lambda msg, step=-1: self._say(msg, step, always=True))
-        self.coord.before_migrate = self.faults.before_migrate
+            lambda msg, step=-1: self._say(msg, step, always=True),
+            before_migrate=self.faults.before_migrate)
         self.gen: Generation | None = None
         self.last_commit_gen = 0
-        self._pending_event: dict | None = None
         self._last_gen_recorded = -1
 
     # ---- setup ---------------------------------------------------------------------
     def _make_plan(self) -> Plan:
-        c, n = self.cfg, self.worker.world_size
-        if c.plan_file:
-            plan = Plan.from_json(Path(c.plan_file).read_text()).validate()
+        par, t, n = self.cfg.parallelism, self.cfg.training, self.worker.world_size
+        if par.plan_file:
+            plan = Plan.from_json(Path(par.plan_file).read_text()).validate()
         else:
-            dp = c.dp or max(1, n // c.pp)
-            plan = Plan.uniform(self.model.num_layers, dp, c.pp, c.num_microbatches,
-                                c.microbatch_size, c.schedule,
-                                partition=list(c.partition) or None)
+            dp = par.dp or max(1, n // par.pp)
+            plan = Plan.uniform(self.model.num_layers, dp, par.pp, t.num_microbatches,
+                                t.microbatch_size, t.schedule,
+                                partition=list(par.partition) or None)
         if plan.num_layers != self.model.num_layers:
             raise PlanError(f"plan has {plan.num_layers} layers but model {self.model.name} "
                             f"has {self.model.num_layers}")
@@ -136,32 +114,19 @@ class Trainer:
     def leader(self) -> bool:
         return self.gen is not None and self.worker.rank == min(self.gen.members)
 
-    def _log(self) -> RunLog:
-        if self.run_log is None:
-            self.run_log = RunLog(self.run_dir)
-        return self.run_log
-
-    def _tb(self) -> TensorBoardLog | None:
-        if self.cfg.tensorboard and self.tb is None:
-            self.tb = TensorBoardLog(self.run_dir)
-        return self.tb
-
     def _resume(self) -> int:
         """Load the latest complete checkpoint if allowed; return the first step to run."""
         start = 0
-        step = ckpt.latest_step(self.ckpt_dir, self.model.num_layers) if self.cfg.resume else None
+        step = (ckpt.latest_step(self.ckpt_dir, self.model.num_layers)
+                if self.cfg.checkpoint.resume else None)
         if step is not None:
             meta = ckpt.read_meta(self.ckpt_dir, step)
-            for i in self.engine.held_layers:
-                self.engine.load_layer_state(i, ckpt.load_layer(self.ckpt_dir, step, i))
+            self.engine.load_checkpoint(self.ckpt_dir, step)
             start = meta["next_step"]
             self._say(f"resumed from checkpoint of step {step} (written under a "
                       f"{len(meta['plan']['pipelines'])}-pipeline plan)", step=start)
         if self.leader:
-            self._log().rollback_to(start - 1)
-            if step is not None:
-                self._log().event({"kind": "resume", "checkpoint_step": step,
-                                   "attempt": self.worker.attempt})
+            self.telemetry.resumed(start, step, self.worker.attempt)
         return start
 
     def _join(self) -> int | None:
@@ -173,11 +138,7 @@ class Trainer:
             return None
         # warm up before announcing: the first optimizer step in a process pays seconds of
         # lazy imports, which must not land inside the survivors' recovery time
-        warm = self.model.build_layer(0)
-        opt = make_optimizer(warm, self.engine.optim_cfg)
-        for p in warm.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.step()
+        self.engine.warm_up()
         idx = store.add(contract.NEWCOMERS_COUNT, 1) - 1
         store.set(contract.newcomer_key(idx), str(me))
         store.wait([contract.GENERATION])
@@ -186,15 +147,14 @@ class Trainer:
                    else self.plan.ranks)
         self.monitor.watch(g, members)
         self.monitor.publish("join", f"rank {me} joins the job", generation=g)
-        self.coord.trained_plan = self.plan
-        self.coord.current = Generation(g, self.plan, None, None, None, members)
+        self.coord.adopt(self.plan, g, members)
         self.gen, step = self.coord.recover(-1, "joining")
         self._say(f"joined in generation {self.gen.number}", step, always=True)
         return step
 
     # ---- main loop -----------------------------------------------------------------
     def fit(self) -> FitResult:
-        w, cfg = self.worker, self.cfg
+        w, t, ft = self.worker, self.cfg.training, self.cfg.fault_tolerance
         torch.manual_seed(0)
         self.monitor.start_heartbeat()
         if w.joining:
@@ -210,14 +170,14 @@ class Trainer:
             self.gen = self.coord.begin(self.plan)
             step = self._resume()
             self.last_commit_gen = self.gen.number
-            self._say(f"training {self.model.name} ({cfg.mode} compute) on {w.world_size} "
+            self._say(f"training {self.model.name} ({t.mode} compute) on {w.world_size} "
                       f"ranks: {_describe(self.plan)}, global batch {self.plan.global_batch}, "
-                      f"steps {step}..{cfg.steps - 1}, recovery: "
-                      f"{cfg.ft_policy if self.in_place else 'torchrun restart'}", step=step)
+                      f"steps {step}..{t.steps - 1}, recovery: "
+                      f"{ft.policy if self.in_place else 'torchrun restart'}", step=step)
         committed = step - 1
         result = FitResult(w.rank, 0)
         t_start = last = time.perf_counter()
-        while step < cfg.steps:
+        while step < t.steps:
             try:
                 if self.in_place:
                     if self.monitor.notice() is not None:
@@ -231,103 +191,61 @@ class Trainer:
                 self.engine.zero_grad()
                 self.monitor.publish("failure", f"{type(e).__name__}: {e}")
                 self.gen, step = self.coord.recover(committed, str(e))
-                if self.gen.decision["chosen"]["from_checkpoint"]:
+                if self.gen.decision.chosen.from_checkpoint:
                     committed = step - 1
-                self._pending_event = self.gen.decision
+                recovery = Recovery(self.gen.number, self.gen.decision, step)
+                for hook in self.hooks:
+                    hook.on_recovered(recovery)
                 last = time.perf_counter()
                 continue
             now = time.perf_counter()
             self.coord.committed()
-            if self.leader:
-                self._take_over(committed)
-                result.losses[step] = self._record(step, res, now - last)
+            loss = self._on_commit(step, res, now, now - last, committed)
+            if loss is not None:
+                result.losses[step] = loss
             self.last_commit_gen = self.gen.number
             committed = step
             last = now
             result.steps_run += 1
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            every = self.cfg.checkpoint.every
+            if every and (step + 1) % every == 0:
                 self._checkpoint(step)
             step += 1
         train_s = time.perf_counter() - t_start
         self.checkpointer.wait()
         consistent = self.coord.check_replicas()
         if self.leader:
-            result.report = build_report(
-                self._log(), mode=cfg.mode, world_size=w.world_size, plan=self.gen.plan.to_dict(),
-                steps=cfg.steps, global_batch=self.plan.global_batch,
-                samples_this_run=result.steps_run * self.plan.global_batch, train_seconds=train_s,
+            result.report = self.telemetry.report(
+                plan=self.gen.plan, world_size=w.world_size, steps_run=result.steps_run,
+                train_s=train_s,
                 extra={"model": self.model.name, "launcher": w.launcher, "attempt": w.attempt,
-                       "schedule": self.plan.schedule, "ft_policy": cfg.ft_policy,
+                       "schedule": self.plan.schedule, "ft_policy": ft.policy,
                        "initial_plan": self.plan.to_dict(), "generation": self.gen.number,
-                       "replicas_identical": consistent,
-                       "swap": self.engine.swap.report() if self.engine.swap else None})
+                       "replicas_identical": consistent, "swap": self.engine.swap_report()})
             w.store.set(contract.JOB_STATUS, contract.JOB_DONE)
-            self.progress.close()
-            if self.tb is not None:
-                self.tb.close()
-            s = result.report["samples"]
-            self._say(f"done: loss {result.report['loss']['first']:.4f} -> "
-                      f"{result.report['loss']['final']:.4f}, samples trained {s['trained']}/"
-                      f"{s['expected']} (lost {s['lost']}, duplicated {s['duplicated']}), "
-                      f"report {self.run_dir / contract.REPORT_FILE}", step=cfg.steps - 1)
+            self.telemetry.close(result.report, self.gen.number)
+        for hook in self.hooks:
+            hook.on_fit_end(result)
         self.monitor.stop()
         return result
 
-    def _take_over(self, committed: int) -> None:
-        """A new leader fills ledger lines the old one may have missed (it died right
-        after a commit), from the votes still in the store."""
-        log = self._log()
-        logged = {rec["step"] for rec in read_jsonl(log.ledger_path)}
-        if committed >= 0 and committed not in logged:
-            ranks = json.loads(self.worker.store.get(
-                contract.members_key(self.last_commit_gen)))["members"] \
-                if self.last_commit_gen > 0 else self.plan.ranks
-            votes = [json.loads(v) for v in self.worker.store.multi_get(
-                [contract.vote_key(self.last_commit_gen, committed, r) for r in ranks])]
-            gb = self.plan.global_batch
-            log.ledger(committed, self.last_commit_gen,
-                       sorted(r for v in votes for r in v["samples"]))
-            log.metric({"step": committed, "loss": sum(v["loss_sum"] for v in votes) / gb,
-                        "mode": self.cfg.mode, "gen": self.last_commit_gen,
-                        "recovered_by_new_leader": True})
-
-    def _record(self, step: int, res: StepResult, dt: float) -> float:
-        votes = self.gen.commit.votes(step)
-        self.step_model.observe_votes(votes)
-        gb = self.plan.global_batch
-        loss = sum(v["loss_sum"] for v in votes.values()) / gb
-        samples = sorted(r for v in votes.values() for r in v["samples"])
-        log = self._log()
-        if self._pending_event is not None:
-            event = recovery_event(self.worker.store, self.gen.number, self._pending_event, dt)
-            log.event(event)
-            log.rollback_to(event["resume_step"] - 1)
-            self._pending_event = None
-            self._plan_kind = event["chosen"]
-            if self._tb() is not None:
-                self.tb.recovery(event)
-            self._say(f"recovered from {event['ranks_lost'] or event['newcomers']} "
-                      f"({event['cause']}) with {event['chosen']}: MTTR "
-                      f"{event['mttr_s'] * 1e3:.0f} ms", step=step)
-        self.step_model.observe_step(self.gen.plan, dt,
-                                     self._last_gen_recorded != self.gen.number)
-        self._last_gen_recorded = self.gen.number
-        log.ledger(step, self.gen.number, samples)
-        record = {"step": step, "loss": loss, "step_time_s": dt,
-                  "samples_per_s": gb / dt if dt > 0 else None,
-                  "mode": self.cfg.mode, "gen": self.gen.number,
-                  "world": len(self.gen.members)}
-        log.metric(record)
-        if self._tb() is not None:
-            self.tb.metric(record)
-        if step % max(1, self.cfg.log_every) == 0 or step == self.cfg.steps - 1:
-            self._say(f"loss {loss:.4f} | {gb / dt:8.1f} samples/s | step {dt * 1e3:7.1f} ms "
-                      f"| {self.cfg.mode} | {len(self.gen.members)} ranks", step=step)
-        self.progress.update(step=step, loss=loss, step_s=dt, samples_per_s=record["samples_per_s"],
-                             plan=_plan_label(self.gen.plan, self._plan_kind,
-                                              len(self.gen.members)),
-                             gen=self.gen.number, rank=self.worker.rank)
-        return loss
+    def _on_commit(self, step: int, res: StepResult, at: float, dt: float, previous: int
+                   ) -> float | None:
+        """Calibrate from the votes (leader), then tell the hooks; the global loss on the
+        leader, else None. `previous`: the step committed before this one."""
+        votes = None
+        if self.leader:
+            self.telemetry.take_over(previous, self.last_commit_gen, self.plan.ranks)
+            votes = self.gen.commit.votes(step)
+            self.step_model.observe_votes(votes)
+            self.step_model.observe_step(self.gen.plan, dt,
+                                         self._last_gen_recorded != self.gen.number)
+            self._last_gen_recorded = self.gen.number
+        done = CommittedStep(step, self.gen.number, self.gen.plan, self.gen.members,
+                             self.worker.rank, res, at, dt, votes)
+        for hook in self.hooks:
+            hook.on_step_committed(done)
+        return done.loss
 
     def _checkpoint(self, step: int) -> None:
         plan = self.gen.plan
@@ -338,7 +256,7 @@ class Trainer:
             meta = {"num_layers": self.model.num_layers, "next_step": step + 1,
                     "plan": plan.to_dict(), "global_batch": plan.global_batch,
                     "model": self.model.name}
-        self.checkpointer.save_async(step, {i: self.engine.layer_state(i) for i in held}, meta)
+        self.checkpointer.save_async(step, {i: self.engine.held.state_dict(i) for i in held}, meta)
 
     def _mark_injected(self, spec: FaultSpec) -> None:
         record = json.dumps({"time": time.time(), "rank": self.worker.rank,
@@ -351,20 +269,12 @@ class Trainer:
 
     def _say(self, msg: str, step: int, always: bool = False) -> None:
         if always or self.leader:
-            gen = self.gen.number if self.gen else 0
-            self.progress.interrupt()
-            print(f"[gen {gen} step {step} rank {self.worker.rank}] {msg}", flush=True)
+            self.telemetry.say(msg, step, self.gen.number if self.gen else 0)
 
 
 def _describe(plan: Plan) -> str:
     shapes = [f"{len(p.stages)} stage(s) x {len(p.microbatches)} mb" for p in plan.pipelines]
     return f"{len(plan.pipelines)} pipeline(s) [{'; '.join(shapes)}], {plan.schedule}"
-
-
-def _plan_label(plan: Plan, kind: str, ranks: int) -> str:
-    """e.g. 'reroute 2+1 stages, 3 ranks' (kind: 'initial' or the last recovery chosen)."""
-    stages = "+".join(str(len(p.stages)) for p in plan.pipelines)
-    return f"{kind} {stages} stages, {ranks} ranks"
 
 
 def exit_cleanly(code: int = 0) -> None:

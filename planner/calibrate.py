@@ -1,11 +1,17 @@
-"""Online calibration: per-op-kind correction factors learnt from measured times.
+"""Calibration: per-kind correction factors learnt from measured times.
 
-Each observation is a (predicted, measured) pair for one instruction kind. The factor is
-an EWMA of log(measured / predicted) (bias-corrected while samples are few), so
-predictions x factor track the real machine. Outliers - ratios further than
-`outlier_mads` robust deviations from the recent median - are counted but not learnt;
-they still enter the recent window, so a lasting change of regime is accepted after a
-few steps instead of being rejected forever.
+The one implementation of the factor math, used by the cost model (per instruction
+kind), the live runtime (`odyssey.calibration`, whole steps: kind 'step') and the
+accuracy benchmark (per-run factors). Each observation is a (predicted, measured) pair
+for one kind; predictions x factor then track the real machine. Two estimators:
+
+- 'ewma' (default): an EWMA of log(measured / predicted), bias-corrected while samples
+  are few. Outliers - ratios further than `outlier_mads` robust deviations from the
+  recent median - are counted but not learnt; they still enter the recent window, so a
+  lasting change of regime is accepted after a few steps instead of being rejected
+  forever.
+- 'median': the median ratio of the `window` most recent observations. A burst spoils
+  one sample, not the factor, and nothing older than the window is remembered.
 """
 
 from __future__ import annotations
@@ -22,16 +28,20 @@ KIND_OF_OP = {
     "allreduce": "allreduce", "commit": "commit", "optimizer_step": "optimizer",
 }
 KINDS = ("forward", "backward", "p2p", "allreduce", "commit", "optimizer", "step")
+ESTIMATORS = ("ewma", "median")
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """How measured times correct predictions."""
 
+    estimator: str = "ewma"
+    """'ewma' (log-ratio EWMA with outlier rejection) or 'median' (median ratio of the
+    `window` most recent observations); see the module docstring."""
     ewma_weight: float = 0.2
     """Weight of a new (log) ratio in the running factor."""
     window: int = 32
-    """Recent ratios kept per kind for outlier detection."""
+    """Recent ratios kept per kind (outlier detection; the median estimator's window)."""
     outlier_mads: float = 4.0
     """Ratios further than this many robust deviations from the recent median are
     counted as outliers and not learnt."""
@@ -41,6 +51,13 @@ class CalibrationConfig:
     """Lower clamp of a factor."""
     max_factor: float = 50.0
     """Upper clamp of a factor."""
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; expected one of "
+                             f"{ESTIMATORS}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
 
 
 @dataclass
@@ -57,9 +74,9 @@ class KindStats:
     """|predicted x factor - measured| / measured of each observation, using the factor
     in force *before* it was learnt (an honest out-of-sample error record)."""
     recent: deque = field(default_factory=lambda: deque(maxlen=32))
-    """Recent log ratios (accepted and rejected)."""
+    """Recent ratios measured / predicted (accepted and rejected)."""
     log_sum: float = 0.0
-    """Running mean/EWMA of accepted log ratios."""
+    """Running mean/EWMA of accepted log ratios (the 'ewma' estimator)."""
 
     def error_summary(self) -> dict:
         errs = sorted(self.abs_rel_errors)
@@ -101,21 +118,35 @@ class Calibration:
         kind = self.kind_of(op)
         st = self.kinds.setdefault(kind, KindStats(recent=deque(maxlen=cfg.window)))
         st.abs_rel_errors.append(abs(predicted_s * st.factor - measured_s) / measured_s)
-        r = math.log(measured_s / predicted_s)
+        ratio = measured_s / predicted_s
+        if cfg.estimator == "median":
+            st.recent.append(ratio)
+            st.accepted += 1
+            st.factor = self._clamp(statistics.median(st.recent))
+            return True
+        r = math.log(ratio)
         outlier = False
         if len(st.recent) >= cfg.min_samples:
-            med = statistics.median(st.recent)
-            mad = statistics.median(abs(x - med) for x in st.recent) * 1.4826
+            logs = [math.log(x) for x in st.recent]
+            med = statistics.median(logs)
+            mad = statistics.median(abs(x - med) for x in logs) * 1.4826
             outlier = abs(r - med) > cfg.outlier_mads * max(mad, 0.05)
-        st.recent.append(r)
+        st.recent.append(ratio)
         if outlier:
             st.rejected += 1
             return False
         st.accepted += 1
         w = max(cfg.ewma_weight, 1.0 / st.accepted)  # mean while few, EWMA afterwards
         st.log_sum = (1 - w) * st.log_sum + w * r
-        st.factor = min(cfg.max_factor, max(cfg.min_factor, math.exp(st.log_sum)))
+        st.factor = self._clamp(math.exp(st.log_sum))
         return True
+
+    def _clamp(self, factor: float) -> float:
+        return min(self.config.max_factor, max(self.config.min_factor, factor))
+
+    def factors(self) -> dict[str, float]:
+        """Current factor of every observed kind."""
+        return {k: st.factor for k, st in sorted(self.kinds.items())}
 
     def reset(self, op: object | None = None) -> None:
         """Forget one kind (or all), e.g. after the hardware changed."""

@@ -7,74 +7,66 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, replace
 
-from planner.memory import GiB, fmt_bytes
+from planner.cost import CostConfig, CostModel
+from planner.memory import MemoryConfig
 from planner.plan import PlanError
 from planner.search import NoPlanFitsError, SearchConfig, search
+from profiler.configtree import ConfigParser, section
 from profiler.profile import Profile, ProfileError
+from profiler.synthetic import FormulaConfig, formula_profile
+from profiler.units import GiB, format_size
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+@dataclass(frozen=True)
+class PlanCommand:
+    """What `odyssey plan` searches, and what it prints or writes; the search's own
+    options (world, batch, schedules, ...) are SearchConfig's, without a namespace."""
+
+    profile: str = ""
+    """Profile JSON written by `odyssey profile` (give this or --formula)."""
+    formula: str = ""
+    """GPT-3-like layer table from formulas instead of a profile, e.g. gpt3-13b."""
+    memory_gb: float = 80.0
+    """Memory per rank, GiB."""
+    reserve_gb: float = 0.0
+    """Per-rank overhead to keep free, GiB."""
+    out: str = ""
+    """Write the best Plan as JSON here."""
+    show_ranks: bool = False
+    """Print the per-rank breakdown of the best plan."""
+    search: SearchConfig = section(SearchConfig, flat=True, exclude=("memory_limit_bytes",))
+
+    def __post_init__(self) -> None:
+        if bool(self.profile) == bool(self.formula):
+            raise ValueError("give one of --profile or --formula")
 
 
-def _strs(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+ALIASES = {"nodes": "search.num_nodes", "top": "search.max_results",
+           "unequal": "search.unequal_pipelines"}
+"""The flag names `odyssey plan` has always used for these SearchConfig fields."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="odyssey plan", description=__doc__.split("\n")[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--profile", help="profile JSON written by `odyssey profile`")
-    src.add_argument("--formula", metavar="PRESET",
-                     help="GPT-3-like layer table from formulas, e.g. gpt3-13b")
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--ranks-per-node", type=int, default=8)
-    ap.add_argument("--global-batch", type=int, default=None, help="samples per step")
-    ap.add_argument("--microbatch-sizes", type=_ints, default=(1,),
-                    help="comma-separated sizes to try (default 1)")
-    ap.add_argument("--num-microbatches", type=int, default=None,
-                    help="fix the microbatch count instead of the global batch")
-    ap.add_argument("--memory-gb", type=float, default=80.0, help="memory per rank, GiB")
-    ap.add_argument("--reserve-gb", type=float, default=0.0,
-                    help="per-rank overhead to keep free, GiB")
-    ap.add_argument("--schedules", type=_strs, default=("1f1b",),
-                    help="comma-separated: 1f1b,gpipe")
-    ap.add_argument("--no-unequal", action="store_true",
-                    help="only pipelines of equal length")
-    ap.add_argument("--top", type=int, default=5, help="plans to print")
-    ap.add_argument("--top-k", type=int, default=8, help="shapes to simulate")
-    ap.add_argument("--out", default=None, help="write the best Plan as JSON here")
-    ap.add_argument("--show-ranks", action="store_true",
-                    help="print the per-rank breakdown of the best plan")
-    return ap
+def build_parser() -> ConfigParser:
+    return ConfigParser(PlanCommand, aliases=ALIASES, prog="odyssey plan",
+                        description=__doc__.split("\n")[0])
 
 
 def plan_main(argv: list[str] | None = None) -> int:
     """Entry point of `odyssey plan`; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    cmd = build_parser().parse_config(argv)
     try:
-        if args.profile:
-            prof = Profile.load(args.profile)
+        if cmd.profile:
+            prof = Profile.load(cmd.profile)
         else:
-            from profiler.synthetic import FormulaConfig, formula_profile
-
-            prof = formula_profile(FormulaConfig(preset=args.formula,
-                                                 microbatch_sizes=args.microbatch_sizes))
-        from planner.cost import CostConfig, CostModel
-        from planner.memory import MemoryConfig
-
-        rpn = args.ranks_per_node if args.nodes > 1 else None
+            prof = formula_profile(FormulaConfig(preset=cmd.formula,
+                                                 microbatch_sizes=cmd.search.microbatch_sizes))
+        rpn = cmd.search.ranks_per_node if cmd.search.num_nodes > 1 else None
         cost = CostModel(prof, CostConfig(ranks_per_node=rpn,
-                                          memory=MemoryConfig(args.reserve_gb * GiB)))
-        cfg = SearchConfig(
-            num_nodes=args.nodes, ranks_per_node=args.ranks_per_node,
-            memory_limit_bytes=args.memory_gb * GiB, global_batch=args.global_batch,
-            microbatch_sizes=args.microbatch_sizes, num_microbatches=args.num_microbatches,
-            schedules=args.schedules, unequal_pipelines=not args.no_unequal,
-            top_k=args.top_k, max_results=args.top)
+                                          memory=MemoryConfig(cmd.reserve_gb * GiB)))
+        cfg = replace(cmd.search, memory_limit_bytes=cmd.memory_gb * GiB)
         result = search(cost, cfg)
     except NoPlanFitsError as e:
         print(f"odyssey plan: {e}", file=sys.stderr)
@@ -83,24 +75,24 @@ def plan_main(argv: list[str] | None = None) -> int:
         print(f"odyssey plan: {e}", file=sys.stderr)
         return 2
     print(f"profile {prof.model} ({prof.kind}); world {cfg.world_size} ranks "
-          f"({args.nodes} x {args.ranks_per_node}); memory limit "
-          f"{fmt_bytes(cfg.memory_limit_bytes)}")
+          f"({cfg.num_nodes} x {cfg.ranks_per_node}); memory limit "
+          f"{format_size(cfg.memory_limit_bytes)}")
     print(f"searched {result.considered} shapes ({result.feasible} fit), simulated "
           f"{result.simulated}, in {result.elapsed_s:.2f} s")
     print(result.table())
     for note in result.notes:
         print(f"note: {note}")
     best = result.best
-    if args.show_ranks:
+    if cmd.show_ranks:
         print("best plan per rank (ms): compute / p2p / bubble / allreduce / optimizer, memory")
         for r, b in sorted(best.sim.ranks.items()):
             print(f"  rank {r:>4}: {b.compute_s * 1e3:9.2f} {b.p2p_s * 1e3:8.2f} "
                   f"{b.bubble_s * 1e3:9.2f} {b.allreduce_s * 1e3:8.2f} "
-                  f"{b.optimizer_s * 1e3:7.2f}  {fmt_bytes(b.memory.total if b.memory else 0)}")
-    if args.out:
-        with open(args.out, "w") as fh:
+                  f"{b.optimizer_s * 1e3:7.2f}  {format_size(b.memory.total if b.memory else 0)}")
+    if cmd.out:
+        with open(cmd.out, "w") as fh:
             fh.write(best.plan.to_json(indent=2))
-        print(f"wrote {args.out}: {best.shape}, predicted step "
+        print(f"wrote {cmd.out}: {best.shape}, predicted step "
               f"{best.step_time_s * 1e3:.2f} ms")
     return 0
 

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from planner.cost import CostModel
 from planner.plan import Plan
 from planner.reduce import layer_groups
-
-if TYPE_CHECKING:
-    from planner.cost import CostModel
 
 
 def ring_allreduce_s(nbytes: float, n: int, alpha_s: float, beta_Bps: float) -> float:

@@ -11,17 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from planner.calibrate import Calibration, CalibrationConfig
 from planner.memory import MemoryConfig, MemoryModel
-from planner.program import Instruction, Op
+from planner.plan import Plan
+from planner.program import Instruction, Op, Program
 from profiler.profile import Profile
-
-if TYPE_CHECKING:
-    from planner.plan import Plan
-    from planner.program import Program
-    from planner.simulate import SimResult
 
 
 @dataclass(frozen=True)
@@ -198,14 +193,3 @@ class CostModel:
         for op, pred, meas in observations:
             self.observe(op, pred, meas)
         return self.calibration.report()
-
-    # ---- whole plans ----------------------------------------------------------------
-    def predict(self, plan: Plan, reduce: bool = True) -> SimResult:
-        """Simulate `plan` (a `Plan`) and return its `SimResult`.
-
-        This is the entry point for validation: profile -> CostModel -> predict(plan)
-        -> compare `.step_time_s` and per-rank breakdowns with the engine's timings.
-        """
-        from planner.simulate import simulate_plan
-
-        return simulate_plan(plan, self, reduce=reduce)

@@ -15,14 +15,11 @@ one step, and a test keeps the two in step.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
 
+from planner.cost import CostModel
 from planner.memory import MemoryModel, RankMemory
 from planner.plan import Pipeline, Plan, runs_of
 from planner.program import Instruction, Op, Program
-
-if TYPE_CHECKING:
-    from planner.cost import CostModel
 
 Lowered = tuple[dict[int, list[tuple]], dict[int, RankMemory], dict]
 

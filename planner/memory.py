@@ -9,12 +9,9 @@ microbatches alive on stage s of p; GPipe keeps all m.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from planner.plan import Plan
 from profiler.profile import Profile
-
-if TYPE_CHECKING:
-    from planner.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -135,13 +132,3 @@ def _prefix(values: list[float]) -> list[float]:
         out.append(out[-1] + v)
     return out
 
-
-GiB = float(1 << 30)
-
-
-def fmt_bytes(n: float) -> str:
-    """Human-readable bytes (KiB/MiB/GiB)."""
-    for unit, scale in (("GiB", GiB), ("MiB", float(1 << 20)), ("KiB", 1024.0)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"

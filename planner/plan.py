@@ -48,9 +48,42 @@ class Pipeline:
         return [s.rank for s in self.stages]
 
 
+@dataclass(frozen=True)
+class _Index:
+    """Rank and layer lookups of one plan, built once (see `Plan._index`)."""
+
+    where: dict[int, tuple[int, int]]
+    """Worker id -> (pipeline, stage) of its first appearance."""
+    holders: list[tuple[int, ...]]
+    """Layer -> sorted worker ids holding it."""
+    ranks: tuple[int, ...]
+    """Sorted worker ids."""
+    num_stages: int
+    """Stages over all pipelines (a shared stage counts once per pipeline it serves)."""
+
+    @classmethod
+    def of(cls, plan: Plan) -> _Index:
+        where: dict[int, tuple[int, int]] = {}
+        holders: list[set[int]] = [set() for _ in range(max(plan.num_layers, 0))]
+        num_stages = 0
+        for pi, p in enumerate(plan.pipelines):
+            num_stages += len(p.stages)
+            for si, s in enumerate(p.stages):
+                where.setdefault(s.rank, (pi, si))
+                for layer in range(max(s.start, 0), min(s.end, len(holders))):
+                    holders[layer].add(s.rank)
+        return cls(where, [tuple(sorted(h)) for h in holders], tuple(sorted(where)),
+                   num_stages)
+
+
 @dataclass
 class Plan:
-    """A complete training plan: data-parallel pipelines over a layered model."""
+    """A complete training plan: data-parallel pipelines over a layered model.
+
+    Lookups (`stage`, `stage_of`, `holders`, `has_rank`, `ranks`) are O(1) through an
+    index built on first use. Assigning a field drops it; after editing the pipelines in
+    place (e.g. replacing a stage), call `validate()`, which re-indexes.
+    """
 
     num_layers: int
     """Number of layers of the model (layers are addressed 0..num_layers-1)."""
@@ -63,6 +96,17 @@ class Plan:
     schedule: str = "1f1b"
     """Pipeline schedule: 'gpipe' or '1f1b'."""
 
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        self.__dict__.pop("_lookup", None)  # the stages may have moved
+
+    @property
+    def _index(self) -> _Index:
+        idx = self.__dict__.get("_lookup")
+        if idx is None:
+            idx = self.__dict__["_lookup"] = _Index.of(self)
+        return idx
+
     # ---- derived views -------------------------------------------------------------
     @property
     def global_batch(self) -> int:
@@ -70,24 +114,27 @@ class Plan:
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({r for p in self.pipelines for r in p.ranks})
+        """Worker ids, sorted (a new list; use `has_rank` to test membership)."""
+        return list(self._index.ranks)
 
     @property
     def world_size(self) -> int:
-        return len(self.ranks)
+        return len(self._index.ranks)
+
+    def has_rank(self, rank: int) -> bool:
+        return rank in self._index.where
 
     def stage_of(self, rank: int) -> tuple[int, int]:
-        """(pipeline index, stage index) of a worker id."""
-        for pi, p in enumerate(self.pipelines):
-            for si, s in enumerate(p.stages):
-                if s.rank == rank:
-                    return pi, si
-        raise PlanError(f"rank {rank} is not in the plan (ranks: {self.ranks})")
+        """(pipeline index, stage index) of a worker id (its first pipeline if shared)."""
+        try:
+            return self._index.where[rank]
+        except KeyError:
+            raise PlanError(f"rank {rank} is not in the plan (ranks: {self.ranks})") from None
 
     def holders(self, layer: int) -> list[int]:
-        """Worker ids holding `layer`, sorted."""
-        return sorted({s.rank for p in self.pipelines for s in p.stages
-                       if s.start <= layer < s.end})
+        """Worker ids holding `layer`, sorted (none for a layer outside the model)."""
+        holders = self._index.holders
+        return list(holders[layer]) if 0 <= layer < len(holders) else []
 
     def stage(self, rank: int) -> Stage:
         """The stage a worker id executes (shared stages have one range everywhere)."""
@@ -97,24 +144,29 @@ class Plan:
     @property
     def has_shared_stages(self) -> bool:
         """True when some rank serves several pipelines (a rerouted plan)."""
-        return sum(len(p.stages) for p in self.pipelines) > len(self.ranks)
+        idx = self._index
+        return idx.num_stages > len(idx.ranks)
 
     def layer_groups(self) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
         """Maximal contiguous layer ranges with one holder set: ((start, end), holders).
 
         Gradients of each range are all-reduced among its holders.
         """
+        holders = self._index.holders
         out: list[tuple[tuple[int, int], tuple[int, ...]]] = []
         start = 0
         for layer in range(1, self.num_layers + 1):
-            if layer == self.num_layers or self.holders(layer) != self.holders(start):
-                out.append(((start, layer), tuple(self.holders(start))))
+            if layer == self.num_layers or holders[layer] != holders[start]:
+                out.append(((start, layer), holders[start]))
                 start = layer
         return out
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> Plan:
-        """Raise `PlanError` naming exactly what is wrong; return self when valid."""
+        """Raise `PlanError` naming exactly what is wrong; return self when valid.
+
+        Also rebuilds the lookup index, so a plan edited in place is looked up afresh."""
+        self.__dict__.pop("_lookup", None)
         errors: list[str] = []
         if self.num_layers < 1:
             errors.append(f"num_layers must be >= 1, got {self.num_layers}")

@@ -13,15 +13,25 @@ change: samples = (H - transition) / step_time x global batch. Kinds:
 - restart: the same fresh plan, state reloaded from the last checkpoint; steps after
   it are redone. The fallback when some layer has no surviving replica.
 Upward changes (a replacement worker joins) re-plan through reparallelize.
+
+Fresh plans and state transfers come from `planner.placement`; the live coordinator and
+the cluster simulator both call `build_candidates`, `score` and `choose` here.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from planner.partition import assign_microbatches, split_microbatches
-from planner.plan import Pipeline, Plan, PlanError, Stage, even_partition
+from planner.placement import (
+    PredictLength,
+    RecoveryContext,
+    Transfer,
+    fresh_plans,
+    transfers,
+)
+from planner.plan import Pipeline, Plan, PlanError, Stage
 
 KINDS = ("reroute", "redundant", "reparallelize", "restart")
 POLICIES = ("adaptive", *KINDS)
@@ -42,16 +52,6 @@ class RecoveryConfig:
     """Agreement + group rebuild time common to every in-place kind."""
     checkpoint_load_Bps: float = 200e6
     """Read bandwidth when reloading a checkpoint."""
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """Layer state that moves from a surviving replica to its new holder."""
-
-    layer: int
-    src: int
-    dst: int
-    nbytes: float
 
 
 @dataclass
@@ -96,35 +96,12 @@ class RecoveryCandidate:
                    predicted_step_s=d["predicted_step_s"], score=d["score"], note=d["note"])
 
 
-@dataclass
-class RecoveryContext:
-    """What the leader knows when it plans a recovery."""
-
-    old_plan: Plan
-    members: list[int]
-    """Ranks of the new generation (survivors and newcomers)."""
-    committed_step: int
-    """Last step every survivor applied."""
-    layer_bytes: list[float]
-    """Parameter + optimizer state bytes of each layer."""
-    checkpoint_step: int | None = None
-    """Latest complete checkpoint, if any."""
-    newcomers: list[int] = field(default_factory=list)
-
-    @property
-    def dead(self) -> set[int]:
-        return set(self.old_plan.ranks) - set(self.members)
-
-    def surviving_holders(self, layer: int) -> list[int]:
-        return [r for r in self.old_plan.holders(layer) if r in self.members]
-
-
 # ---- candidate builders -------------------------------------------------------------
 def reroute(ctx: RecoveryContext) -> RecoveryCandidate:
     old, dead = ctx.old_plan, ctx.dead
     if ctx.newcomers:
         raise PlanError("reroute only handles lost ranks, not newcomers")
-    load = {r: sum(r in p.ranks for p in old.pipelines) for r in old.ranks}
+    load = Counter(s.rank for p in old.pipelines for s in p.stages)  # pipelines served
     pipelines = []
     for pi, p in enumerate(old.pipelines):
         stages = []
@@ -175,94 +152,19 @@ def redundant(ctx: RecoveryContext) -> RecoveryCandidate:
         p.microbatches.sort()
     plan = Plan(old.num_layers, old.num_microbatches, old.microbatch_size, pipelines,
                 old.schedule).validate()
-    return RecoveryCandidate("redundant", plan, transfers=_transfers(ctx, plan),
+    return RecoveryCandidate("redundant", plan, transfers=transfers(ctx, plan),
                              resume_step=ctx.committed_step + 1,
                              note="neighbour stages adopt the lost layers")
 
 
-def fresh_plans(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None,
-                max_options: int = 6) -> list[Plan]:
-    """Plans built from scratch for the members: several pipeline counts, each with
-    stages assigned to keep layers where they already are."""
-    old, members = ctx.old_plan, sorted(ctx.members)
-    n = len(members)
+def reparallelize(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None,
+                  fresh: list[Plan] | None = None) -> list[RecoveryCandidate]:
+    """One candidate per fresh plan (`fresh`, default `fresh_plans(ctx, predict)`) whose
+    layers all have a surviving replica to fetch from."""
     out = []
-    for dp in range(1, n + 1):
-        lengths = [n // dp + (1 if i < n % dp else 0) for i in range(dp)]
-        if max(lengths) > old.num_layers or dp > old.num_microbatches:
-            continue
-        out.append(_fresh_plan(ctx, lengths, predict))
-    if predict is not None and len(out) > max_options:
-        out = sorted(out, key=predict)[:max_options]
-    return out
-
-
-def _fresh_plan(ctx: RecoveryContext, lengths: list[int],
-                predict: Callable[[Plan], float] | None) -> Plan:
-    old = ctx.old_plan
-    free = sorted(ctx.members)
-    pipelines = []
-    for length in lengths:
-        sizes = even_partition(old.num_layers, length)
-        bounds = [sum(sizes[:i]) for i in range(length + 1)]
-        stages = []
-        for s in range(length):
-            a, b = bounds[s], bounds[s + 1]
-            # the rank already holding most of [a, b) takes it: fewer bytes to move
-            best = max(free, key=lambda r: (_overlap(old, r, a, b), -r))
-            free.remove(best)
-            stages.append(Stage(best, a, b))
-        pipelines.append(Pipeline(stages, []))
-    counts = [old.num_microbatches // len(lengths)] * len(lengths)
-    if len(set(lengths)) > 1:
-        per = []
-        for p in pipelines:
-            one = Plan(old.num_layers, 1, old.microbatch_size, [Pipeline(p.stages, [0])],
-                       old.schedule)
-            per.append(predict(one) if predict else float(max(s.end - s.start
-                                                              for s in p.stages)))
-        counts = split_microbatches(old.num_microbatches, per)
-    else:
-        for i in range(old.num_microbatches % len(lengths)):
-            counts[i] += 1
-    for p, mbs in zip(pipelines, assign_microbatches(counts)):
-        p.microbatches = mbs
-    return Plan(old.num_layers, old.num_microbatches, old.microbatch_size, pipelines,
-                old.schedule).validate()
-
-
-def _overlap(plan: Plan, rank: int, a: int, b: int) -> int:
-    if rank not in plan.ranks:
-        return 0
-    st = plan.stage(rank)
-    return max(0, min(b, st.end) - max(a, st.start))
-
-
-def _transfers(ctx: RecoveryContext, plan: Plan) -> list[Transfer]:
-    """Layers each member must fetch; sources rotate over the surviving replicas."""
-    out = []
-    use: dict[int, int] = {}
-    for r in plan.ranks:
-        st = plan.stage(r)
-        have = set(ctx.old_plan.stage(r).layers) if r in ctx.old_plan.ranks else set()
-        for layer in st.layers:
-            if layer in have:
-                continue
-            holders = ctx.surviving_holders(layer)
-            if not holders:
-                raise PlanError(f"layer {layer} has no surviving replica")
-            src = min(holders, key=lambda h: (use.get(h, 0), h))
-            use[src] = use.get(src, 0) + 1
-            out.append(Transfer(layer, src, r, ctx.layer_bytes[layer]))
-    return out
-
-
-def reparallelize(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None
-                  ) -> list[RecoveryCandidate]:
-    out = []
-    for plan in fresh_plans(ctx, predict):
+    for plan in fresh_plans(ctx, predict) if fresh is None else fresh:
         try:
-            out.append(RecoveryCandidate("reparallelize", plan, transfers=_transfers(ctx, plan),
+            out.append(RecoveryCandidate("reparallelize", plan, transfers=transfers(ctx, plan),
                                          resume_step=ctx.committed_step + 1,
                                          note=f"{len(plan.pipelines)} new pipeline(s)"))
         except PlanError:
@@ -272,24 +174,31 @@ def reparallelize(ctx: RecoveryContext, predict: Callable[[Plan], float] | None 
     return out
 
 
-def restart(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None
-            ) -> list[RecoveryCandidate]:
+def restart(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None,
+            fresh: list[Plan] | None = None) -> list[RecoveryCandidate]:
+    """One candidate per fresh plan, state reloaded from the latest checkpoint."""
     step = ctx.checkpoint_step
     resume = 0 if step is None else step + 1
     note = "no checkpoint: from initialisation" if step is None else f"checkpoint of step {step}"
     return [RecoveryCandidate("restart", plan, from_checkpoint=True, resume_step=resume,
                               lost_steps=ctx.committed_step + 1 - resume, note=note)
-            for plan in fresh_plans(ctx, predict)]
+            for plan in (fresh_plans(ctx, predict) if fresh is None else fresh)]
 
 
-def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None
+def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None,
+                     *, predict_len: PredictLength | None = None, exact_upto: int = 64
                      ) -> tuple[list[RecoveryCandidate], dict[str, str]]:
-    """Every feasible candidate, and why each infeasible kind was dropped."""
+    """Every feasible candidate, and why each infeasible kind was dropped.
+
+    The live leader and the cluster simulator both call this. The fresh plans are built
+    once for reparallelize and restart; `predict_len` and `exact_upto` screen pipeline
+    counts at cluster scale (see `planner.placement.pipeline_counts`)."""
     cands: list[RecoveryCandidate] = []
     dropped: dict[str, str] = {}
+    fresh = fresh_plans(ctx, predict, predict_len=predict_len, exact_upto=exact_upto)
     builders = {"reroute": lambda: [reroute(ctx)], "redundant": lambda: [redundant(ctx)],
-                "reparallelize": lambda: reparallelize(ctx, predict),
-                "restart": lambda: restart(ctx, predict)}
+                "reparallelize": lambda: reparallelize(ctx, predict, fresh),
+                "restart": lambda: restart(ctx, predict, fresh)}
     for kind, build in builders.items():
         try:
             cands.extend(build())

@@ -7,7 +7,7 @@ the representatives holding that layer range, while the cost of the collective i
 taken from the full member list (`overrides`). Every other rank copies its
 representative's result.
 
-`simulate_reduced` (behind `simulate_plan`) lowers the representatives directly
+`simulate_reduced` (behind `planner.simulate.simulate_plan`) lowers the representatives directly
 (`planner.lowering.lower_pipelines`) and, when pipelines run long steady states,
 extrapolates them from three shorter probe runs after checking exact linearity. Plans
 where a rank serves several pipelines are simulated in full, and so is any plan whose
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from planner.cost import CostModel
+from planner.event_loop import SimResult, SimulationError, State, finish, run_lowered, simulate
 from planner.lowering import BARRIER, LOCAL, lower_pipelines
 from planner.plan import Pipeline, Plan, Stage
 from planner.program import Instruction, Op, Program, compile_plan
-from planner.simulate import SimResult, SimulationError, _State, finish, run_lowered
-
-if TYPE_CHECKING:
-    from planner.cost import CostModel
 
 STEADY_MARGIN = 4
 """Microbatches beyond the pipeline length kept when a steady state is extrapolated."""
@@ -140,9 +137,6 @@ def simulate_reduced(plan: Plan, cost: CostModel,
     plan.validate()
     stages = [st.rank for p in plan.pipelines for st in p.stages]
     if len(set(stages)) != len(stages):  # a rank serves several pipelines: no symmetry
-        from planner.program import compile_plan
-        from planner.simulate import simulate
-
         return simulate(compile_plan(plan), cost)
     classes, representative = _classes(plan, cost)
     groups = sorted((g for g in layer_groups(plan) if len(g[1]) > 1), key=lambda g: -g[0][0])
@@ -150,9 +144,6 @@ def simulate_reduced(plan: Plan, cost: CostModel,
     try:
         result = _simulate_classes(plan, cost, cached, steady_margin)
     except SimulationError:  # re-run in full for a message naming real instructions
-        from planner.program import compile_plan
-        from planner.simulate import simulate
-
         return simulate(compile_plan(plan), cost)
     ranks = {r: result.ranks[rep] for r, rep in representative.items()}
     return SimResult(result.step_time_s, ranks, plan)
@@ -169,7 +160,7 @@ def _simulate_classes(plan: Plan, cost, cached: tuple, steady_margin: int) -> Si
         result = _extrapolated(plan, cost, shift, cached)
     if result is None:
         lowered, static, chans = _lower_reduced(plan, cost, 0, cached)
-        state = _State(sorted(lowered))
+        state = State(sorted(lowered))
         run_lowered(lowered, state, cost.config.send_overhead_s, chans)
         result = finish(state, static, plan)
     return result
@@ -184,12 +175,12 @@ def _extrapolated(plan: Plan, cost, shift: int, cached: tuple) -> SimResult | No
         for r, prog in lowered.items():
             cut = next((i for i, x in enumerate(prog) if x[0] in (BARRIER, LOCAL)), len(prog))
             heads[r], tails[r] = prog[:cut], prog[cut:]
-        state = _State(sorted(lowered))
+        state = State(sorted(lowered))
         run_lowered(heads, state, send_overhead, chans)
         probes.append((state, tails, static))
     (s1, tails, static), (s2, _, _), (s3, _, _) = probes
     scale = shift / STRIDE
-    out = _State(sorted(s1.clock))
+    out = State(sorted(s1.clock))
     for r in s1.clock:
         vals = [(s1.clock[r], s2.clock[r], s3.clock[r]), (s1.peak[r], s2.peak[r], s3.peak[r])]
         vals += [(getattr(s1.bd[r], f), getattr(s2.bd[r], f), getattr(s3.bd[r], f))

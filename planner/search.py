@@ -18,11 +18,12 @@ import numpy as np
 
 from planner.closed_form import finish_offsets, pipeline_terms
 from planner.cost import CostConfig, CostModel
-from planner.memory import GiB, fmt_bytes, inflight_microbatches
+from planner.memory import inflight_microbatches
 from planner.partition import Partitioner, assign_microbatches, makespan, split_microbatches
 from planner.plan import Pipeline, Plan, PlanError, Stage
 from planner.simulate import SimResult, simulate_plan
 from profiler.profile import Profile
+from profiler.units import GiB, format_size
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ class NoPlanFitsError(PlanError):
         self.min_memory_bytes = min_memory
         self.shape = shape
         super().__init__(
-            f"no plan fits in {fmt_bytes(limit)} per rank: the smallest per-rank memory "
-            f"any plan needs is {fmt_bytes(min_memory)} ({min_memory:.0f} bytes, {shape})")
+            f"no plan fits in {format_size(limit)} per rank: the smallest per-rank memory "
+            f"any plan needs is {format_size(min_memory)} ({min_memory:.0f} bytes, {shape})")
 
 
 @dataclass
@@ -160,7 +161,7 @@ class SearchResult:
             b = c.sim.mean_breakdown()
             lines.append(
                 f"{i:>2}  {c.step_time_s * 1e3:>10.2f}  {c.estimate_s * 1e3:>10.2f}  "
-                f"{c.samples_per_s:>10.2f}  {fmt_bytes(c.max_memory_bytes):>11}  "
+                f"{c.samples_per_s:>10.2f}  {format_size(c.max_memory_bytes):>11}  "
                 f"{b['compute_s'] * 1e3:>8.1f} {b['bubble_s'] * 1e3:>8.1f} "
                 f"{b['p2p_s'] * 1e3:>7.1f} {b['allreduce_s'] * 1e3:>7.1f} "
                 f"{b['optimizer_s'] * 1e3:>6.1f}  {c.shape}")
@@ -191,7 +192,7 @@ def search(model: Profile | CostModel, config: SearchConfig) -> SearchResult:
         plan = build_plan(shape, cost)
         sim = simulate_plan(plan, cost)
         if sim.max_memory > config.memory_limit_bytes * (1 + 1e-9):
-            notes.append(f"{shape.describe()}: simulated peak {fmt_bytes(sim.max_memory)} "
+            notes.append(f"{shape.describe()}: simulated peak {format_size(sim.max_memory)} "
                          "exceeds the limit; dropped")
             continue
         choices.append(PlanChoice(plan, sim.step_time_s, shape.estimate_s, sim,

@@ -11,125 +11,168 @@ itself never imports the engine.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
+import torch
+
+from profiler.comm import CommBenchConfig, bench_comm
+from profiler.configtree import ConfigParser, section
+from profiler.layers import LayerProfilerConfig, profile_model
 from profiler.profile import LinkFit, Profile
+from profiler.synthetic import FormulaConfig, emulated_profile, formula_profile
+from profiler.timing import TimingConfig
+
+MODELS = ("gpt", "emulated", "formula")
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+@dataclass(frozen=True)
+class GPTShape:
+    """The example GPT, measured (its shape fields also override a formula preset)."""
+
+    vocab_size: int = 64
+    """Token vocabulary of the measured GPT."""
+    seq_len: int | None = None
+    """Context length (gpt default 32, formula default 2048)."""
+    d_model: int | None = None
+    """Hidden width (default: the GPT's, or the formula preset's)."""
+    n_heads: int | None = None
+    """Attention heads (default: the GPT's, or the formula preset's)."""
+    n_blocks: int | None = None
+    """Transformer blocks (default: the GPT's, or the formula preset's)."""
+    device: str = "cpu"
+    """Device the layers are measured on."""
+    threads: int | None = None
+    """Torch threads while measuring (1 on a shared CPU)."""
 
 
-def _floats(text: str) -> float | tuple[float, ...]:
-    vals = tuple(float(x) for x in text.split(",") if x.strip())
-    return vals[0] if len(vals) == 1 else vals
+@dataclass(frozen=True)
+class EmulatedLayers:
+    """Sleeping layers with configured times (nothing is measured)."""
+
+    num_layers: int = 8
+    """Layers in the emulated model."""
+    forward_ms: float | tuple[float, ...] = 5.0
+    """Forward time per layer per microbatch, ms (one value, or one per layer)."""
+    backward_ms: float | tuple[float, ...] = 10.0
+    """Backward time per layer per microbatch, ms (one value, or one per layer)."""
+    dim: int = 16
+    """Width of the tiny tensors carried between layers."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="odyssey profile", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=("gpt", "emulated", "formula"), default="gpt",
-                    help="what to profile (default: the example GPT, measured)")
-    ap.add_argument("--out", default="profile.json", help="output JSON path")
-    ap.add_argument("--microbatch-sizes", type=_ints, default=(1, 2, 4),
-                    help="comma-separated microbatch sizes (default 1,2,4)")
-    g = ap.add_argument_group("gpt (measured)")
-    g.add_argument("--vocab-size", type=int, default=64)
-    g.add_argument("--seq-len", type=int, default=None,
-                   help="context length (gpt default 32, formula default 2048)")
-    g.add_argument("--d-model", type=int, default=None)
-    g.add_argument("--n-heads", type=int, default=None)
-    g.add_argument("--n-blocks", type=int, default=None)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--warmup", type=int, default=2)
-    g.add_argument("--repeats", type=int, default=5)
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch threads while measuring (1 on a shared CPU)")
-    e = ap.add_argument_group("emulated")
-    e.add_argument("--num-layers", type=int, default=8)
-    e.add_argument("--forward-ms", type=_floats, default=5.0, help="one value or per layer")
-    e.add_argument("--backward-ms", type=_floats, default=10.0, help="one value or per layer")
-    e.add_argument("--dim", type=int, default=16)
-    f = ap.add_argument_group("formula (GPT-3-like, no measuring)")
-    f.add_argument("--preset", default="gpt3-13b")
-    f.add_argument("--tflops", type=float, default=312.0, help="device peak TFLOP/s")
-    f.add_argument("--mfu", type=float, default=0.5, help="achieved fraction of peak")
-    f.add_argument("--hbm-gbps", type=float, default=2000.0)
-    c = ap.add_argument_group("communication")
-    c.add_argument("--comm", choices=("measure", "assume"), default=None,
-                   help="run the gloo micro-benchmarks (default for gpt) or assume "
-                        "loopback/formula figures (default otherwise)")
-    c.add_argument("--comm-group-sizes", type=_ints, default=(2, 4))
-    c.add_argument("--comm-bytes", type=_ints, default=(1 << 10, 1 << 14, 1 << 17, 1 << 20))
-    c.add_argument("--inter-alpha-us", type=float, default=None,
-                   help="declare the inter-node link latency (not measurable here)")
-    c.add_argument("--inter-gbps", type=float, default=None,
-                   help="declare the inter-node link bandwidth, GB/s")
-    return ap
+@dataclass(frozen=True)
+class FormulaDevice:
+    """A GPT-3-like layer table from formulas (no measuring) and the device it assumes."""
+
+    preset: str = "gpt3-13b"
+    """GPT-3-like preset (sets blocks, d_model, heads unless given)."""
+    tflops: float = 312.0
+    """Device peak TFLOP/s."""
+    mfu: float = 0.5
+    """Achieved fraction of peak."""
+    hbm_gbps: float = 2000.0
+    """Device memory bandwidth, GB/s."""
+
+
+@dataclass(frozen=True)
+class CommOptions:
+    """Communication fits."""
+
+    comm: str = ""
+    """measure (run the gloo micro-benchmarks) or assume (loopback/formula figures);
+    empty: measure for gpt, assume otherwise."""
+    comm_group_sizes: tuple[int, ...] = (2, 4)
+    """All-reduce group sizes measured."""
+    comm_bytes: tuple[int, ...] = (1 << 10, 1 << 14, 1 << 17, 1 << 20)
+    """Message sizes measured, bytes."""
+    inter_alpha_us: float | None = None
+    """Declare the inter-node link latency, us (not measurable here; with --inter-gbps)."""
+    inter_gbps: float | None = None
+    """Declare the inter-node link bandwidth, GB/s (with --inter-alpha-us)."""
+
+    def __post_init__(self) -> None:
+        if self.comm not in ("", "measure", "assume"):
+            raise ValueError(f"--comm must be measure or assume, got {self.comm!r}")
+        if (self.inter_alpha_us is None) != (self.inter_gbps is None):
+            raise ValueError("give both --inter-alpha-us and --inter-gbps")
+
+
+@dataclass(frozen=True)
+class ProfileCommand:
+    """What `odyssey profile` measures or derives, and where it writes the profile."""
+
+    model: str = "gpt"
+    """What to profile: gpt (the example GPT, measured), emulated or formula."""
+    out: str = "profile.json"
+    """Output JSON path."""
+    microbatch_sizes: tuple[int, ...] = (1, 2, 4)
+    """Microbatch sizes tabulated."""
+    gpt: GPTShape = section(GPTShape, flat=True)
+    timing: TimingConfig = section(TimingConfig, flat=True)
+    emulated: EmulatedLayers = section(EmulatedLayers, flat=True)
+    formula: FormulaDevice = section(FormulaDevice, flat=True)
+    comm: CommOptions = section(CommOptions, flat=True)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {MODELS}, got {self.model!r}")
+
+
+def build_parser() -> ConfigParser:
+    return ConfigParser(ProfileCommand, prog="odyssey profile",
+                        description=__doc__.split("\n")[0])
 
 
 def profile_main(argv: list[str] | None = None) -> int:
     """Entry point of `odyssey profile`; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    cmd = build_parser().parse_config(argv)
     t0 = time.perf_counter()
     try:
-        prof = _build(args)
+        prof = _build(cmd)
     except (ValueError, RuntimeError) as e:
         print(f"odyssey profile: {e}", file=sys.stderr)
         return 2
-    if (args.inter_alpha_us is None) != (args.inter_gbps is None):
-        print("odyssey profile: give both --inter-alpha-us and --inter-gbps", file=sys.stderr)
-        return 2
-    if args.inter_alpha_us is not None:
-        fit = LinkFit(args.inter_alpha_us * 1e-6, args.inter_gbps * 1e9, [], "assumed")
+    c = cmd.comm
+    if c.inter_alpha_us is not None:
+        fit = LinkFit(c.inter_alpha_us * 1e-6, c.inter_gbps * 1e9, [], "assumed")
         prof.comm.p2p["inter"] = fit
         prof.comm.allreduce["inter"] = LinkFit(fit.alpha_s, fit.beta_Bps, [], "assumed")
     prof.check()
-    prof.save(args.out)
+    prof.save(cmd.out)
     print(summary(prof))
-    print(f"wrote {args.out} ({time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {cmd.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
-def _build(args) -> Profile:
-    from profiler.synthetic import FormulaConfig, emulated_profile, formula_profile
-
-    comm_mode = args.comm or ("measure" if args.model == "gpt" else "assume")
+def _build(cmd: ProfileCommand) -> Profile:
+    comm_mode = cmd.comm.comm or ("measure" if cmd.model == "gpt" else "assume")
     comm = None
     if comm_mode == "measure":
-        from profiler.comm import CommBenchConfig, bench_comm
-
-        comm = bench_comm(CommBenchConfig(group_sizes=args.comm_group_sizes,
-                                          message_bytes=args.comm_bytes))
-    if args.model == "emulated":
-        cfg = SimpleNamespace(num_layers=args.num_layers, forward_ms=args.forward_ms,
-                              backward_ms=args.backward_ms, dim=args.dim)
-        return emulated_profile(cfg, comm=comm)
-    if args.model == "formula":
-        fcfg = FormulaConfig(preset=args.preset, n_blocks=args.n_blocks, d_model=args.d_model,
-                             n_heads=args.n_heads, seq_len=args.seq_len or 2048,
-                             microbatch_sizes=args.microbatch_sizes, device_tflops=args.tflops,
-                             mfu=args.mfu, hbm_GBps=args.hbm_gbps)
+        comm = bench_comm(CommBenchConfig(group_sizes=cmd.comm.comm_group_sizes,
+                                          message_bytes=cmd.comm.comm_bytes))
+    if cmd.model == "emulated":
+        return emulated_profile(cmd.emulated, comm=comm)
+    if cmd.model == "formula":
+        g, f = cmd.gpt, cmd.formula
+        fcfg = FormulaConfig(preset=f.preset, n_blocks=g.n_blocks, d_model=g.d_model,
+                             n_heads=g.n_heads, seq_len=g.seq_len or 2048,
+                             microbatch_sizes=cmd.microbatch_sizes, device_tflops=f.tflops,
+                             mfu=f.mfu, hbm_GBps=f.hbm_gbps)
         prof = formula_profile(fcfg)
         if comm is not None:
             prof.comm = comm
         return prof
-    return _measure_gpt(args, comm)
+    return _measure_gpt(cmd, comm)
 
 
-def _measure_gpt(args, comm) -> Profile:
-    import torch
-
-    from profiler.layers import LayerProfilerConfig, profile_model
-    from profiler.timing import TimingConfig
-
+def _measure_gpt(cmd: ProfileCommand, comm) -> Profile:
     gpt = importlib.import_module("examples.gpt")
-    kw = {k: v for k, v in (("vocab_size", args.vocab_size), ("seq_len", args.seq_len),
-                            ("d_model", args.d_model), ("n_heads", args.n_heads),
-                            ("n_blocks", args.n_blocks)) if v is not None}
+    g = cmd.gpt
+    kw = {k: v for k, v in (("vocab_size", g.vocab_size), ("seq_len", g.seq_len),
+                            ("d_model", g.d_model), ("n_heads", g.n_heads),
+                            ("n_blocks", g.n_blocks)) if v is not None}
     cfg = gpt.GPTConfig(**kw)
     model = gpt.build_gpt(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -137,9 +180,8 @@ def _measure_gpt(args, comm) -> Profile:
     def tokens(mb: int) -> torch.Tensor:
         return torch.randint(0, cfg.vocab_size, (mb, cfg.seq_len), generator=gen)
 
-    lcfg = LayerProfilerConfig(microbatch_sizes=args.microbatch_sizes,
-                               timing=TimingConfig(args.warmup, args.repeats),
-                               device=args.device, num_threads=args.threads)
+    lcfg = LayerProfilerConfig(microbatch_sizes=cmd.microbatch_sizes, timing=cmd.timing,
+                               device=g.device, num_threads=g.threads)
     return profile_model(model, lcfg, input_fn=tokens, target_fn=tokens, comm=comm,
                          run_config={"model": "gpt", **kw})
 

@@ -92,10 +92,6 @@ class SavedRecord:
     """True if its storage stayed alive elsewhere after the executor dropped it, so
     swapping it frees nothing."""
 
-    @property
-    def need_t(self) -> float | None:
-        return self.unpack_t
-
 
 @dataclass
 class StepProfile:

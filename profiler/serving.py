@@ -21,7 +21,7 @@ measured on this machine and interpolated piecewise-linearly between its points:
 
 Plus KV-cache bytes per token and parameter bytes. This module is the data file and its
 lookups (no torch); `profiler/serving_profiler.py` measures it
-(`python -m profiler.serving_profiler --help`).
+(`python examples/profile_serving.py --help` for the example GPT).
 """
 
 from __future__ import annotations

@@ -1,22 +1,26 @@
 """Serving profiler: measure `profiler.serving.ServingProfile` tables on this machine.
 
-    python -m profiler.serving_profiler --out serving_profile.json
+The caller passes the model, duck-typed like `examples.gpt_kv.KVCacheGPT` (`cfg`,
+`blocks`, `embed`, `dense_pre`, `dense_post`, `attend_prefill`, `step`, `head`,
+`allocate`/`free`, `free_slots`, `pool`, `param_bytes`); the profiler imports nothing
+of the examples. The example GPT's command line is `examples/profile_serving.py`:
 
-The model is duck-typed like `examples.gpt_kv.KVCacheGPT` (`embed`, `dense_pre`,
-`dense_post`, `attend_prefill`, `step`, `head`, `allocate`/`free`, `pool`); the profiler
-never imports the examples except in its command-line entry point.
+    python examples/profile_serving.py --out serving_profile.json
 """
 
 from __future__ import annotations
 
-import argparse
+import platform
 import random
+import socket
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 from profiler.serving import (
     ServingProfile,
@@ -69,8 +73,6 @@ def profile_serving(model, config: ServingProfilerConfig | None = None) -> Servi
     and a point's value is its median over rounds: a burst of load from other processes
     then spoils one sample of many points instead of every sample of a few.
     """
-    import torch
-
     cfg = config or ServingProfilerConfig()
     mc = model.cfg
     d, nb = mc.d_model, len(model.blocks)
@@ -152,8 +154,6 @@ CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
 
 def time_median(fn, timing: TimingConfig, clock: str = "thread") -> float:
     """Median (outliers trimmed) of `fn()` timed by `clock` ('thread' or 'wall')."""
-    import torch
-
     if clock not in CLOCKS:
         raise ValueError(f"unknown clock {clock!r}; expected one of {sorted(CLOCKS)}")
     now = CLOCKS[clock]
@@ -206,9 +206,6 @@ def batch_of(model, pre: list[int], dec: list[int], tokens
 
 def _calibrate(prof: ServingProfile, model, cfg: ServingProfilerConfig, tokens, t) -> None:
     """Fit a (iterations without decodes) + b * prompts to (whole iteration - parts)."""
-    import numpy as np
-
-    from_parts = _parts_estimator(prof)
     rng = random.Random(cfg.seed)
     rows = []
     kv = min(model.cfg.context - 1, sorted(cfg.decode_kv)[len(cfg.decode_kv) // 2])
@@ -229,8 +226,8 @@ def _calibrate(prof: ServingProfile, model, cfg: ServingProfilerConfig, tokens, 
         for i in order:
             times[i].append(time_batch(model, *shapes[i], tokens, t))
     for (pre, dec), ts in zip(shapes, times):
-        rows.append({"prefill_lens": pre, "decode_kv": dec,
-                     "measured_s": statistics.median(ts), "parts_s": from_parts(pre, dec)})
+        rows.append({"prefill_lens": pre, "decode_kv": dec, "measured_s": statistics.median(ts),
+                     "parts_s": iteration_parts(prof, pre, dec)})
     # a decode-only iteration's fixed cost is inside decode_step: only prompts add to it
     a = np.array([[0.0 if r["decode_kv"] else 1.0, len(r["prefill_lens"])] for r in rows])
     y = np.array([r["measured_s"] - r["parts_s"] for r in rows])
@@ -264,8 +261,6 @@ def wake_pairs(model, pre: list[int], dec: list[int], tokens, idle_s: float, sam
     """(cold - warm) seconds, `samples` times: a warm iteration right after two others,
     then the same one after sleeping `idle_s`. On the wall clock the cold one is timed from
     the intended wake-up, so the sleep's overshoot counts, as it does in a real server."""
-    import torch
-
     now = CLOCKS[clock]
     out = []
     with batch_of(model, pre, dec, tokens) as (prefills, decodes):
@@ -284,63 +279,7 @@ def wake_pairs(model, pre: list[int], dec: list[int], tokens, idle_s: float, sam
     return out
 
 
-def _parts_estimator(prof: ServingProfile):
-    return lambda pre, dec: iteration_parts(prof, pre, dec)
-
-
 def _device() -> dict:
-    import platform
-    import socket
-
-    import torch
     return {"device": "cpu", "host": socket.gethostname(), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "name": platform.processor() or platform.machine()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m profiler.serving_profiler`: measure the example GPT's serving profile."""
-    ap = argparse.ArgumentParser(prog="python -m profiler.serving_profiler",
-                                 description="Measure the KV-cache GPT's serving tables "
-                                             "(dense, attention, head, overhead) as JSON.")
-    ap.add_argument("--out", default="serving_profile.json", help="output JSON path")
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--n-heads", type=int, default=8)
-    ap.add_argument("--n-blocks", type=int, default=4)
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=7, help="timed runs per point")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="thread",
-                    help="thread: CPU time of the thread (robust on a shared CPU); wall")
-    ap.add_argument("--quick", action="store_true", help="small grids (tests, smoke runs)")
-    args = ap.parse_args(argv)
-    import torch
-
-    from examples.gpt_kv import KVCacheGPT, ServeModelConfig  # the model, loaded on use
-
-    torch.set_num_threads(args.threads)
-    model = KVCacheGPT(ServeModelConfig(context=args.context, d_model=args.d_model,
-                                        n_heads=args.n_heads, n_blocks=args.n_blocks),
-                       max_slots=40)  # largest decode batch + calibration prefills
-    cfg = ServingProfilerConfig(timing=TimingConfig(warmup=2, repeats=args.repeats),
-                                clock=args.clock)
-    if args.quick:
-        cfg = ServingProfilerConfig(clock=args.clock, rounds=1,
-            dense_tokens=(1, 16, 64, 256), prefill_lens=(1, 32, 128), decode_batch=(1, 4, 8),
-            decode_kv=(16, 64, 128), head_rows=(1, 8, 16), calibration_batches=4,
-            wake_samples=2,
-            timing=TimingConfig(warmup=1, repeats=3))
-    try:
-        prof = profile_serving(model, cfg)
-    except ServingProfileError as e:
-        print(f"profiler.serving: {e}", file=sys.stderr)
-        return 2
-    prof.save(args.out)
-    print(f"wrote {args.out}: kv {prof.kv_bytes_per_token:.0f} B/token, overhead "
-          f"{prof.overhead_s * 1e3:.3f} ms + {prof.overhead_per_request_s * 1e6:.1f} us/request"
-          f", wake after idle {prof.wake_s * 1e3:.3f} ms")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

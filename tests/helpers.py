@@ -12,9 +12,10 @@ import torch
 
 from examples.gpt import GPTConfig, build_gpt
 from odyssey.data import ArithmeticTokens, Sampler
+from odyssey.job_config import JobConfig
 from odyssey.testing.reference import reference_run
 from odyssey.testing.threads import run_threads
-from odyssey.trainer import TrainConfig, Trainer
+from odyssey.trainer import Trainer
 from tests.conftest import ROOT
 
 TINY = GPTConfig(vocab_size=32, seq_len=16, d_model=32, n_heads=2, n_blocks=2)
@@ -24,13 +25,13 @@ def tiny_model():
     return build_gpt(TINY), ArithmeticTokens(TINY.vocab_size, TINY.seq_len)
 
 
-def run_plan(cfg: TrainConfig, world: int, timeout_s: float = 120.0):
+def run_plan(cfg: JobConfig, world: int, timeout_s: float = 120.0):
     """Train with ranks as threads; return (leader FitResult, {layer: state_dict})."""
     model, data = tiny_model()
 
     def worker(w):
         t = Trainer(model, data, cfg, w)
-        return t.fit(), {i: t.engine.layers[i].state_dict() for i in t.engine.held_layers}
+        return t.fit(), t.engine.held.weights()
 
     results = run_threads(world, worker, timeout_s)
     states: dict[int, list[dict]] = {}
@@ -40,10 +41,11 @@ def run_plan(cfg: TrainConfig, world: int, timeout_s: float = 120.0):
     return results[0][0], states
 
 
-def reference(cfg: TrainConfig, steps: int | None = None):
+def reference(cfg: JobConfig, steps: int | None = None):
+    t = cfg.training
     model, data = tiny_model()
-    return reference_run(model, data, Sampler(cfg.num_microbatches, cfg.microbatch_size),
-                         steps or cfg.steps)
+    return reference_run(model, data, Sampler(t.num_microbatches, t.microbatch_size),
+                         steps or t.steps)
 
 
 def max_rel(a: float, b: float) -> float:

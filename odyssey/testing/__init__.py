@@ -1,2 +1,3 @@
 """Helpers for tests and benchmarks, not for training jobs: ranks as threads in one
-process (`threads.run_threads`) and the single-process reference run (`reference`)."""
+process (`threads.run_threads`), the single-process reference run (`reference`) and the
+measured memory of a run (`memory.measure_memory`)."""

@@ -14,11 +14,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from planner.cluster.membership import ClusterConfig, Membership
 from planner.cluster.policies import SIM_POLICIES
 from planner.cluster.predict import Predictor
 from planner.cluster.sim import (
-    ClusterConfig,
-    Membership,
     PolicyResult,
     SimConfig,
     TransitionConfig,
@@ -33,11 +32,11 @@ from planner.cluster.traces import (
     straggler_trace,
 )
 from planner.cost import CostConfig, CostModel
-from planner.memory import GiB
 from planner.plan import Pipeline, Plan, PlanError, Stage
 from planner.search import SearchConfig, search
 from profiler.profile import Profile
 from profiler.synthetic import FormulaConfig, formula_profile
+from profiler.units import GiB
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A policy gets the current plan and the new members and returns a `Reaction`: the
 to run next, its samples per step, the stall it costs (transition) and whether work
 since the last checkpoint is lost. The recovery policies (adaptive, reroute,
 reparallelize, redundant) make the exact choice the live leader makes: candidates from
-the same builders (`planner.cluster.plans`, equal to `planner.recovery.build_candidates`)
+`planner.recovery.build_candidates` (screening pipeline counts at cluster scale),
 scored and chosen by `planner.recovery.score` / `choose`. `restart` (torchrun +
 checkpoints) and `drop-replica` (torchft) are modelled here.
 """
@@ -15,10 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from planner.closed_form import pipeline_s
-from planner.cluster.plans import IndexedPlan, build_candidates_fast, indexed_context
 from planner.cost import CostModel
 from planner.plan import Pipeline, Plan, PlanError
-from planner.recovery import RecoveryCandidate, RecoveryConfig, choose, score
+from planner.recovery import (
+    RecoveryCandidate,
+    RecoveryConfig,
+    RecoveryContext,
+    build_candidates,
+    choose,
+    score,
+)
 
 SIM_POLICIES = ("adaptive", "reroute", "reparallelize", "redundant", "restart", "drop-replica")
 
@@ -80,9 +86,10 @@ class Policy:
     def candidates(self, plan: Plan, members: list[int], committed_step: int,
                    checkpoint_step: int | None, policy: str
                    ) -> tuple[RecoveryCandidate, list[RecoveryCandidate], RecoveryConfig]:
-        ctx = indexed_context(plan, members, committed_step, self.layer_bytes,
-                              checkpoint_step)
-        cands, _ = build_candidates_fast(ctx, self.predict, self.predict_len)
+        newcomers = [r for r in sorted(members) if not plan.has_rank(r)]
+        ctx = RecoveryContext(plan, sorted(members), committed_step, list(self.layer_bytes),
+                              checkpoint_step, newcomers)
+        cands, _ = build_candidates(ctx, self.predict, predict_len=self.predict_len)
         rc = RecoveryConfig(policy=policy, horizon_s=self.horizon_s,
                             transfer_Bps=self.costs.transfer_Bps,
                             rebuild_s=self.costs.in_place_s - self.costs.detect_s,
@@ -244,8 +251,8 @@ class DropReplicaPolicy(Policy):
             n = len(p.microbatches)
             pipes.append(Pipeline(list(p.stages), list(range(count, count + n))))
             count += n
-        new = IndexedPlan.of(Plan(plan.num_layers, count, plan.microbatch_size, pipes,
-                                  plan.schedule).validate())
+        new = Plan(plan.num_layers, count, plan.microbatch_size, pipes,
+                   plan.schedule).validate()
         # the original ids are what heals compare against
         for p, q in zip(pipes, sorted(live, key=lambda p: min(p.microbatches))):
             p.microbatches = list(q.microbatches)

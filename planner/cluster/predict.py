@@ -12,7 +12,7 @@ import math
 
 from planner.closed_form import estimate_plan, pipeline_s
 from planner.cost import CostModel
-from planner.plan import Plan, PlanError
+from planner.plan import Plan, PlanError, even_partition
 from planner.simulate import simulate_plan
 
 
@@ -50,7 +50,7 @@ class Predictor:
         k = self.key(plan)
         if k not in self.cache:
             self.calls += 1
-            small = plan.num_microbatches * len(plan.ranks) <= self.event_upto
+            small = plan.num_microbatches * plan.world_size <= self.event_upto
             if self.how == "event" or (small and plan.has_shared_stages):
                 raw = simulate_plan(plan, self.cost).step_time_s
             else:
@@ -67,7 +67,6 @@ class Predictor:
         key = ("len", length, m, dp)
         if key in self.cache:
             return self.cache[key]
-        from planner.plan import even_partition
         sizes = even_partition(self.cost.num_layers, length)
         b = [sum(sizes[:i]) for i in range(length + 1)]
         fwd = [self.cost.forward_s(b[i], b[i + 1], 1) for i in range(length)]

@@ -1,6 +1,6 @@
 """`odyssey plan-serve`: choose replicas x TP x PP for N GPUs to meet TTFT/TPOT targets.
 
-    python -m profiler.serving_profiler --out serving_profile.json      # measure the tables once
+    python examples/profile_serving.py --out serving_profile.json       # measure the tables once
     odyssey plan-serve --profile serving_profile.json --gpus 8 --ttft-ms 200 --tpot-ms 20
     odyssey plan-serve --profile serving_profile.json --gpus 8 --ttft-ms 200 --tpot-ms 20 \
         --lose-gpu 3                                  # and the re-configuration after a loss
@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from planner.serving.batching import SchedulerConfig, TraceConfig, generate_requests
-from planner.serving.estimator import GiB, ServingCostConfig, SLOError, simulate_layout
+from planner.serving.batching import generate_requests
+from planner.serving.estimator import ServingCostConfig, SLOError, simulate_layout
 from planner.serving.search import (
     ServeRecoveryConfig,
     ServeSearchConfig,
@@ -28,67 +28,78 @@ from planner.serving.search import (
     plan_gpu_loss,
     search_serving,
 )
+from profiler.configtree import ConfigParser, section
 from profiler.profile import LinkFit
 from profiler.serving import ServingProfile, ServingProfileError
+from profiler.units import GiB
 
 
-def _pair(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(",")
-    return int(lo), int(hi or lo)
+@dataclass(frozen=True)
+class PlanServeCommand:
+    """What `odyssey plan-serve` searches (targets in ms, sizes in GiB and GB/s here; the
+    search's own options are ServeSearchConfig's)."""
+
+    profile: str
+    """Serving profile JSON (examples/profile_serving.py)."""
+    ttft_ms: float = 200.0
+    """TTFT target at the percentile, ms."""
+    tpot_ms: float = 20.0
+    """TPOT target at the percentile, ms."""
+    percentile: int = 90
+    """Percentile both targets apply to."""
+    memory_gb: float = 16.0
+    """Memory per GPU, GiB."""
+    reserve_gb: float = 0.0
+    """Kept free per GPU, GiB."""
+    link_alpha_us: float = 10.0
+    """Inter-GPU latency per message, us (assumed)."""
+    link_gbps: float = 100.0
+    """Inter-GPU bandwidth, GB/s (assumed)."""
+    lose_gpu: int | None = None
+    """Also plan the re-configuration after this GPU fails."""
+    weight_load_gbps: float = 2.0
+    """Per-GPU weight (re)load bandwidth, GB/s."""
+    json: str = ""
+    """Also write the result here."""
+    search: ServeSearchConfig = section(
+        ServeSearchConfig, flat=True, exclude=("slo", "cost", "trace.rate"))
+    recovery: ServeRecoveryConfig = section(ServeRecoveryConfig, flat=True,
+                                            exclude=("weight_load_Bps",))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.percentile < 100:
+            raise ValueError(f"--percentile must be in (0, 100), got {self.percentile}")
+
+    def search_config(self) -> ServeSearchConfig:
+        """The search's config with the targets, memory and link of this command."""
+        return replace(
+            self.search, slo=SLOConfig(self.ttft_ms / 1e3, self.tpot_ms / 1e3, self.percentile),
+            cost=ServingCostConfig(self.memory_gb * GiB, self.reserve_gb * GiB,
+                                   LinkFit(self.link_alpha_us * 1e-6, self.link_gbps * 1e9,
+                                           [], "assumed")))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="odyssey plan-serve", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.split("\n")[1:]))
-    ap.add_argument("--profile", required=True,
-                    help="serving profile JSON (python -m profiler.serving_profiler)")
-    ap.add_argument("--gpus", type=int, default=8, help="GPUs available (default 8)")
-    ap.add_argument("--ttft-ms", type=float, default=200.0, help="TTFT target, ms")
-    ap.add_argument("--tpot-ms", type=float, default=20.0, help="TPOT target, ms")
-    ap.add_argument("--percentile", type=int, default=90, help="percentile of both targets")
-    ap.add_argument("--memory-gb", type=float, default=16.0, help="memory per GPU, GiB")
-    ap.add_argument("--reserve-gb", type=float, default=0.0, help="kept free per GPU, GiB")
-    ap.add_argument("--link-alpha-us", type=float, default=10.0,
-                    help="inter-GPU latency per message, us (assumed)")
-    ap.add_argument("--link-gbps", type=float, default=100.0,
-                    help="inter-GPU bandwidth, GB/s (assumed)")
-    ap.add_argument("--max-tp", type=int, default=8)
-    ap.add_argument("--max-pp", type=int, default=4)
-    ap.add_argument("--requests", type=int, default=120,
-                    help="requests per replica in each simulated trace")
-    ap.add_argument("--prompt-len", type=_pair, default=(16, 192), help="lo,hi tokens")
-    ap.add_argument("--output-len", type=_pair, default=(4, 64), help="lo,hi tokens")
-    ap.add_argument("--seed", type=int, default=0, help="trace seed")
-    ap.add_argument("--max-batch-tokens", type=int, default=512)
-    ap.add_argument("--max-running", type=int, default=32)
-    ap.add_argument("--lose-gpu", type=int, default=None,
-                    help="also plan the re-configuration after this GPU fails")
-    ap.add_argument("--horizon-s", type=float, default=600.0,
-                    help="expected time to the next change (scores a re-configuration)")
-    ap.add_argument("--weight-load-gbps", type=float, default=2.0,
-                    help="per-GPU weight (re)load bandwidth, GB/s")
-    ap.add_argument("--json", default=None, help="also write the result here")
-    return ap
+ALIASES = {"requests": "search.trace.num_requests", "prompt-len": "search.trace.prompt_len",
+           "output-len": "search.trace.output_len", "seed": "search.trace.seed",
+           "max-batch-tokens": "search.sched.max_batch_tokens",
+           "max-running": "search.sched.max_running"}
+"""The flag names `odyssey plan-serve` has always used for the trace and batching fields."""
+
+
+def build_parser() -> ConfigParser:
+    return ConfigParser(PlanServeCommand, aliases=ALIASES, prog="odyssey plan-serve",
+                        description=__doc__.split("\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="\n".join(__doc__.split("\n")[1:]))
 
 
 def plan_serve_main(argv: list[str] | None = None) -> int:
     """Entry point of `odyssey plan-serve`; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    pct = args.percentile
+    cmd = build_parser().parse_config(argv)
+    pct = cmd.percentile
     try:
-        prof = ServingProfile.load(args.profile)
-        cfg = ServeSearchConfig(
-            gpus=args.gpus, slo=SLOConfig(args.ttft_ms / 1e3, args.tpot_ms / 1e3, pct),
-            trace=TraceConfig(num_requests=args.requests, prompt_len=args.prompt_len,
-                              output_len=args.output_len, seed=args.seed),
-            sched=SchedulerConfig(args.max_batch_tokens, args.max_running),
-            cost=ServingCostConfig(args.memory_gb * GiB, args.reserve_gb * GiB,
-                                   LinkFit(args.link_alpha_us * 1e-6, args.link_gbps * 1e9,
-                                           [], "assumed")),
-            max_tp=args.max_tp, max_pp=args.max_pp)
-        if not 0 < pct < 100:
-            raise ValueError(f"--percentile must be in (0, 100), got {pct}")
+        prof = ServingProfile.load(cmd.profile)
+        cfg = cmd.search_config()
         res = search_serving(prof, cfg)
         best = res.best
         fleet = replace(cfg.trace, rate=best.max_rate,
@@ -96,9 +107,9 @@ def plan_serve_main(argv: list[str] | None = None) -> int:
         final = simulate_layout(generate_requests(fleet), prof, best.layout, cfg.cost,
                                 cfg.sched).summary()
         loss = None
-        if args.lose_gpu is not None:
-            rc = ServeRecoveryConfig(args.horizon_s, args.weight_load_gbps * 1e9)
-            loss = plan_gpu_loss(prof, cfg, best.layout, args.lose_gpu, rc)
+        if cmd.lose_gpu is not None:
+            rc = replace(cmd.recovery, weight_load_Bps=cmd.weight_load_gbps * 1e9)
+            loss = plan_gpu_loss(prof, cfg, best.layout, cmd.lose_gpu, rc)
     except SLOError as e:
         print(f"odyssey plan-serve: {e}", file=sys.stderr)
         return 3
@@ -111,8 +122,8 @@ def plan_serve_main(argv: list[str] | None = None) -> int:
         return 2
     m = prof.model
     print(f"model {m['n_blocks']} blocks x d{m['d_model']} ({m['n_heads']} heads), profile "
-          f"from {prof.device.get('host', '?')}; {args.gpus} GPU(s); SLO p{pct}: TTFT <= "
-          f"{args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms")
+          f"from {prof.device.get('host', '?')}; {cfg.gpus} GPU(s); SLO p{pct}: TTFT <= "
+          f"{cmd.ttft_ms:g} ms, TPOT <= {cmd.tpot_ms:g} ms")
     print(res.table(pct))
     print(f"chosen: {best.layout} at up to {best.max_rate:.2f} req/s; predicted there:")
     for name in ("ttft", "tpot"):
@@ -123,15 +134,15 @@ def plan_serve_main(argv: list[str] | None = None) -> int:
                        for r in res.results]}
     if loss:
         chosen, cands = loss
-        print(f"after losing GPU {args.lose_gpu} (horizon {args.horizon_s:g} s):")
+        print(f"after losing GPU {cmd.lose_gpu} (horizon {cmd.recovery.horizon_s:g} s):")
         for c in sorted(cands, key=lambda c: -c.score):
             mark = "*" if c is chosen else " "
             print(f" {mark} {c.kind:13s} transition {c.predicted_transition_s:7.2f} s  "
                   f"requests over horizon {c.score:10.0f}  {c.note}")
-        out["after_loss"] = {"lost_gpu": args.lose_gpu, "chosen": chosen.row(),
+        out["after_loss"] = {"lost_gpu": cmd.lose_gpu, "chosen": chosen.row(),
                              "candidates": [c.row() for c in cands]}
-    if args.json:
-        with open(args.json, "w") as fh:
+    if cmd.json:
+        with open(cmd.json, "w") as fh:
             json.dump(out, fh, indent=1)
     return 0
 

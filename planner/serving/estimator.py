@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from planner.serving.batching import Batch, Request, Scheduler, SchedulerConfig, TraceResult
 from profiler.profile import LinkFit
 from profiler.serving import ServingProfile, iteration_parts
-
-GiB = float(1 << 30)
+from profiler.units import GiB
 
 
 class SLOError(ValueError):

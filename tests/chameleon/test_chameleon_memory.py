@@ -92,6 +92,7 @@ def _measure_all(*configs: list[str]) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_disk_tier_lowers_peak_rss_by_at_least_half_the_bytes_moved() -> None:
     common = ["--d-model", "64", "--layers", "8", "--batch", "8", "--seq", "128",
@@ -140,6 +141,7 @@ print(json.dumps({"ooms": mgr.ooms, "same": same, "events": mgr.events,
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_out_of_memory_swaps_more_and_redoes_the_step() -> None:
     """A real allocation failure (RLIMIT_AS in a subprocess): the step is redone with a

@@ -26,6 +26,7 @@ def test_inject_without_a_job_is_a_clear_error(tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_inject_into_a_running_job(tmp_path):
     run_dir = tmp_path / "run"

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from launch import cli
 from launch.agent import AgentResult, exit_status
 from odyssey import contract
+from odyssey.control import read_token, sign
 
 torch.set_num_threads(1)
 
@@ -110,6 +112,15 @@ class Launch:
     def beats(self, rank: int) -> int:
         return int(self._test_key(f"test/beat/{rank}") or 0)
 
+    def token(self) -> str:
+        """The job token the launcher wrote into the run dir."""
+        return read_token(str(self.run_dir))
+
+    def fence(self, rank: int, reason: str) -> None:
+        """Ask for a fence as a survivor does: the reason signed with the job token."""
+        key = contract.fence_key(rank)
+        self.store.set(key, sign(self.token(), key, reason))
+
     def finish(self) -> None:
         """Tell waiting workers to exit."""
         if self.channel == "store":
@@ -163,6 +174,7 @@ def launch(tmp_path: Path) -> Iterator:
 
 # -- survivors, exit records, fencing ---------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_sigkill_one_worker_keeps_survivors_and_records_exit(launch) -> None:
     run = launch(["--nproc-per-node", "3"], ["--wait"], channel="file")
@@ -186,7 +198,7 @@ def test_sigkill_one_worker_keeps_survivors_and_records_exit(launch) -> None:
     assert run.proc.poll() is None
 
     # Fencing a rank that is already dead is answered at once.
-    run.store.set(contract.fence_key(1), "already gone")
+    run.fence(1, "already gone")
     fenced = json.loads(run.wait_key(contract.fenced_key(1), timeout=5))
     assert fenced["rank"] == 1 and fenced["reason"] == "already gone"
 
@@ -202,13 +214,17 @@ def test_sigkill_one_worker_keeps_survivors_and_records_exit(launch) -> None:
     assert exits["0"]["exitcode"] == 0 and exits["2"]["exitcode"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_fence_kills_a_stopped_worker(launch) -> None:
     run = launch(["--nproc-per-node", "2"], ["--wait"], channel="file")
     pids = run.wait_ready(range(2))
 
     os.kill(pids[1], signal.SIGSTOP)  # a "hung" rank: alive, but does nothing
-    run.store.set(contract.fence_key(1), "hung in all-reduce")
+    # A fence without the job token's HMAC (anyone who reaches the store port could
+    # write one) is ignored, with one log line; the signed one below is obeyed.
+    run.store.set(contract.fence_key(0), "forged")
+    run.fence(1, "hung in all-reduce")
     fenced = json.loads(run.wait_key(contract.fenced_key(1), timeout=5))
     assert fenced == {"rank": 1, "time": fenced["time"], "reason": "hung in all-reduce"}
     # The fence is only confirmed after the process is dead and its exit recorded.
@@ -220,6 +236,8 @@ def test_fence_kills_a_stopped_worker(launch) -> None:
     before = run.beats(0)
     time.sleep(0.3)
     assert run.beats(0) > before, "rank 0 should keep running after the fence"
+    assert not run.store.check([contract.fenced_key(0)]) and _alive(pids[0])
+    assert run.output().count(f"ignoring {contract.fence_key(0)}") == 1
 
     # Any client may report success; here the test plays the training leader.
     run.store.set(contract.JOB_STATUS, contract.JOB_DONE)
@@ -230,6 +248,7 @@ def test_fence_kills_a_stopped_worker(launch) -> None:
 
 # -- exit status ------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_clean_run_exits_zero_and_sets_worker_env(launch) -> None:
     # Store channel + gloo: workers reach the launcher's store both ways the contract
@@ -246,12 +265,18 @@ def test_clean_run_exits_zero_and_sets_worker_env(launch) -> None:
             "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(info["store_port"]), "TORCHELASTIC_RESTART_COUNT": "0",
             "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1",
-            "ODYSSEY_STORE_ADDR": "127.0.0.1", "ODYSSEY_STORE_PORT": str(info["store_port"]),
-            "ODYSSEY_RUN_DIR": str(run.run_dir), "ODYSSEY_LAUNCHER": "1",
+            contract.ENV_STORE_ADDR: "127.0.0.1",
+            contract.ENV_STORE_PORT: str(info["store_port"]),
+            contract.ENV_RUN_DIR: str(run.run_dir), contract.ENV_LAUNCHER: "1",
+            # single node: workers bind loopback; the job token is the run dir's
+            contract.ENV_HOST: "127.0.0.1", contract.ENV_TOKEN: run.token(),
             "TORCH_CPP_LOG_LEVEL": "ERROR",
         }
+    token_file = run.run_dir / contract.TOKEN_FILE
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600  # its owner's only
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_worker_exit_3_without_success_key_fails_in_module_mode(launch) -> None:
     # Also covers torchrun's -m mode.
@@ -281,6 +306,7 @@ def test_exit_status_rules() -> None:
 
 # -- signals and orphans -----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_sigterm_forwards_then_kills_leftovers(launch) -> None:
     run = launch(["--nproc-per-node", "2", "--shutdown-timeout", "1"],
@@ -295,6 +321,7 @@ def test_sigterm_forwards_then_kills_leftovers(launch) -> None:
     assert "killed by SIGKILL" in out  # rank 1 ignored it and was killed
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_sigkilled_launcher_leaves_no_orphans(launch) -> None:
     run = launch(["--nproc-per-node", "1"], ["--wait"], channel="file")
@@ -312,6 +339,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_two_nodes_rendezvous_and_share_node0_store(launch) -> None:
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
@@ -324,12 +352,14 @@ def test_two_nodes_rendezvous_and_share_node0_store(launch) -> None:
     envs = [json.loads((nodes[0].run_dir / f"env-{r}.json").read_text()) for r in range(2)]
     assert {e["GROUP_RANK"] for e in envs} == {"0", "1"}
     assert all(e["WORLD_SIZE"] == "2" and e["LOCAL_RANK"] == "0" for e in envs)
-    assert envs[0]["ODYSSEY_STORE_PORT"] == envs[1]["ODYSSEY_STORE_PORT"]
+    assert envs[0][contract.ENV_STORE_PORT] == envs[1][contract.ENV_STORE_PORT]
+    assert envs[0][contract.ENV_TOKEN] == envs[1][contract.ENV_TOKEN]  # one job, one token
     assert envs[0]["GROUP_RANK"] == envs[0]["RANK"] and envs[1]["GROUP_RANK"] == envs[1]["RANK"]
 
 
 # -- command line -------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(30)
 def test_help(capsys) -> None:
     assert cli.main(["--help"]) == 0
@@ -338,7 +368,8 @@ def test_help(capsys) -> None:
     assert cli.main(["run", "--help"]) == 0
     text = capsys.readouterr().out
     for needle in ("--nproc-per-node", "--rdzv-endpoint", "--max-restarts", "--run-dir",
-                   "--store-port", "odyssey/fence/{rank}", "ODYSSEY_STORE_PORT", "exit status"):
+                   "--store-port", contract.fence_key("{rank}"),
+                   contract.ENV_STORE_PORT, contract.ENV_HOST, "--token-file", "exit status"):
         assert needle in text
     # The console entry point itself, as a user would run it.
     done = subprocess.run([sys.executable, "-m", "launch", "--help"], cwd=REPO,

@@ -122,7 +122,7 @@ def test_worker_of_a_lost_node_cannot_join_the_next_generation(store):
     monitor.watch(0, [0, 1])
     with pytest.raises(Fenced, match="declared lost"):
         agree(store, monitor, 1, 0, [0, 1], committed_step=3)
-    assert not store.check(["odyssey/gen1/members"])
+    assert not store.check([contract.members_key(1)])
 
 
 @pytest.mark.parametrize("value", ["0.5", "-1"])

@@ -187,6 +187,7 @@ def test_ray_options_are_checked(monkeypatch, tmp_path):
             _opts("--backend", "ray")
 
 
+@pytest.mark.slow
 def test_workers_get_default_signals_even_from_a_blocking_parent(tmp_path):
     # A Ray actor's thread blocks SIGINT; a worker spawned from it would inherit the mask
     # and ignore the launcher's forwarded Ctrl-C. --default-signals must undo that.
@@ -207,6 +208,7 @@ def test_workers_get_default_signals_even_from_a_blocking_parent(tmp_path):
     assert done.stdout.strip() == "[0, 3]", done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_the_default_path_never_imports_ray():
     code = ("import sys\n"
             "from launch.options import build_parser, resolve\n"

@@ -1,5 +1,5 @@
 """Trace -> live-job injections (launch/replay_trace.py) and the validation benchmark's
-phase split (benchmarks/sim_vs_runtime.py)."""
+trace and phase split (planner/cluster/validation.py, used by benchmarks/sim_vs_runtime.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from benchmarks.sim_vs_runtime import (
+from launch.replay_trace import Injection, main, plan_injections
+from planner.cluster.traces import TraceError, TraceEvent, initial_nodes, parse_trace
+from planner.cluster.validation import (
     DEFAULT_TRACE,
     WORLD,
     default_trace,
     phase_bounds,
     rank_order_mismatches,
 )
-from launch.replay_trace import Injection, main, plan_injections
-from planner.cluster.traces import TraceError, TraceEvent, initial_nodes, parse_trace
 from tests.helpers import odyssey_in_background
 
 
@@ -86,6 +86,7 @@ def test_phase_bounds_split_at_applied_events():
                                            ("-node2 +node9", 18.1, 40.0)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_replay_a_trace_into_a_live_job(tmp_path):
     """3 real ranks (emulated compute): node1 lost at 1 s, back at 2 s (as rank 3)."""

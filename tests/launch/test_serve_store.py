@@ -27,6 +27,8 @@ from odyssey import contract
 from tests.conftest import ROOT
 from tests.odyssey.test_fault_tolerance import TINY, check_same_numbers
 
+pytestmark = pytest.mark.slow  # every test here starts `odyssey store` / `odyssey run` processes
+
 STEPS = 6
 
 

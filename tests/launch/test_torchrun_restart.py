@@ -8,10 +8,12 @@ import sys
 
 import pytest
 
+from odyssey.job_config import job_config
 from odyssey.report import read_jsonl
-from odyssey.trainer import TrainConfig
 from tests.conftest import ROOT
 from tests.helpers import max_rel, reference
+
+pytestmark = pytest.mark.slow  # every test here starts a torchrun job
 
 
 def free_port() -> int:
@@ -42,5 +44,5 @@ def test_torchrun_restart_resumes_from_checkpoint(tmp_path):
     assert report["samples"]["lost"] == 0 and report["samples"]["duplicated"] == 0
     losses = {m["step"]: m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl")}
     assert sorted(losses) == list(range(12))
-    ref, _ = reference(TrainConfig(steps=12, num_microbatches=4, microbatch_size=2))
+    ref, _ = reference(job_config(steps=12, num_microbatches=4, microbatch_size=2))
     assert max(max_rel(losses[k], ref[k]) for k in range(12)) <= 1e-5

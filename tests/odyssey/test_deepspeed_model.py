@@ -26,10 +26,11 @@ from torch import nn
 from odyssey.data import Sampler
 from odyssey.deepspeed_model import DeepSpeedModelError, from_deepspeed
 from odyssey.engine import OptimizerConfig
+from odyssey.job_config import job_config
 from odyssey.report import read_jsonl
 from odyssey.testing.reference import reference_run
 from odyssey.testing.threads import run_threads
-from odyssey.trainer import TrainConfig, Trainer
+from odyssey.trainer import Trainer
 from tests.conftest import ROOT
 from tests.helpers import DS_CONFIG
 from tests.helpers import run_odyssey as launch_job
@@ -84,19 +85,20 @@ def run_deepspeed(tmp_path: Path, config_path: Path, timeout_s: float = 240) -> 
 
 def run_odyssey(tmp_path: Path, config_path: Path) -> tuple:
     model, data = build(TINY)
-    cfg = TrainConfig(steps=STEPS, pp=2, ds_config=str(config_path), run_dir=str(tmp_path / "o"),
-                      log_every=100, progress="off")
+    cfg = job_config(steps=STEPS, pp=2, ds_config=str(config_path), run_dir=str(tmp_path / "o"),
+                     log_every=100, progress="off")
 
     def worker(w):
         t = Trainer(model, data, cfg, w)
         res = t.fit()
-        return res, t.cfg, {i: t.engine.layers[i].state_dict() for i in t.engine.held_layers}
+        return res, t.cfg, t.engine.held.weights()
 
     results = run_threads(2, worker, timeout_s=120)
     layers = {i: sd for _, _, st in results for i, sd in st.items()}
     return results[0][0], results[0][1], layers
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_same_losses_and_weights_as_deepspeed_engine(tmp_path):
     config_path = tmp_path / "ds_config.json"
@@ -104,7 +106,7 @@ def test_same_losses_and_weights_as_deepspeed_engine(tmp_path):
     ds = run_deepspeed(tmp_path, config_path)
     ody, cfg, layers = run_odyssey(tmp_path, config_path)
     assert ds["parts"] == [0, 3, 6]  # the cut feeds GELU a [mb, t, 2d] tensor
-    assert (cfg.microbatch_size, cfg.num_microbatches) == (2, 4)
+    assert (cfg.training.microbatch_size, cfg.training.num_microbatches) == (2, 4)
     o = [ody.losses[k] for k in range(STEPS)]
     # Same gradients and AdamW updates, bit for bit: DeepSpeed scales each microbatch loss
     # by 1/GAS, Odyssey sums mb x the mean and divides by the global batch -- both exact
@@ -161,6 +163,7 @@ def test_unsupported_models_fail_clearly():
                        loss_fn=lambda out, y: (out.sum(-1) - y).mean(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_deepspeed_model_recovers_under_odyssey_run(tmp_path):
     """examples/train_ds_pipe.py under `odyssey run`, dp 2 x pp 2, rank 3 (the stage after
@@ -196,8 +199,8 @@ def test_stage_without_parameters_under_data_parallelism(tmp_path):
     """dp 2 x pp 3 with the middle stage holding only the GELU: its (empty) gradient
     all-reduce and no-op optimizer still give the reference losses."""
     model, data = build(TINY)
-    cfg = TrainConfig(steps=4, dp=2, pp=3, partition=(3, 1, 2), num_microbatches=4,
-                      microbatch_size=2, run_dir=str(tmp_path), log_every=100, progress="off")
+    cfg = job_config(steps=4, dp=2, pp=3, partition=(3, 1, 2), num_microbatches=4,
+                     microbatch_size=2, run_dir=str(tmp_path), log_every=100, progress="off")
     res = run_threads(6, lambda w: Trainer(model, data, cfg, w).fit(), timeout_s=100)
     ref, _ = reference_run(model, data, Sampler(4, 2), 4, OptimizerConfig(lr=3e-3))
     worst = max(abs(res[0].losses[k] - ref[k]) / ref[k] for k in range(4))

@@ -13,8 +13,9 @@ import pytest
 from examples.gpt import GPTConfig, build_gpt
 from odyssey import ds_config
 from odyssey.data import ArithmeticTokens
+from odyssey.job_config import job_config
 from odyssey.testing.threads import run_threads
-from odyssey.trainer import TrainConfig, Trainer
+from odyssey.trainer import Trainer
 from tests.helpers import DS_CONFIG
 
 CONFIG = DS_CONFIG
@@ -66,6 +67,6 @@ def test_config_file_errors(tmp_path):
     path.write_text(json.dumps(CONFIG))
     gpt = GPTConfig(vocab_size=32, seq_len=16, d_model=32, n_heads=2, n_blocks=1)
     model, data = build_gpt(gpt), ArithmeticTokens(gpt.vocab_size, gpt.seq_len)
-    cfg = TrainConfig(steps=1, dp=2, pp=1, ds_config=str(path), run_dir=str(tmp_path / "r"))
+    cfg = job_config(steps=1, dp=2, pp=1, ds_config=str(path), run_dir=str(tmp_path / "r"))
     with pytest.raises(RuntimeError, match=r"data-parallel pipelines 2 \(= 16\)"):
         run_threads(2, lambda w: Trainer(model, data, cfg, w).fit(), timeout_s=30)

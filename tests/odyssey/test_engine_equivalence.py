@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from odyssey.trainer import TrainConfig
+from odyssey.job_config import job_config
 from planner import Pipeline, Plan, Stage
 from tests.helpers import assert_close_state, max_rel, reference, run_plan
 
@@ -19,7 +19,7 @@ STEPS = 30
 
 @pytest.fixture(scope="module")
 def ref():
-    cfg = TrainConfig(steps=STEPS, num_microbatches=4, microbatch_size=2)
+    cfg = job_config(steps=STEPS, num_microbatches=4, microbatch_size=2)
     losses, layers = reference(cfg)
     return losses, [layer.state_dict() for layer in layers]
 
@@ -49,8 +49,8 @@ def check_run(cfg, world, ref, tmp_path):
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("dp, pp", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)])
 def test_plan_matches_reference(dp, pp, schedule, ref, tmp_path):
-    cfg = TrainConfig(steps=STEPS, dp=dp, pp=pp, num_microbatches=4, microbatch_size=2,
-                      schedule=schedule, run_dir=str(tmp_path), log_every=100)
+    cfg = job_config(steps=STEPS, dp=dp, pp=pp, num_microbatches=4, microbatch_size=2,
+                     schedule=schedule, run_dir=str(tmp_path), log_every=100)
     check_run(cfg, dp * pp, ref, tmp_path)
 
 
@@ -64,21 +64,21 @@ def test_unequal_pipelines_match_reference(schedule, ref, tmp_path):
     ], schedule).validate()
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
-    cfg = TrainConfig(steps=STEPS, plan_file=str(path), num_microbatches=4, microbatch_size=2,
-                      run_dir=str(tmp_path), log_every=100)
+    cfg = job_config(steps=STEPS, plan_file=str(path), num_microbatches=4, microbatch_size=2,
+                     run_dir=str(tmp_path), log_every=100)
     report = check_run(cfg, 3, ref, tmp_path)
     assert report["plan"] == plan.to_dict()
 
 
 @pytest.mark.timeout(60)
 def test_plan_that_does_not_fit_the_world_is_rejected(tmp_path):
-    cfg = TrainConfig(steps=1, dp=2, pp=2, run_dir=str(tmp_path))
+    cfg = job_config(steps=1, dp=2, pp=2, run_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="world_size=3"):
         run_plan(cfg, 3, timeout_s=30)
 
 
 def test_reference_is_deterministic():
-    cfg = TrainConfig(steps=3, num_microbatches=2, microbatch_size=2)
+    cfg = job_config(steps=3, num_microbatches=2, microbatch_size=2)
     a, b = reference(cfg)[0], reference(cfg)[0]
     assert a == b and all(torch.isfinite(torch.tensor(a)))
 
@@ -94,20 +94,19 @@ def test_shared_stage_reroute_matches_reference(schedule, ref, tmp_path):
     assert plan.has_shared_stages and plan.world_size == 3
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
-    cfg = TrainConfig(steps=STEPS, plan_file=str(path), num_microbatches=4, microbatch_size=2,
-                      run_dir=str(tmp_path), log_every=100)
+    cfg = job_config(steps=STEPS, plan_file=str(path), num_microbatches=4, microbatch_size=2,
+                     run_dir=str(tmp_path), log_every=100)
     check_run(cfg, 3, ref, tmp_path)
 
 
 @pytest.mark.timeout(120)
 def test_activation_swapping_in_the_engine_keeps_the_numbers(ref, tmp_path):
     # Chameleon under a budget far below the saved activations: same losses, bitwise
-    cfg = TrainConfig(steps=6, dp=1, pp=2, num_microbatches=4, microbatch_size=2,
-                      run_dir=str(tmp_path / "a"), log_every=100)
+    cfg = job_config(steps=6, dp=1, pp=2, num_microbatches=4, microbatch_size=2,
+                     run_dir=str(tmp_path / "a"), log_every=100)
     plain, _ = run_plan(cfg, 2)
-    swapped_cfg = TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "b"),
-                                 "swap": "auto", "memory_budget": "64KiB",
-                                 "swap_min_bytes": 1024})
+    swapped_cfg = job_config(cfg, run_dir=str(tmp_path / "b"), swap="auto",
+                             memory_budget="64KiB", swap_min_bytes=1024)
     swapped, _ = run_plan(swapped_cfg, 2)
     assert swapped.losses == plain.losses
     report = json.loads((tmp_path / "b" / "report.json").read_text())

@@ -11,9 +11,11 @@ import subprocess
 
 import pytest
 
+from odyssey.job_config import job_config
 from odyssey.report import read_jsonl
-from odyssey.trainer import TrainConfig
 from tests.helpers import max_rel, reference, run_odyssey
+
+pytestmark = pytest.mark.slow  # every test here starts an `odyssey run` or torchrun job
 
 STEPS = 14
 TINY = ["--gpt-vocab-size", "32", "--gpt-seq-len", "16", "--gpt-d-model", "32",
@@ -31,7 +33,7 @@ def run_job(tmp_path, nproc: int, args: list[str], launcher_args: list[str] = ()
 def check_same_numbers(report: dict, run_dir, steps: int = STEPS) -> None:
     losses = {m["step"]: m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl")}
     assert sorted(losses) == list(range(steps))
-    ref, _ = reference(TrainConfig(steps=steps, num_microbatches=4, microbatch_size=2))
+    ref, _ = reference(job_config(steps=steps, num_microbatches=4, microbatch_size=2))
     worst = max(max_rel(losses[k], ref[k]) for k in range(steps))
     assert worst <= 1e-5, f"trajectory left the failure-free one: {worst:.2e}"
     s = report["samples"]

@@ -41,6 +41,7 @@ def run(tmp_path_factory):
     return run_dir, proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_report_png_has_the_requested_size(run, tmp_path, capsys):
     run_dir, _ = run
@@ -54,6 +55,7 @@ def test_report_png_has_the_requested_size(run, tmp_path, capsys):
     assert 10_000 < default.stat().st_size < 400_000  # a real picture, not an empty canvas
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(not HAVE_TB, reason="tensorboard is not installed")
 def test_tensorboard_mirrors_metrics_and_recovery(run):
@@ -71,6 +73,7 @@ def test_tensorboard_mirrors_metrics_and_recovery(run):
     assert mttr.step == event["resume_step"] and abs(mttr.value - event["mttr_s"]) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_progress_lines_show_steps_eta_and_plan_change(run):
     _, out = run
@@ -86,6 +89,7 @@ def test_progress_lines_show_steps_eta_and_plan_change(run):
     assert last[1] == "1" and last[4] != "initial" and last[6] == "2"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("file, edit, message", [
     ("report.json", lambda r: "{oops", r"report.json: not JSON"),

@@ -1,4 +1,4 @@
-"""Cluster-scale trace simulator: event logic, policies, candidates (planner/cluster_*)."""
+"""Cluster-scale trace simulator: event logic, policies, candidates (planner/cluster/)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import pytest
 
 from planner.closed_form import estimate_plan, pipeline_s
-from planner.cluster.plans import build_candidates_fast, indexed_context
 from planner.cluster.policies import Costs, make_policy
 from planner.cluster.predict import Predictor, layer_state_bytes
 from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig, simulate_trace
 from planner.cluster.traces import TraceEvent, initial_nodes
 from planner.cost import CostConfig, CostModel
+from planner.placement import pipeline_counts
 from planner.plan import Plan, PlanError
 from planner.recovery import RecoveryConfig, RecoveryContext, build_candidates, choose, score
 from planner.simulate import simulate_plan
@@ -119,12 +119,36 @@ def test_policy_picks_what_choose_picks(cost, policy):
     assert not got.fallback
 
 
-def test_fast_candidates_equal_recovery_candidates():
+def _check_candidates(plan, members, cands, dropped):
+    """Every candidate is a valid plan over members; each member fetches exactly the
+    layers it lacks, from a surviving holder; fresh plans use every member."""
+    alive = set(members)
+    for c in cands:
+        c.plan.validate()
+        assert set(c.plan.ranks) <= alive, c.kind
+        if c.kind in ("reparallelize", "restart"):
+            assert c.plan.ranks == sorted(members)
+        if c.from_checkpoint:
+            assert c.transfers == []
+            continue
+        need = {(layer, r) for r in c.plan.ranks for layer in c.plan.stage(r).layers
+                if not (plan.has_rank(r) and layer in plan.stage(r).layers)}
+        assert {(t.layer, t.dst) for t in c.transfers} == need
+        assert len(c.transfers) == len(need)
+        for t in c.transfers:
+            assert t.src in alive and t.src in plan.holders(t.layer)
+    kinds = {c.kind for c in cands}
+    assert kinds | set(dropped) >= {"reroute", "redundant", "reparallelize"}
+    assert not kinds & set(dropped)
+
+
+def test_candidates_of_random_failures_are_valid_plans():
     prof = formula_profile(FormulaConfig(preset="gpt3-1.3b"))
     cost = CostModel(prof, CostConfig(ranks_per_node=8))
     predict = Predictor(cost, "closed-form", 1.0)
     lb = [float(i + 1) for i in range(prof.num_layers)]
     rng = random.Random(0)
+    cases = 0
     for dp, pp in [(4, 4), (8, 4), (2, 8), (6, 5), (3, 3)]:
         plan = Plan.uniform(prof.num_layers, dp, pp, 4 * dp, 1)
         for trial in range(4):
@@ -132,13 +156,32 @@ def test_fast_candidates_equal_recovery_candidates():
             members = [r for r in plan.ranks if r not in dead]
             if trial == 3:  # a newcomer
                 members.append(max(plan.ranks) + 1)
-            newcomers = [r for r in members if r not in plan.ranks]
-            want, wd = build_candidates(RecoveryContext(plan, members, 10, lb, 5, newcomers),
-                                        predict)
-            got, gd = build_candidates_fast(indexed_context(plan, members, 10, lb, 5),
-                                            predict)
-            assert [c.to_dict() for c in got] == [c.to_dict() for c in want]
-            assert set(gd) == set(wd)
+            newcomers = [r for r in members if not plan.has_rank(r)]
+            ctx = RecoveryContext(plan, members, 10, lb, 5, newcomers)
+            cands, dropped = build_candidates(ctx, predict)
+            _check_candidates(plan, members, cands, dropped)
+            fresh = [c for c in cands if c.kind == "restart"]
+            assert 1 <= len(fresh) <= 6  # the fastest fresh plans, one per pipeline count
+            if newcomers:
+                assert {"reroute", "redundant"} <= set(dropped)
+            cases += 1
+    assert cases == 20
+
+
+def test_cluster_scale_candidates_screen_pipeline_counts():
+    prof = formula_profile(FormulaConfig(preset="gpt3-1.3b"))
+    cost = CostModel(prof, CostConfig(ranks_per_node=8))
+    predict = Predictor(cost, "closed-form", 1.0)
+    plan = Plan.uniform(prof.num_layers, 32, 8, 64, 1)  # 256 ranks
+    members = [r for r in plan.ranks if r // 8 != 5]  # one node lost
+    ctx = RecoveryContext(plan, members, 10, layer_state_bytes(cost), 5)
+    cands, dropped = build_candidates(ctx, predict, predict_len=predict.by_length)
+    _check_candidates(plan, members, cands, dropped)
+    counts = sorted(len(c.plan.pipelines) for c in cands if c.kind == "reparallelize")
+    screened = pipeline_counts(ctx, predict.by_length)  # 248 ranks > exact_upto
+    assert len(pipeline_counts(ctx)) > len(screened) == 6 and counts == sorted(screened)
+    reroute = next(c for c in cands if c.kind == "reroute")
+    assert reroute.transfers == [] and reroute.plan.has_shared_stages
 
 
 def test_shared_stage_prediction_close_to_event_simulator():
@@ -212,7 +255,7 @@ def test_rerouted_plan_is_not_served_from_the_original_plans_cache(cost):
 
 
 def test_membership_spares_fill_freed_domains():
-    from planner.cluster.sim import Membership
+    from planner.cluster.membership import Membership
     m = Membership(ClusterConfig(num_nodes=1, gpus_per_node=4, trace_node_gpus=2))
     for e in [*initial_nodes(3)]:  # 2 domains: node2 waits as a spare
         m.apply(e)

@@ -12,6 +12,7 @@ from planner.cost import CostConfig, CostModel
 from planner.memory import MemoryConfig, inflight_microbatches
 from planner.plan import Plan
 from planner.program import Instruction, Op, compile_plan
+from planner.simulate import simulate_plan
 from profiler import FormulaConfig, LinkFit, emulated_profile, formula_profile, loopback_comm
 
 
@@ -109,9 +110,9 @@ def test_calibration_rejects_outliers_but_follows_a_regime_change():
 def test_calibrate_bulk_and_predict_entry_point():
     cost = _emulated()
     plan = Plan.uniform(4, 1, 2, 4, 1)
-    base = cost.predict(plan).step_time_s
+    base = simulate_plan(plan, cost).step_time_s
     cost.calibrate([(Op.BACKWARD, 1.0, 2.0)] * 5 + [(Op.FORWARD, 1.0, 2.0)] * 5)
-    after = cost.predict(plan).step_time_s
+    after = simulate_plan(plan, cost).step_time_s
     commit = cost.commit_s()
     assert after - commit == pytest.approx(2 * (base - commit), rel=0.02)
 

@@ -1,5 +1,7 @@
-"""Helpers of benchmarks/model_accuracy.py: Kendall's tau, MAPE, the calibration window
-and the memory accounting (saved-tensor hooks, optimizer state) on tiny known cases."""
+"""What benchmarks/model_accuracy.py measures with: Kendall's tau, MAPE (planner.accuracy),
+the median calibration window (planner.calibrate) and the memory accounting
+(profiler.memory_probe: saved-tensor hooks, optimizer state; odyssey.testing.memory: a
+whole run with ranks as threads) on tiny known cases."""
 
 import gc
 import math
@@ -9,17 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.model_accuracy import (
-    CalibrationState,
-    MemoryProbe,
-    kendall_tau,
-    mape,
-    max_ape,
-    measure_memory,
-    optimizer_state_bytes,
-    rel_errors,
-    unique_storage_bytes,
-)
+from odyssey.testing.memory import measure_memory
+from planner.accuracy import kendall_tau, mape, max_ape, rel_errors
+from planner.calibrate import Calibration, CalibrationConfig
+from profiler.memory_probe import MemoryProbe, optimizer_state_bytes, unique_storage_bytes
 
 
 def test_kendall_tau_orders_and_ties():
@@ -43,12 +38,14 @@ def test_mape_max_and_signed_errors():
         mape([1.0], [0.0])
 
 
-def test_calibration_state_ignores_one_burst_and_tracks_drift():
-    st = CalibrationState(window=3)
-    st.factors += [{"forward": 1.05}, {"forward": 1.30}, {"forward": 1.06}]  # one burst
-    assert st.current() == {"forward": 1.06}
-    st.factors += [{"forward": 1.10}, {"forward": 1.12}]  # the machine got slower
-    assert st.current()["forward"] == pytest.approx(1.10)  # median of the last three
+def test_median_calibration_ignores_one_burst_and_tracks_drift():
+    st = Calibration(CalibrationConfig(estimator="median", window=3))
+    for f in (1.05, 1.30, 1.06):  # one burst
+        st.observe("forward", 1.0, f)
+    assert st.factors() == {"forward": 1.06}
+    for f in (1.10, 1.12):  # the machine got slower
+        st.observe("forward", 1.0, f)
+    assert st.factors()["forward"] == pytest.approx(1.10)  # median of the last three
 
 
 def _layer(dim: int = 8) -> nn.Module:
@@ -94,14 +91,14 @@ def test_optimizer_state_bytes_adamw():
 def test_measure_memory_of_a_two_layer_emulated_model():
     from odyssey.data import RandomRegression
     from odyssey.emulate import EmulationConfig, build_emulated
-    from odyssey.trainer import TrainConfig
+    from odyssey.job_config import job_config
 
     dim, mb = 4, 1
     emu = EmulationConfig(num_layers=2, forward_ms=0.0, backward_ms=0.0, dim=dim)
-    cfg = TrainConfig(dp=1, pp=1, num_microbatches=1, microbatch_size=mb, mode="emulated",
-                      log_every=1000, resume=False)
+    cfg = job_config(dp=1, pp=1, num_microbatches=1, microbatch_size=mb, mode="emulated",
+                     log_every=1000, resume=False)
     with tempfile.TemporaryDirectory() as d:
-        cfg.run_dir = d
+        cfg = job_config(cfg, run_dir=d)
         got = measure_memory(build_emulated(emu), RandomRegression(dim=dim), cfg, 1,
                              steps=2, timeout_s=60)[0]
     params = 2 * (dim * dim + dim) * 4

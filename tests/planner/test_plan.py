@@ -21,6 +21,28 @@ def test_uniform_plan_shape_and_json_roundtrip():
     assert Plan.from_json(p.to_json()) == p
 
 
+def test_lookups_are_indexed_and_follow_edits():
+    p = unequal_plan()
+    assert p.stage(1) == Stage(1, 3, 6) and p.stage_of(2) == (1, 0)
+    assert p.holders(4) == [1, 2] and p.holders(6) == [] and p.has_rank(2)
+    assert not p.has_rank(7) and p.world_size == 3 and not p.has_shared_stages
+    assert p.layer_groups() == [((0, 3), (0, 2)), ((3, 6), (1, 2))]
+    with pytest.raises(PlanError, match="rank 7 is not in the plan"):
+        p.stage(7)
+    p.ranks.append(99)  # a copy: the plan's ranks are unchanged
+    assert p.ranks == [0, 1, 2]
+    # an edit in place is seen after validate(); assigning a field drops the index
+    p.pipelines[1] = Pipeline([Stage(3, 0, 3), Stage(4, 3, 6)], [2, 5])
+    p.validate()
+    assert p.ranks == [0, 1, 3, 4] and p.holders(0) == [0, 3] and p.stage_of(4) == (1, 1)
+    p.pipelines = [Pipeline([Stage(5, 0, 6)], list(range(6)))]
+    assert p.ranks == [5] and p.holders(2) == [5] and not p.has_rank(0)
+    assert "_lookup" not in p.to_dict() and Plan.from_json(p.to_json()) == p
+    shared = Plan(4, 2, 1, [Pipeline([Stage(0, 0, 2), Stage(1, 2, 4)], [0]),
+                            Pipeline([Stage(2, 0, 2), Stage(1, 2, 4)], [1])]).validate()
+    assert shared.has_shared_stages and shared.holders(3) == [1] and shared.stage_of(1) == (0, 1)
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda p: p.pipelines[0].stages.__setitem__(1, Stage(1, 5, 8)),
      "pipeline 0: layer 4 is held by no rank (hole)"),

@@ -5,6 +5,7 @@ import pytest
 from odyssey.emulate import EmulationConfig
 from planner import Plan, PlanError, compile_plan
 from planner.cost import CostModel
+from planner.placement import fresh_plan, fresh_plans, pipeline_counts, transfers
 from planner.recovery import (
     RecoveryCandidate,
     RecoveryConfig,
@@ -58,6 +59,38 @@ def test_reparallelize_uses_every_survivor_and_splits_microbatches_by_speed():
     # every transfer comes from a surviving holder of that layer
     for t in two.transfers:
         assert t.src != 1 and t.src in Plan.uniform(8, 2, 4, 8, 2).holders(t.layer)
+
+
+def test_fresh_plan_keeps_layers_in_place_and_fetches_only_what_is_missing():
+    c = ctx([1])  # 2 x 4 stages of 2 layers; rank 1 held layers 2..3
+    one = fresh_plan(c, [7])  # 7 stages: [0, 2) then one layer each
+    assert [(s.rank, s.start, s.end) for s in one.pipelines[0].stages] == [
+        (0, 0, 2), (5, 2, 3), (2, 3, 4), (6, 4, 5), (3, 5, 6), (7, 6, 7), (4, 7, 8)]
+    # rank 2 takes layer 3 from its only survivor, the holders of 5 and 7 are rotated
+    assert [(t.layer, t.src, t.dst) for t in transfers(c, one)] == [
+        (3, 5, 2), (5, 2, 3), (7, 3, 4)]
+    two = fresh_plan(c, [4, 3])  # unequal: microbatches by the longest stage (no predict)
+    assert [[(s.rank, s.start, s.end) for s in p.stages] for p in two.pipelines] == [
+        [(0, 0, 2), (5, 2, 4), (2, 4, 6), (3, 6, 8)], [(4, 0, 3), (6, 3, 6), (7, 6, 8)]]
+    assert [len(p.microbatches) for p in two.pipelines] == [5, 3]
+    assert [(t.layer, t.src, t.dst) for t in transfers(c, two)] == [(2, 5, 4), (3, 5, 6)]
+    # one plan per pipeline count 1..7; with a predictor only the 6 fastest
+    assert pipeline_counts(c) == list(range(1, 8))
+    assert len(fresh_plans(c)) == 7 and len(fresh_plans(c, predict)) == 6
+    # screened (more members than exact_upto): the best counts by the length estimate
+    est = [9.0, 1.0, 5.0, 2.0, 7.0, 3.0, 4.0]
+    assert pipeline_counts(c, lambda n, m, dp: est[dp - 1], exact_upto=4, screen=3) == [2, 4, 6]
+
+
+def test_transfers_rotate_over_surviving_replicas():
+    plan = Plan.uniform(4, 4, 1, 4, 1)  # four replicas of all 4 layers
+    c = RecoveryContext(plan, [0, 1, 2, 4, 5], 3, [1.0] * 4, None, [4, 5])
+    new = Plan.uniform(4, 1, 2, 4, 1, ranks=[4, 5])
+    assert [(t.layer, t.src, t.dst) for t in transfers(c, new)] == [
+        (0, 0, 4), (1, 1, 4), (2, 2, 5), (3, 0, 5)]
+    with pytest.raises(PlanError, match="layer 0 has no surviving replica"):
+        transfers(RecoveryContext(plan, [4], 3, [1.0] * 4, None, [4]),
+                  Plan.uniform(4, 1, 1, 4, 1, ranks=[4]))
 
 
 def test_no_replica_leaves_only_restart():

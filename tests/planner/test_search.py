@@ -12,11 +12,11 @@ import pytest
 
 from planner.cli import plan_main
 from planner.cost import CostModel
-from planner.memory import GiB
 from planner.partition import Partitioner, assign_microbatches, makespan, split_microbatches
 from planner.plan import Plan
 from planner.search import NoPlanFitsError, SearchConfig, search
 from profiler import FormulaConfig, emulated_profile, formula_profile, loopback_comm
+from profiler.units import GiB
 
 
 def _all_bounds(n: int, p: int):

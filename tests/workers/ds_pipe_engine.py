@@ -26,8 +26,8 @@ import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
 from examples.train_ds_pipe import PipeConfig, lm_loss, pipe_layers  # noqa: E402
-from odyssey.config import add_dataclass_args, from_args  # noqa: E402
 from odyssey.data import ArithmeticTokens, Sampler  # noqa: E402
+from profiler.configtree import add_dataclass_args, from_args  # noqa: E402
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ per worker; tests whose point is the launcher's own behaviour use it to stay fas
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -20,11 +21,25 @@ import sys
 import time
 from datetime import timedelta
 
+
+def _load_contract():
+    """odyssey/contract.py by path: it is torch-free, the odyssey package's __init__ not."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "odyssey", "contract.py")
+    spec = importlib.util.spec_from_file_location("_odyssey_contract", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+contract = _load_contract()
+
 CONTRACT_VARS = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
     "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE",
-    "OMP_NUM_THREADS", "ODYSSEY_STORE_ADDR", "ODYSSEY_STORE_PORT", "ODYSSEY_RUN_DIR",
-    "ODYSSEY_LAUNCHER", "TORCH_CPP_LOG_LEVEL",
+    "OMP_NUM_THREADS", contract.ENV_STORE_ADDR, contract.ENV_STORE_PORT,
+    contract.ENV_RUN_DIR, contract.ENV_LAUNCHER, contract.ENV_HOST, contract.ENV_TOKEN,
+    contract.ENV_GLOO_IFNAME, "TORCH_CPP_LOG_LEVEL",
 )
 
 
@@ -46,12 +61,12 @@ def main() -> int:
     if args.ignore_sigterm == rank:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    run_dir = os.environ["ODYSSEY_RUN_DIR"]
+    run_dir = os.environ[contract.ENV_RUN_DIR]
     chan = FileChannel(run_dir) if args.channel == "file" else StoreChannel()
     if args.gloo:
         _gloo_all_reduce()
 
-    env = {name: os.environ.get(name) for name in CONTRACT_VARS}
+    env = {name: os.environ[name] for name in CONTRACT_VARS if name in os.environ}
     with open(os.path.join(run_dir, f"env-{rank}.json"), "w") as f:
         json.dump(env, f)
     chan.set(f"test/ready/{rank}", str(os.getpid()))
@@ -64,7 +79,7 @@ def main() -> int:
                 return 99
             time.sleep(0.05)
     if args.done and rank == 0:
-        chan.set("odyssey/job/status", "done")
+        chan.set(contract.JOB_STATUS, contract.JOB_DONE)
     codes = {int(r): int(c) for r, c in (item.split("=") for item in args.exit_code)}
     return codes.get(rank, 0)
 
@@ -78,7 +93,7 @@ class StoreChannel:
 
         torch.set_num_threads(1)
         self.store = dist.TCPStore(
-            os.environ["ODYSSEY_STORE_ADDR"], int(os.environ["ODYSSEY_STORE_PORT"]),
+            os.environ[contract.ENV_STORE_ADDR], int(os.environ[contract.ENV_STORE_PORT]),
             is_master=False, timeout=timedelta(seconds=30))
 
     def set(self, key: str, value: str) -> None:
@@ -101,8 +116,9 @@ class FileChannel:
         return os.path.join(self.root, key.replace("/", "_"))
 
     def set(self, key: str, value: str) -> None:
-        if key.startswith("odyssey/"):
-            raise ValueError("the file channel cannot reach the launcher's store")
+        if not key.startswith("test/"):
+            raise ValueError("the file channel only carries test/* keys, not the "
+                             "launcher's store")
         tmp = f"{self._path(key)}.tmp"
         with open(tmp, "w") as f:
             f.write(value)

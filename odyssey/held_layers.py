@@ -1,0 +1,112 @@
+"""`HeldLayers`: the layers one rank holds, each with its optimizer.
+
+A layer with its optimizer state is the unit that checkpoints and migrates, so this is
+the one place that builds, drops, saves, loads, packs and digests them. The engine
+executes over it; the coordinator moves state through it; the trainer checkpoints
+through it. Nobody else touches the modules or optimizers directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from odyssey import checkpoint as ckpt
+from odyssey.migrate import layer_digest, pack_layer, packed_size, unpack_layer
+from odyssey.model import LayeredModel
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class HeldLayers:
+    """Layer modules and optimizers by global layer index, on one device."""
+
+    def __init__(self, model: LayeredModel, device: torch.device,
+                 make_optimizer: OptimizerFactory):
+        self.model = model
+        self.device = device
+        self._make_optimizer = make_optimizer
+        self._modules: dict[int, nn.Module] = {}
+        self._optimizers: dict[int, torch.optim.Optimizer] = {}
+
+    # ---- which layers ----------------------------------------------------------------
+    @property
+    def ids(self) -> list[int]:
+        """Indices of the held layers, ascending."""
+        return sorted(self._modules)
+
+    def __contains__(self, i: int) -> bool:
+        return i in self._modules
+
+    def module(self, i: int) -> nn.Module:
+        return self._modules[i]
+
+    def optimizer(self, i: int) -> torch.optim.Optimizer:
+        return self._optimizers[i]
+
+    def parameters(self, start: int, end: int) -> list[nn.Parameter]:
+        """Parameters of layers [start, end), in layer order."""
+        return [p for i in range(start, end) for p in self._modules[i].parameters()]
+
+    def reset(self, i: int) -> None:
+        """(Re)build layer i with its initial weights and a fresh optimizer."""
+        self._modules[i] = self.model.build_layer(i).to(self.device)
+        self._optimizers[i] = self._make_optimizer(self._modules[i])
+
+    def keep_only(self, layers: Iterable[int]) -> None:
+        """Drop every held layer not in `layers`."""
+        keep = set(layers)
+        for i in [i for i in self._modules if i not in keep]:
+            del self._modules[i], self._optimizers[i]
+
+    # ---- training ----------------------------------------------------------------------
+    def step(self, start: int, end: int) -> None:
+        """Optimizer step of layers [start, end)."""
+        for i in range(start, end):
+            self._optimizers[i].step()
+
+    def zero_grad(self) -> None:
+        for opt in self._optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def state_dict(self, i: int) -> dict:
+        """Layer i's checkpoint entry: its module's and its optimizer's state dicts."""
+        return {"model": self._modules[i].state_dict(),
+                "optim": self._optimizers[i].state_dict()}
+
+    def load_state_dict(self, i: int, state: dict) -> None:
+        self._modules[i].load_state_dict(state["model"])
+        self._optimizers[i].load_state_dict(state["optim"])
+
+    def load_checkpoint(self, root: str | os.PathLike, step: int | None,
+                        layers: Iterable[int]) -> None:
+        """Load `layers` from the checkpoint of `step` (None: back to initial weights)."""
+        for i in layers:
+            if step is None:
+                self.reset(i)
+            else:
+                self.load_state_dict(i, ckpt.load_layer(root, step, i))
+
+    def weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every held layer's module state dict (tests compare replicas with it)."""
+        return {i: self._modules[i].state_dict() for i in self.ids}
+
+    # ---- migration ---------------------------------------------------------------------
+    def pack(self, i: int, device: torch.device) -> torch.Tensor:
+        """Layer i's state as one flat tensor on `device` (the transport's)."""
+        return pack_layer(self._modules[i], self._optimizers[i], device)
+
+    def receive_buffer(self, i: int, device: torch.device) -> torch.Tensor:
+        """An empty tensor on `device` that a packed layer i arrives in."""
+        return torch.empty(packed_size(self._modules[i]), device=device)
+
+    def unpack(self, i: int, flat: torch.Tensor) -> None:
+        unpack_layer(flat, self._modules[i], self._optimizers[i])
+
+    def digests(self, layers: Iterable[int]) -> dict[int, str]:
+        """A hash of each of `layers`' parameters (replicas must agree bit for bit)."""
+        return {i: layer_digest(self._modules[i]) for i in layers}

@@ -1,0 +1,218 @@
+"""`JobConfig`: everything a training job is told, as a tree of component configs.
+
+Each component owns its fields, defaults, docstrings and checks (`__post_init__`). The
+components that already live beside the code they configure are nested as they are
+(`MonitorConfig`, `CommConfig`, `OptimizerConfig`), and `RecoveryConfig` and Chameleon's
+`SwapConfig` are extended by one field each, so no field is defined twice. Training
+scripts generate their flags from the tree (`profiler.configtree.ConfigParser(JobConfig,
+aliases=SHORT_FLAGS)`): `--training.steps`, `--parallelism.dp`,
+`--fault-tolerance.policy`, `--checkpoint.every`, ..., each also under the short name in
+`SHORT_FLAGS` (`--steps`, `--dp`, ...); `--config job.toml` may set any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from chameleon.config import SwapConfig
+from odyssey.comm import CommConfig
+from odyssey.engine import OptimizerConfig
+from odyssey.monitor import MonitorConfig
+from odyssey.progress import MODES as PROGRESS_MODES
+from planner.plan import SCHEDULES
+from planner.recovery import POLICIES, RecoveryConfig
+from profiler.configtree import section, verbatim
+
+COMPUTE_MODES = ("real", "emulated")
+SWAP_MODES = ("off", "auto")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What to train: steps, batch layout, schedule, compute mode, output."""
+
+    steps: int = 30
+    """Optimizer steps to train (step ids 0..steps-1)."""
+    num_microbatches: int = 8
+    """Microbatches per step."""
+    microbatch_size: int = 4
+    """Samples per microbatch."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b or gpipe."""
+    mode: str = "real"
+    """Compute mode reported with every figure: real (real math) or emulated (sleeps)."""
+    log_every: int = 10
+    """Print a progress line every N steps (leader only)."""
+    run_dir: str = ""
+    """Where metrics.jsonl, ledger.jsonl, report.json and checkpoints go (empty: the
+    launcher's --run-dir, else runs/latest)."""
+    ds_config: str = ""
+    """DeepSpeed-style JSON config: its batch sizes set microbatch_size and
+    num_microbatches, its optimizer section the AdamW settings (docs/deepspeed-models.md)."""
+
+    def __post_init__(self) -> None:
+        _one_of("training.mode", self.mode, COMPUTE_MODES)
+        _one_of("training.schedule", self.schedule, SCHEDULES)
+        for name in ("num_microbatches", "microbatch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ParallelismConfig:
+    """How the model is laid out over the ranks at launch."""
+
+    dp: int = 0
+    """Data-parallel pipelines; 0 = world_size // pp."""
+    pp: int = 1
+    """Pipeline stages per pipeline."""
+    partition: tuple[int, ...] = ()
+    """Layers per stage (empty = even split)."""
+    plan_file: str = ""
+    """JSON Plan to run instead of dp/pp/partition (e.g. written by `odyssey plan`)."""
+
+    def __post_init__(self) -> None:
+        if self.dp < 0 or self.pp < 1:
+            raise ValueError(f"parallelism needs dp >= 0 and pp >= 1, got dp={self.dp} "
+                             f"pp={self.pp}")
+        if any(n < 1 for n in self.partition):
+            raise ValueError(f"parallelism.partition needs >= 1 layer per stage, got "
+                             f"{self.partition}")
+
+
+@dataclass(frozen=True)
+class FaultToleranceConfig(RecoveryConfig):
+    """How a lost rank is recovered from (the planner's RecoveryConfig), and the faults to
+    inject for testing it."""
+
+    inject: tuple[str, ...] = verbatim()
+    """Faults to inject, e.g. kill:rank=1,step=6 (repeatable; fire on the first attempt
+    only)."""
+
+    def __post_init__(self) -> None:
+        _parent_checks(self, FaultToleranceConfig)
+        _one_of("fault_tolerance.policy", self.policy, POLICIES)
+        if self.horizon_s <= 0:
+            raise ValueError(f"fault_tolerance.horizon_s must be > 0, got {self.horizon_s}")
+
+
+@dataclass
+class ActivationSwapConfig(SwapConfig):
+    """Chameleon activation swapping (its SwapConfig) and whether the trainer turns it
+    on."""
+
+    mode: str = "off"
+    """off, or auto (swap saved activations to host/disk to keep them under budget)."""
+
+    def __post_init__(self) -> None:
+        _parent_checks(self, ActivationSwapConfig)
+        _one_of("swap.mode", self.mode, SWAP_MODES)
+
+    def chameleon(self) -> SwapConfig:
+        """The plain SwapConfig Chameleon is given."""
+        return SwapConfig(**{f.name: getattr(self, f.name)
+                             for f in dataclasses.fields(SwapConfig)})
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Per-layer checkpoints (the fallback when no replica of a layer survives, and what a
+    torchrun restart resumes from)."""
+
+    every: int = 0
+    """Save a per-layer checkpoint every N steps (0 = never)."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint, if there is one."""
+    dir: str = ""
+    """Checkpoint directory (empty: RUN_DIR/checkpoints)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """What the leader reports besides metrics.jsonl, the ledger and report.json."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to RUN_DIR/tensorboard (leader only; needs the
+    tensorboard package)."""
+    progress: str = "auto"
+    """Progress line (leader only): auto (rewritten in place on a terminal, else a plain
+    line every progress_every_s), plain (always plain lines) or off."""
+    progress_every_s: float = 30.0
+    """Seconds between plain progress lines."""
+
+    def __post_init__(self) -> None:
+        _one_of("metrics.progress", self.progress, PROGRESS_MODES)
+        if self.progress_every_s < 0:
+            raise ValueError(f"metrics.progress_every_s must be >= 0, got "
+                             f"{self.progress_every_s}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One training job: a section per component."""
+
+    training: TrainingConfig = section(TrainingConfig)
+    parallelism: ParallelismConfig = section(ParallelismConfig)
+    fault_tolerance: FaultToleranceConfig = section(FaultToleranceConfig)
+    monitor: MonitorConfig = section(MonitorConfig)
+    comm: CommConfig = section(CommConfig, exclude=("host",))  # the launcher's address
+    optimizer: OptimizerConfig = section(OptimizerConfig)
+    swap: ActivationSwapConfig = section(ActivationSwapConfig, exclude=("layers",))
+    checkpoint: CheckpointConfig = section(CheckpointConfig)
+    metrics: MetricsConfig = section(MetricsConfig)
+
+
+SHORT_FLAGS = {
+    "steps": "training.steps", "num-microbatches": "training.num_microbatches",
+    "microbatch-size": "training.microbatch_size", "schedule": "training.schedule",
+    "mode": "training.mode", "log-every": "training.log_every",
+    "run-dir": "training.run_dir", "ds-config": "training.ds_config",
+    "dp": "parallelism.dp", "pp": "parallelism.pp", "partition": "parallelism.partition",
+    "plan-file": "parallelism.plan_file",
+    "ft-policy": "fault_tolerance.policy", "horizon-s": "fault_tolerance.horizon_s",
+    "inject": "fault_tolerance.inject",
+    "heartbeat-timeout-s": "monitor.heartbeat_timeout_s",
+    "join-timeout-s": "monitor.join_timeout_s", "fence-timeout-s": "monitor.fence_timeout_s",
+    "comm-timeout-s": "comm.timeout_s",
+    "lr": "optimizer.lr",
+    "swap": "swap.mode", "memory-budget": "swap.budget", "swap-min-bytes": "swap.min_swap_bytes",
+    "checkpoint-every": "checkpoint.every", "resume": "checkpoint.resume",
+    "tensorboard": "metrics.tensorboard", "progress": "metrics.progress",
+    "progress-every-s": "metrics.progress_every_s",
+}
+"""Short flag -> field: the one alias table of the training CLIs (these are the flat
+flags of earlier versions, which the README, docs, tests and benchmarks use)."""
+
+
+def job_config(base: JobConfig | None = None, **short: Any) -> JobConfig:
+    """A JobConfig from short names as keywords (those of SHORT_FLAGS, `_` for `-`), on
+    top of `base`: `job_config(steps=12, dp=2, pp=2, inject=("kill:rank=1,step=6",))`."""
+    values: dict[str, dict[str, Any]] = {}
+    for name, value in short.items():
+        path = SHORT_FLAGS.get(name.replace("_", "-"))
+        if path is None:
+            raise TypeError(f"job_config() got an unknown field {name!r} (known: "
+                            f"{', '.join(sorted(k.replace('-', '_') for k in SHORT_FLAGS))})")
+        part, field = path.split(".")
+        values.setdefault(part, {})[field] = value
+    base = base or JobConfig()
+    return dataclasses.replace(base, **{part: dataclasses.replace(getattr(base, part), **kw)
+                                        for part, kw in values.items()})
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _parent_checks(obj: Any, cls: type) -> None:
+    """Run the checks of the config `cls` extends, should it have any."""
+    check = getattr(super(cls, obj), "__post_init__", None)
+    if check is not None:
+        check()
