@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from odyssey import contract
+from odyssey.devices import BACKENDS, DEVICES
 from planner.program import Channel, Program
 
 
@@ -35,12 +36,20 @@ class CommError(RuntimeError):
     """A communication op failed (e.g. a peer's connection closed)."""
 
 
+class AbortHung(RuntimeError):
+    """Aborting an NCCL communicator did not return in time (see CommConfig)."""
+
+
 @dataclass(frozen=True)
 class CommConfig:
     """How this rank communicates."""
 
-    backend: str = "gloo"
-    """'gloo' (CPU) or 'nccl' (CUDA)."""
+    device: str = "cpu"
+    """Where layers, batches and buffers live: cpu, cuda (cuda:LOCAL_RANK, or the only
+    visible GPU shared over gloo) or auto (cuda when a GPU is visible, else cpu)."""
+    backend: str = "auto"
+    """Communication backend: auto (nccl on cuda, gloo on cpu), gloo (CPU or CUDA tensors;
+    several ranks may share a GPU) or nccl (one GPU per rank)."""
     host: str = "127.0.0.1"
     """Address this rank's gloo transport binds to (its node's address on a cluster)."""
     timeout_s: float = 60.0
@@ -50,6 +59,19 @@ class CommConfig:
     setup_timeout_s: float = 10.0
     """How long creating a group may wait for its members (a member that died during a
     recovery must not hold the survivors for the whole op timeout)."""
+    abort_timeout_s: float = 10.0
+    """NCCL: how long aborting the old generation's communicators may take before this
+    rank gives up on them and leaves the job (its launcher records the exit, the others
+    go on without it)."""
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"comm.device must be one of {DEVICES}, got {self.device!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"comm.backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("timeout_s", "poll_s", "setup_timeout_s", "abort_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"comm.{name} must be > 0, got {getattr(self, name)}")
 
 
 class Pending:
@@ -102,10 +124,9 @@ class Comm:
         except (RuntimeError, dist.DistStoreError) as e:
             raise CommError(f"could not build group {name} {list(members)}: {e}") from e
         if self.cfg.backend == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            return dist.ProcessGroupNCCL(pstore, rank, size, opts)
-        raise ValueError(f"unknown backend {self.cfg.backend!r} (expected 'gloo' or 'nccl')")
+            return _nccl_group(pstore, rank, size, timeout)
+        raise ValueError(f"backend {self.cfg.backend!r} is not resolved (expected 'gloo' or "
+                         "'nccl'; odyssey.devices.resolve_backend picks one)")
 
     def setup(self, program: Program, extra: list[Channel] | None = None) -> Comm:
         """Create every group of `program` (and `extra` channels) this rank belongs to.
@@ -125,6 +146,29 @@ class Comm:
 
     def close(self) -> None:
         self._groups.clear()
+
+    def abort(self) -> None:
+        """End this generation's communicators before the next generation builds its own.
+
+        Gloo has no shutdown (its groups are simply never used again). NCCL communicators
+        are aborted (ncclCommAbort), all groups in parallel threads, so kernels stuck on a
+        dead peer release the GPU; `AbortHung` when that takes over `abort_timeout_s`."""
+        if self.cfg.backend != "nccl" or not self._groups:
+            return
+        groups = [pg for pg, _ in self._groups.values()]
+        self._groups.clear()
+        threads = [threading.Thread(target=_abort_quietly, args=(pg,), daemon=True,
+                                    name="odyssey-nccl-abort") for pg in groups]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + self.cfg.abort_timeout_s
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = sum(t.is_alive() for t in threads)
+        if stuck:
+            raise AbortHung(f"{stuck} of {len(groups)} NCCL communicator(s) of generation "
+                            f"{self.generation} did not abort within "
+                            f"{self.cfg.abort_timeout_s:.0f}s")
 
     # ---- ops -----------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, dst: int, kind: str) -> Pending:
@@ -164,3 +208,24 @@ def _root0() -> dist.BroadcastOptions:
     opts.rootRank = 0
     opts.rootTensor = 0
     return opts
+
+
+def _nccl_group(store: dist.Store, rank: int, size: int, timeout: timedelta
+                ) -> dist.ProcessGroup:
+    """An NCCL group that reports errors instead of ending the process: non-blocking
+    communicator init (errors surface on the first op, which the monitor watches) and an
+    op timeout equal to ours, so the watchdog only aborts what we would abandon anyway."""
+    if not dist.is_nccl_available():
+        raise CommError("this torch build has no NCCL (use --comm.backend gloo)")
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    if hasattr(opts, "config") and hasattr(opts.config, "blocking"):
+        opts.config.blocking = False
+    return dist.ProcessGroupNCCL(store, rank, size, opts)
+
+
+def _abort_quietly(pg: dist.ProcessGroup) -> None:
+    try:
+        pg.abort()
+    except Exception:  # an already-broken communicator may refuse: it is gone either way
+        pass

@@ -40,6 +40,11 @@ ENV_BENCH_PROFILE_DIR = "ODYSSEY_BENCH_PROFILE_DIR"
 ENV_OPLOG_DIR = "ODYSSEY_OPLOG_DIR"
 """Benchmarks only: where the model-accuracy worker writes per-op timing lines."""
 
+EXIT_ABORT_HUNG = 75
+"""Exit status of a worker that left the job because aborting its NCCL communicators
+hung (it fences itself; the survivors recover without it)."""
+
+
 # --- files in a run directory ------------------------------------------------------
 REPORT_FILE = "report.json"
 METRICS_FILE = "metrics.jsonl"
@@ -47,6 +52,11 @@ LEDGER_FILE = "ledger.jsonl"
 EVENTS_FILE = "events.jsonl"
 FAULTS_FILE = "faults.jsonl"
 """Injected faults as they fire (also readable by a later torchrun attempt)."""
+HF_CONFIG_FILE = "hf_config.json"
+"""The Hugging Face config of a model built by `odyssey.hf` (`odyssey export` makes a
+`from_pretrained` directory of a run that has one)."""
+EXPORT_WEIGHTS_FILE = "model.safetensors"
+"""The consolidated state dict `odyssey export` writes (Hugging Face's file name)."""
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_META = "meta.json"
 """In each step's checkpoint directory: step, sampler position, the plan that wrote it."""

@@ -11,6 +11,7 @@ one with the same sample ids. A failure during any of this starts the next agree
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from odyssey import checkpoint as ckpt
 from odyssey import contract
-from odyssey.comm import Comm, CommConfig, CommError, StepAborted
+from odyssey.comm import AbortHung, Comm, CommConfig, CommError, StepAborted
 from odyssey.commit import CommitProtocol
 from odyssey.engine import Engine
 from odyssey.membership import Membership, agree
@@ -123,6 +124,8 @@ class Coordinator:
             number, previous = self._adopted[0] + 1, list(self._adopted[1])
         else:
             raise RuntimeError("recover() before begin() or adopt()")
+        if self.current is not None:
+            self._abort(self.current.comm)
         self._interrupted = 0
         while True:
             t0 = time.time()
@@ -142,6 +145,16 @@ class Coordinator:
                     previous = m.members
                 number += 1
                 self._interrupted += 1
+
+    def _abort(self, comm: Comm) -> None:
+        """Abort the old generation's communicators (NCCL) before building new ones; a
+        rank whose abort hangs fences itself: it leaves, and its exit record lets the
+        others recover without it."""
+        try:
+            comm.abort()
+        except AbortHung as e:
+            self.say(f"{e}; leaving the job (exit {contract.EXIT_ABORT_HUNG})")
+            os._exit(contract.EXIT_ABORT_HUNG)
 
     def _decide(self, m: Membership) -> RecoveryDecision:
         trained = self._trained_plan

@@ -179,7 +179,7 @@ SHORT_FLAGS = {
     "inject": "fault_tolerance.inject",
     "heartbeat-timeout-s": "monitor.heartbeat_timeout_s",
     "join-timeout-s": "monitor.join_timeout_s", "fence-timeout-s": "monitor.fence_timeout_s",
-    "comm-timeout-s": "comm.timeout_s",
+    "comm-timeout-s": "comm.timeout_s", "device": "comm.device",
     "lr": "optimizer.lr",
     "swap": "swap.mode", "memory-budget": "swap.budget", "swap-min-bytes": "swap.min_swap_bytes",
     "checkpoint-every": "checkpoint.every", "resume": "checkpoint.resume",

@@ -27,6 +27,7 @@ from odyssey.calibration import StepTimeModel
 from odyssey.comm import CommError, StepAborted
 from odyssey.coordinator import Coordinator, Generation
 from odyssey.data import Sampler
+from odyssey.devices import DeviceError, prepare_process, resolve_backend, resolve_device
 from odyssey.engine import Engine, StepResult
 from odyssey.env import WorkerInfo
 from odyssey.hooks import CommittedStep, FitResult, Recovery, TrainerHook, overrides_on_op
@@ -49,12 +50,14 @@ class Trainer:
     trainer's own telemetry); `profile` seeds the recovery cost model's timings."""
 
     def __init__(self, model: LayeredModel, data, job: JobConfig, worker: WorkerInfo,
-                 device: str = "cpu", profile: Profile | None = None,
+                 profile: Profile | None = None,
                  hooks: Sequence[TrainerHook] = ()):
         self.model = model
         self.data = data
         self.worker = worker
-        self.device = device
+        self.device = resolve_device(job.comm.device, worker.local_rank, job.comm.backend)
+        backend = resolve_backend(job.comm.backend, self.device)
+        prepare_process(self.device, backend)
         if job.training.ds_config:  # batch layout, optimizer from a DeepSpeed JSON (wins)
             job = ds_config.apply(job, worker.world_size)
         self.cfg = job
@@ -64,7 +67,7 @@ class Trainer:
         specs = [FaultSpec.parse(s, worker.world_size) for s in ft.inject]
         self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank,
                                     on_fire=self._mark_injected)
-        self.engine = Engine(model, data, self.sampler, worker.rank, job.optimizer, device,
+        self.engine = Engine(model, data, self.sampler, worker.rank, job.optimizer, self.device,
                              before_op=self.faults.before_op)
         if job.swap.mode == "auto":
             self.engine.enable_swap(job.swap.chameleon())
@@ -84,7 +87,7 @@ class Trainer:
         self.step_model = StepTimeModel(model, self.plan.microbatch_size, worker.store, profile)
         self.coord = Coordinator(
             worker.store, worker.rank, self.engine, self.monitor,
-            replace(job.comm, host=worker.host), ft, self.ckpt_dir,
+            replace(job.comm, host=worker.host, backend=backend), ft, self.ckpt_dir,
             self.step_model.predictor, self.step_model.layer_bytes,
             lambda msg, step=-1: self._say(msg, step, always=True),
             before_migrate=self.faults.before_migrate)
@@ -289,6 +292,10 @@ def fit_and_exit(make_trainer: Callable[[], Trainer]) -> None:
     leave at once (group destructors can hang or abort at interpreter exit)."""
     try:
         make_trainer().fit()
+    except DeviceError as e:  # the same on every rank: one line (rank 0's), no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        exit_cleanly(2)
     except BaseException:
         traceback.print_exc()
         exit_cleanly(1)
