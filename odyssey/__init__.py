@@ -1,20 +1,30 @@
-"""Odyssey: a training runtime that keeps jobs running through rank failures."""
+"""Odyssey: a training runtime that keeps jobs running through rank failures.
 
-from odyssey.hooks import TrainerHook
-from odyssey.job_config import (
-    CheckpointConfig,
-    FaultToleranceConfig,
-    JobConfig,
-    MetricsConfig,
-    ParallelismConfig,
-    TrainingConfig,
-    job_config,
-)
-from odyssey.model import LayeredModel, TensorSpec
-from odyssey.trainer import FitResult, Trainer
+The public names below load on first use, so torch-free modules of this package
+(`odyssey.contract`, `odyssey.faults`, `odyssey.control`) import without the trainer.
+"""
 
-__all__ = [
-    "CheckpointConfig", "FaultToleranceConfig", "FitResult", "JobConfig", "LayeredModel",
-    "MetricsConfig", "ParallelismConfig", "TensorSpec", "Trainer", "TrainerHook",
-    "TrainingConfig", "job_config",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "TrainerHook": "odyssey.hooks", "FitResult": "odyssey.hooks",
+    "CheckpointConfig": "odyssey.job_config", "FaultToleranceConfig": "odyssey.job_config",
+    "JobConfig": "odyssey.job_config", "MetricsConfig": "odyssey.job_config",
+    "ParallelismConfig": "odyssey.job_config", "TrainingConfig": "odyssey.job_config",
+    "job_config": "odyssey.job_config",
+    "LayeredModel": "odyssey.model", "TensorSpec": "odyssey.model",
+    "Trainer": "odyssey.trainer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'odyssey' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value

@@ -66,7 +66,7 @@ class Trainer:
         ft = job.fault_tolerance
         specs = [FaultSpec.parse(s, worker.world_size) for s in ft.inject]
         self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank,
-                                    on_fire=self._mark_injected)
+                                    on_fire=self._mark_injected, token=worker.token)
         self.engine = Engine(model, data, self.sampler, worker.rank, job.optimizer, self.device,
                              before_op=self.faults.before_op)
         if job.swap.mode == "auto":
@@ -83,7 +83,7 @@ class Trainer:
                 self.engine.add_op_hook(hook.on_op)
         self.in_place = worker.launcher in ("odyssey", "threads")
         self.monitor = FailureMonitor(worker.store, worker.rank, job.monitor,
-                                      worker.store_factory)
+                                      worker.store_factory, token=worker.token)
         self.step_model = StepTimeModel(model, self.plan.microbatch_size, worker.store, profile)
         self.coord = Coordinator(
             worker.store, worker.rank, self.engine, self.monitor,
