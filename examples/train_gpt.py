@@ -44,12 +44,21 @@ ALIASES = {**SHORT_FLAGS, "gpt-*": "gpt", "emu-*": "emu"}
 """The job's short flags, and --gpt-FIELD / --emu-FIELD for the model sections."""
 
 
-def parse_args(argv: list[str] | None = None) -> TrainGPTConfig:
+def make_parser() -> ConfigParser:
     return ConfigParser(
         TrainGPTConfig, aliases=ALIASES,
         description="Train the example GPT with Odyssey (start it with `odyssey run` or "
                     "`torchrun`). --training.mode emulated swaps the GPT for sleeping "
-                    "layers.").parse_config(argv)
+                    "layers.")
+
+
+JOB_CONFIG_PARSER = make_parser
+"""`odyssey run` checks this script's arguments with it before starting any worker
+(launch/preflight.py): keep this module free of side effects at import."""
+
+
+def parse_args(argv: list[str] | None = None) -> TrainGPTConfig:
+    return make_parser().parse_config(argv)
 
 
 def main(argv: list[str] | None = None, hooks: Sequence[TrainerHook] = ()) -> None:

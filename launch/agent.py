@@ -12,12 +12,14 @@ import json
 import logging
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
 from launch.node_watch import NodeWatcher
+from launch.notice import announce_exits
 from launch.store import SafeStore
 from launch.workers import Worker, kill_leftovers, signal_group
 from odyssey import contract
@@ -59,6 +61,10 @@ class AgentConfig:
     token: str | None = None
     """The job token fence and spawn requests must be signed with (None: take them as
     they are, for a store nobody else can reach)."""
+    stop_grace_s: float = 0.0
+    """On the first handled signal, ask the workers to stop through the store
+    (``odyssey/stop/request``: they checkpoint the last committed step and exit 0) and
+    give them this long before the signal is forwarded (0: forward it at once)."""
 
 
 @dataclass
@@ -92,6 +98,10 @@ class Agent:
         self._rejoin_due: list[float] = []
         self._watcher: NodeWatcher | None = None
         self._declared_lost = False
+        self._forward_at: float | None = None  # stop requested: forward the signal then
+        self._wake = threading.Event()  # set by a worker's waiter thread when it exits
+        for w in workers:
+            self._watch_exit(w)
 
     @property
     def received_signal(self) -> signal.Signals | None:
@@ -101,6 +111,22 @@ class Agent:
     def add_worker(self, worker: Worker) -> None:
         """Supervise one more worker (called as each one is spawned)."""
         self.workers[worker.rank] = worker
+        self._watch_exit(worker)
+
+    def _watch_exit(self, worker: Worker) -> None:
+        """Wake the loop the moment `worker` dies (a blocking wait per worker instead of
+        waiting out the poll period: the exit record is the survivors' fastest signal)."""
+        proc = worker.proc
+        if not isinstance(proc, subprocess.Popen):
+            return
+
+        def wait() -> None:
+            try:
+                proc.wait()
+            finally:
+                self._wake.set()
+
+        threading.Thread(target=wait, name=f"reap-{worker.rank}", daemon=True).start()
 
     def enable_node_watch(self, watcher: NodeWatcher) -> None:
         """Watch the other nodes' heartbeats from this loop (multi-node)."""
@@ -134,10 +160,15 @@ class Agent:
         """Loop until every worker has exited; returns what happened."""
         forwarded = False
         while True:
+            self._wake.clear()  # before reaping: a death after this wakes the next wait
             self._reap()
             if self._signal is not None and not forwarded:
                 forwarded = True
-                log.warning("received %s: forwarding to workers, SIGKILL in %.1fs",
+                self._begin_stop(self._signal)
+            if self._forward_at is not None and time.monotonic() >= self._forward_at:
+                self._forward_at = None
+                log.warning("workers still running %.0fs after the stop request: forwarding "
+                            "%s, SIGKILL in %.1fs", self.config.stop_grace_s,
                             self._signal.name, self.config.shutdown_timeout_s)
                 self._stop_all(self._signal)
             self._poll_fences()
@@ -149,7 +180,7 @@ class Agent:
                 self._watcher.poll()
             if not any(w.alive for w in self.workers.values()):
                 break
-            time.sleep(self.config.poll_interval_s)
+            self._wake.wait(self.config.poll_interval_s)
         # Fences requested in the last poll period still deserve an answer.
         self._poll_fences()
         return AgentResult(
@@ -175,6 +206,9 @@ class Agent:
         if not self._declared_lost:
             self.store.set(contract.exit_key(worker.rank), record.to_json())
             self.store.add(contract.EXITS_COUNT, 1)
+            if record.exitcode != 0:
+                announce_exits(self.store, [worker.rank], f"exited ({record.describe()})",
+                               f"launcher {self.config.node_rank}", record.time)
         log.warning("rank %d (pid %d) %s", worker.rank, worker.pid, record.describe())
         if (record.exitcode != 0 and self.config.rejoin_after_s is not None
                 and self._job_status is None):
@@ -257,6 +291,20 @@ class Agent:
                         worker.pid, request.get("reason", "requested"))
 
     # -- endings -------------------------------------------------------------------
+    def _begin_stop(self, sig: signal.Signals) -> None:
+        # Only Odyssey trainers (they set the generation key) answer a stop request.
+        if self.config.stop_grace_s <= 0 or not self.store.check(contract.GENERATION):
+            log.warning("received %s: forwarding to workers, SIGKILL in %.1fs",
+                        sig.name, self.config.shutdown_timeout_s)
+            self._stop_all(sig)
+            return
+        self.store.set(contract.STOP_REQUEST, sign(self.config.token, contract.STOP_REQUEST,
+                                                   sig.name))
+        self._forward_at = time.monotonic() + self.config.stop_grace_s
+        log.warning("received %s: workers checkpoint the last committed step and stop "
+                    "(up to %.0fs; signal again to stop at once)", sig.name,
+                    self.config.stop_grace_s)
+
     def _poll_job_status(self) -> None:
         if self._job_status is None and self.store.check(contract.JOB_STATUS):
             self._job_status = self.store.get_text(contract.JOB_STATUS)

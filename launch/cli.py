@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "plan-serve": "planner.serving.cli:plan_serve_main",
     "report": "odyssey.report_plot:main",
     "store": "launch.serve_store:main",
+    "prepare-data": "odyssey.prepare:main",
+    "export": "launch.export:main",
 }
 """Subcommand name -> ``"module:function"`` implementing it."""
 

@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from launch.notice import announce_exits
 from launch.store import SafeStore
 from odyssey import contract
 
@@ -146,4 +147,5 @@ class NodeWatcher:
             self.store.set(contract.fenced_key(rank), json.dumps(
                 {"rank": rank, "time": time.time(), "reason": f"node {node} lost"}))
             done.append(rank)
+        announce_exits(self.store, done, f"lost with node {node}", "node watcher", when)
         return done

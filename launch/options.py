@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import textwrap
+import uuid
 from dataclasses import dataclass, field
 
 from launch.ray_config import STRATEGIES, RayConfig
@@ -55,13 +56,17 @@ store keys:
   odyssey/job/status      training leader sets "done" on success
 
 exit status:
-  128+N if the launcher was stopped by signal N (forwarded to workers, SIGKILL after
-  --shutdown-timeout); else 0 if odyssey/job/status is "done", 1 if it holds anything
-  else; without that key, 0 if every worker exited 0, else 1.
+  2 if the input is refused before any worker starts (a bad flag, plan, plan file, fault
+  spec, size or DeepSpeed config; a run directory locked by another job), or if every
+  failed worker refused its input (one line per distinct cause, tracebacks in
+  RUN_DIR/logs/rank<N>.log); else 128+N if the launcher was stopped by signal N (workers
+  are first asked to checkpoint and stop, see --stop-grace); else 0 if odyssey/job/status
+  is "done", 1 if it holds anything else; without that key, 0 if every worker exited 0,
+  else 1.
 
 examples:
   odyssey run --standalone --nproc-per-node 4 train.py --steps 100
-  odyssey run --nproc-per-node 2 -m examples.train --config tiny
+  odyssey run --nproc-per-node 2 -m examples.train_gpt --steps 20
   # 4 workers as Ray actors (a private local Ray instance; --ray-address auto: a cluster):
   odyssey run --backend ray --nproc-per-node 4 train.py --steps 100
   # two nodes (run on each; node ranks come from the rendezvous):
@@ -149,6 +154,17 @@ class LaunchOptions:
     """``HOST:PORT`` of a store run apart from the job (``odyssey store``); None: host one."""
     token_file: str | None = None
     """File holding the job token (--token-file); None: the launcher creates one."""
+    stop_grace_s: float = 60.0
+    """After SIGINT/SIGTERM, how long workers get to checkpoint and stop on their own
+    before the signal is forwarded (--stop-grace; 0: forward at once)."""
+    job_id: str = ""
+    """This job's id in the run directory's lock (--rdzv-id, else a fresh one)."""
+    script: str = ""
+    """The training script (a path, or a module name with ``module``)."""
+    script_args: tuple[str, ...] = ()
+    """The training script's own arguments (checked by launch/preflight.py)."""
+    module: bool = False
+    no_python: bool = False
 
     @property
     def multi_node(self) -> bool:
@@ -205,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
                        f"written to <run dir>/{contract.TOKEN_FILE} (mode 0600) and "
                        f"exported to workers as {contract.ENV_TOKEN}; fences, `odyssey "
                        "inject` and replacement requests must be signed with it.")
+    group.add_argument("--stop-grace", type=float, default=60.0, metavar="SECONDS",
+                       help="On SIGINT/SIGTERM, ask the workers (through the store) to "
+                       "finish or abort the step in flight, checkpoint the last committed "
+                       "step and exit; forward the signal only if they are still running "
+                       "after this long (0: forward at once, as torchrun does; a second "
+                       "signal stops them at once; default: %(default)s).")
     group.add_argument("--store-endpoint", default=None, metavar="HOST:PORT",
                        help="Use the store that `odyssey store` serves there instead of "
                        "hosting one, so the store (the job's single point of failure) runs "
@@ -261,6 +283,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Launch
         raise UsageError("--module and --no-python cannot be used together")
     _check_positive("--monitor-interval", args.monitor_interval)
     _check_positive("--finish-grace", args.finish_grace, allow_zero=True)
+    _check_positive("--stop-grace", args.stop_grace, allow_zero=True)
     if args.node_timeout < 1.0:
         raise UsageError(f"--node-timeout must be >= 1 (seconds; nodes beat every 0.25 s), "
                          f"got {args.node_timeout:g}")
@@ -303,6 +326,10 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Launch
         rdzv_configs=rdzv_configs, local_addr=args.local_addr,
         rejoin_after_s=args.rejoin_after, backend=backend, ray=ray,
         store_endpoint=store_endpoint, token_file=args.token_file,
+        stop_grace_s=args.stop_grace, script=args.training_script,
+        script_args=tuple(args.training_script_args), module=bool(args.module),
+        no_python=bool(args.no_python),
+        job_id=args.rdzv_id if args.rdzv_id != "none" else uuid.uuid4().hex[:12],
     )
 
 

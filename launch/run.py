@@ -11,14 +11,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-from launch import rendezvous
+from launch import preflight, rendezvous
 from launch.options import LaunchOptions, UsageError, build_parser, resolve
 from launch.ray_backend import run_ray
 from launch.run_files import default_run_dir, make_run_dir
+from launch.run_lock import RunDirLock, RunDirLocked
 from launch.store import SafeStore, bind_addr_for, connect_store, host_store, use_external_store
 from launch.supervise import supervise
 from launch.workers import JobLayout, ProcessBackend
 from odyssey.control import TokenError, new_token, read_token, write_token
+from odyssey.failure_report import BAD_INPUT, clear_reports
 
 log = logging.getLogger("launch")
 
@@ -38,15 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         parser.print_usage(sys.stderr)
         print(f"odyssey run: error: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
+    try:  # the job's own input, once, before any worker starts: one line if refused
+        preflight.check(opts)
+    except UsageError as err:
+        print(f"odyssey run: error: {err}", file=sys.stderr)
+        return BAD_INPUT
     setup_logging("odyssey run")
     try:
         if opts.backend == "ray":
             return run_ray(opts)
         return run_multi_node(opts) if opts.multi_node else run_single_node(opts)
-    except TokenError as err:
+    except (TokenError, RunDirLocked) as err:
         log.error("%s", err)
-        return 2
+        return BAD_INPUT
     except KeyboardInterrupt:
         # Only reachable before workers exist (the agent handles signals after that).
         log.error("interrupted")
@@ -63,6 +70,12 @@ def job_token(opts: LaunchOptions, run_dir: str) -> str:
 def run_single_node(opts: LaunchOptions) -> int:
     """Host the store on 127.0.0.1, spawn ``opts.nproc`` workers, supervise them."""
     run_dir = make_run_dir(opts.run_dir)
+    with RunDirLock(run_dir, opts.job_id):
+        return _run_single_node(opts, run_dir)
+
+
+def _run_single_node(opts: LaunchOptions, run_dir: str) -> int:
+    clear_reports(run_dir)  # failure records of an earlier job here are not this job's
     token = job_token(opts, run_dir)
     try:
         hosted = (use_external_store(opts.store_endpoint) if opts.store_endpoint
@@ -111,8 +124,13 @@ def run_multi_node(opts: LaunchOptions) -> int:
             hosted.close()
         return 1
     setup_logging(f"odyssey run node{node.node_rank}")
+    lock = None
     try:
         run_dir = make_run_dir(node.run_dir)
+        if node.node_rank == 0:  # one lock per job; the nodes may share the directory
+            lock = RunDirLock(run_dir, opts.job_id)
+            lock.acquire()
+        clear_reports(run_dir)
         write_token(run_dir, node.token)
         raw_store = hosted.store if hosted is not None else connect_store(
             node.store_addr, node.store_port)
@@ -124,6 +142,8 @@ def run_multi_node(opts: LaunchOptions) -> int:
         )
         return supervise(opts, ProcessBackend(opts.cmd, layout), SafeStore(raw_store))
     finally:
+        if lock is not None:
+            lock.release()
         node.shutdown()
         if hosted is not None:
             hosted.close()

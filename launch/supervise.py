@@ -24,6 +24,7 @@ from launch.store import SafeStore
 from launch.workers import JobLayout, Worker
 from odyssey import contract
 from odyssey.control import token_check
+from odyssey.failure_report import BAD_INPUT, read_reports
 
 log = logging.getLogger("launch")
 
@@ -68,6 +69,7 @@ def supervise(opts: LaunchOptions, backend: Backend, store: SafeStore) -> int:
         finish_grace_s=opts.finish_grace_s, signals=opts.signals,
         beat_key=contract.node_beat_key(layout.node_rank) if multi else None,
         node_rank=layout.node_rank, rejoin_after_s=opts.rejoin_after_s, token=layout.token,
+        stop_grace_s=opts.stop_grace_s,
     ))
     # Handlers go in before the first start, so a signal can never leave workers behind,
     # and stay until the summary is out, so a late Ctrl-C cannot cut it short.
@@ -137,7 +139,13 @@ def _finish(opts: LaunchOptions, backend: Backend, store: SafeStore, agent: Agen
         launched = range(layout.rank_offset, layout.rank_offset + layout.nproc)
         exits = result.exits
     code = exit_status(result, exits, expected=len(launched))
+    failed = [r for r in read_reports(layout.run_dir) if r.get("rank") in exits
+              and exits[r["rank"]].exitcode != 0]
+    if (code == 1 and result.job_status is None and failed
+            and all(r["bad_input"] for r in failed)):
+        code = BAD_INPUT  # every failed worker refused its input
     _print_summary(result, exits, sorted(set(launched) | set(result.exits)), code)
+    _print_causes(failed)
     _write_info(opts, backend, agent, result, code)
     return code
 
@@ -177,6 +185,16 @@ def _print_summary(
         lines.append(f"  rank {rank:>3}  pid {record.pid:>7}  {record.describe()}{note}")
     for line in lines:
         log.info("%s", line)
+
+
+def _print_causes(failed: list[dict[str, Any]]) -> None:
+    """Each distinct worker failure once, with the ranks that hit it: one line each."""
+    by_cause: dict[str, list[dict[str, Any]]] = {}
+    for record in failed:
+        by_cause.setdefault(record["cause"], []).append(record)
+    for cause, records in by_cause.items():
+        ranks = ",".join(str(r["rank"]) for r in records)
+        log.error("rank(s) %s failed: %s (traceback: %s)", ranks, cause, records[0]["log"])
 
 
 def _write_info(opts: LaunchOptions, backend: Backend, agent: Agent,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from odyssey import contract
 from odyssey.model import LayeredModel
 from odyssey.online_profile import OnlineProfile
+from odyssey.precision import PrecisionConfig
 from planner.calibrate import Calibration, CalibrationConfig
 from planner.cost import CostModel
 from planner.plan import Plan
@@ -31,8 +32,10 @@ class StepTimeModel:
     """Predicts step times of candidate plans; see the module docstring."""
 
     def __init__(self, model: LayeredModel, microbatch_size: int, store: dist.Store,
-                 profile: Profile | None = None, window: int = 20):
+                 profile: Profile | None = None, window: int = 20,
+                 precision: PrecisionConfig | None = None):
         self.model = model
+        self.precision = precision or PrecisionConfig()  # boundaries cross in its dtype
         self.microbatch_size = microbatch_size
         self.store = store
         self.profile = profile
@@ -52,7 +55,8 @@ class StepTimeModel:
         profile = self.profile
         if profile is None:
             spec = self.model.activation_spec(self.microbatch_size)
-            act = float(torch.Size(spec.shape).numel() * 4)
+            itemsize = self.precision.wire_dtype(spec.dtype).itemsize
+            act = float(torch.Size(spec.shape).numel() * itemsize)
             profile = self.online.to_profile(self.model.name, self.microbatch_size, act)
         cost = CostModel(profile)
         return lambda plan: simulate_plan(plan, cost).step_time_s

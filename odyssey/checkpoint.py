@@ -1,28 +1,59 @@
-"""Per-layer checkpoints, written in the background, loadable under any plan.
+"""Per-layer checkpoints that verify themselves, written in the background, loadable
+under any plan.
 
-Layout: `DIR/step_00000042/layer_0003.pt` holds one layer's parameters and optimizer
-state; `meta.json` holds the step, the sampler position and the plan that wrote it.
-Each layer is written by one holder (the lowest worker id). A checkpoint counts only
-when `meta.json` and every layer file exist, so a crash mid-write is never loaded.
+Layout (docs/checkpoints.md), under the checkpoint root (RUN_DIR/checkpoints):
+``step_00000042/layer_0003.pt`` holds one layer's parameters and optimizer state,
+written by the layer's first holder; ``meta.json`` (the leader) holds the step, the
+sampler position and the plan that wrote it; ``manifest.json`` holds the sha256 and size
+of every other file of the step. The leader writes the manifest last (atomically, by
+rename), once every writer has reported its files through the store, so a step is
+complete only when its manifest parses and every file it lists verifies. A write that
+is interrupted (a rank killed, the job stopped) leaves no manifest: never loaded.
+
+With peer copies on, every layer file is also written under the sibling directory
+``peer-checkpoints/rank{p}/`` of a rank ``p`` that does not hold the layer, and the
+leader puts meta and manifest there too: a layer whose file is gone or damaged in the
+root is read from a copy that verifies against the manifest.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from odyssey import contract
+from odyssey.checkpoint_read import (
+    CheckpointError,
+    Verified,
+    candidate_steps,
+    complete_steps,
+    entry,
+    find_latest,
+    latest_step,
+    load_layer,
+    peer_root,
+    read_meta,
+    roots,
+    step_dir,
+    verified_steps,
+    verify,
+)
+
+__all__ = ["CheckpointError", "Checkpointer", "Verified", "candidate_steps", "complete_steps",
+           "find_latest", "latest_step", "load_layer", "peer_for", "peer_root", "read_meta",
+           "roots", "verified_steps", "verify"]
 
 
-def _step_dir(root: Path, step: int) -> Path:
-    return root / contract.checkpoint_step_dir(step)
-
-
+# ---- writing ----------------------------------------------------------------------------
 def _clone_state(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
@@ -33,85 +64,217 @@ def _clone_state(obj):
     return obj
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}.{threading.get_ident()}")
-    torch.save(obj, tmp)
+def _write_atomic(data: bytes, path: Path) -> None:
+    """Write `data` to `path` so a reader sees the whole file or none of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _unlink_manifest(d: Path) -> None:
+    """Files of `d` are about to change: it is incomplete until a new manifest exists."""
+    try:
+        (d / contract.CHECKPOINT_MANIFEST).unlink()
+    except FileNotFoundError:
+        pass
+
+
+@dataclass
+class _Round:
+    """One step's checkpoint as the leader assembles it."""
+
+    step: int
+    tag: int
+    writers: list[int]
+    meta: dict
+    copies: list[int]
+    """Ranks that keep peer copies of this step (they get meta and manifest too)."""
+    entries: dict[str, dict] = field(default_factory=dict)
+
+
+class _LocalStore:
+    """The store of a checkpointer that is its job's only writer (tools, tests)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self._values[key] = value.encode()
+
+    def check(self, keys: list[str]) -> bool:
+        return all(k in self._values for k in keys)
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        return [self._values[k] for k in keys]
+
+
 class Checkpointer:
-    """Saves this rank's share of a checkpoint in a background thread."""
+    """Saves this rank's share of each checkpoint in a background thread; the leader
+    completes a checkpoint (its manifest) once every writer has reported its files.
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 2):
+    Writers report through the store (key `contract.checkpoint_files_key`), from the
+    thread that trains, in `poll()`, the next `save()`, or `flush()`."""
+
+    def __init__(self, directory: str | os.PathLike, store=None, rank: int = 0, keep: int = 2,
+                 timeout_s: float = 120.0, say=None):
+        """`store`: the job's (None: this process is the only writer)."""
         self.root = Path(directory)
+        self.store = store if store is not None else _LocalStore()
+        self.rank = rank
         self.keep = keep
+        self.timeout_s = timeout_s
+        self.say = say or (lambda msg: None)
         self._thread: threading.Thread | None = None
+        self._written: tuple[int, int, dict] | None = None  # (tag, step, entries) to report
         self._error: BaseException | None = None
+        self._rounds: list[_Round] = []
+        self.saved: int | None = None
+        """The step of the newest save() (its files may still be being written)."""
+        self.last_complete: int | None = None
+        """The newest step this leader completed (wrote the manifest of)."""
 
-    def save_async(self, step: int, layer_states: dict[int, dict], meta: dict | None) -> None:
-        """Snapshot `layer_states` now (copy), write them in the background.
+    def save(self, step: int, tag: int, layer_states: dict[int, dict], *,
+             writers: list[int], meta: dict | None = None,
+             peers: dict[int, int] | None = None) -> None:
+        """Snapshot `layer_states` now (copy) and write them in the background.
 
-        `meta` is given by the leader only; it is written after its own layers.
-        """
-        self.wait()
+        `tag` (the generation) keeps this round's store keys apart from another round of
+        the same step. `meta` is given by the leader only: it then completes the step
+        once every rank in `writers` reported. `peers`: layer -> the rank whose peer
+        directory also gets that layer's file (peer copies)."""
+        self._finish_write()
+        self.saved = step
+        peers = dict(peers or {})
         snapshot = {i: _clone_state(s) for i, s in layer_states.items()}
+        if meta is not None:
+            copies = sorted(set(meta.get("peer_copies", {}).values()))
+            self._rounds.append(_Round(step, tag, sorted(writers), {**meta, "step": step},
+                                       copies))
 
         def write() -> None:
             try:
-                d = _step_dir(self.root, step)
-                d.mkdir(parents=True, exist_ok=True)
+                entries = {}
                 for i, state in snapshot.items():
-                    _atomic_save(state, d / contract.checkpoint_layer_file(i))
-                if meta is not None:
-                    tmp = d / (contract.CHECKPOINT_META + ".tmp")
-                    tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
-                    os.replace(tmp, d / contract.CHECKPOINT_META)
-                    self._prune(meta["num_layers"])
-            except BaseException as e:  # surfaced by wait()
+                    buf = io.BytesIO()
+                    torch.save(state, buf)
+                    data = buf.getvalue()
+                    name = contract.checkpoint_layer_file(i)
+                    targets = [self.root] + ([peer_root(self.root, peers[i])] if i in peers
+                                             else [])
+                    for r in targets:
+                        d = step_dir(r, step)
+                        _unlink_manifest(d)
+                        _write_atomic(data, d / name)
+                    entries[name] = entry(data)
+                self._written = (tag, step, entries)
+            except BaseException as e:  # surfaced by _finish_write()
                 self._error = e
 
         self._thread = threading.Thread(target=write, name=f"ckpt-{step}", daemon=True)
         self._thread.start()
 
-    def wait(self) -> None:
-        """Finish the write in flight; re-raise its error, if any."""
+    def poll(self) -> None:
+        """Report a finished write; the leader completes every round now reported."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._finish_write()
+        self._complete_rounds(block=False)
+
+    def flush(self) -> int | None:
+        """Finish the write in flight and (leader) complete every round, waiting up to
+        `timeout_s` for the other writers; the newest step completed here, if any."""
+        self._finish_write()
+        return self._complete_rounds(block=True)
+
+    def _finish_write(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError(f"checkpoint write failed: {err}") from err
+        if self._written is not None:
+            tag, step, entries = self._written
+            self._written = None
+            self.store.set(contract.checkpoint_files_key(tag, step, self.rank),
+                           json.dumps(entries))
 
-    def _prune(self, num_layers: int) -> None:
-        complete = complete_steps(self.root, num_layers)
-        for step in complete[: -self.keep] if self.keep > 0 else []:
-            shutil.rmtree(_step_dir(self.root, step), ignore_errors=True)
+    def _complete_rounds(self, block: bool) -> int | None:
+        """Write the manifest of each round all of whose writers reported; the newest
+        step completed, if any. `block`: wait up to `timeout_s` for the newest round.
+
+        A writer reports round k before it starts writing round k+1, so once a newer
+        round is complete, an older one still missing a report never gets it (its writer
+        is gone): it is dropped, and stays an incomplete directory."""
+        deadline = time.monotonic() + self.timeout_s
+        for idx in range(len(self._rounds) - 1, -1, -1):
+            rnd = self._rounds[idx]
+            while block and not self._reported(rnd) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self._reported(rnd):
+                for older in self._rounds[:idx]:
+                    if self._reported(older):
+                        self._write_manifest(older)
+                    else:
+                        self.say(f"checkpoint of step {older.step} left incomplete: a "
+                                 f"writer never reported; superseded by step {rnd.step}")
+                self._write_manifest(rnd)
+                self._rounds = self._rounds[idx + 1:]
+                self.last_complete = rnd.step
+                self._prune()
+                return rnd.step
+            if block:
+                self.say(f"checkpoint of step {rnd.step} abandoned: not every writer of "
+                         f"{rnd.writers} reported its files within {self.timeout_s:g}s")
+                block = False  # older rounds: only if already reported
+        return None
+
+    def _reported(self, rnd: _Round) -> bool:
+        keys = [contract.checkpoint_files_key(rnd.tag, rnd.step, w) for w in rnd.writers]
+        if not self.store.check(keys):
+            return False
+        if not rnd.entries:
+            for raw in self.store.multi_get(keys):
+                rnd.entries.update(json.loads(raw))
+        return True
+
+    def _write_manifest(self, rnd: _Round) -> None:
+        meta = json.dumps(rnd.meta, indent=1).encode()
+        files = {**rnd.entries, contract.CHECKPOINT_META: entry(meta)}
+        manifest = json.dumps({"step": rnd.step, "num_layers": rnd.meta["num_layers"],
+                               "files": files}, indent=1).encode()
+        for r in [self.root, *(peer_root(self.root, p) for p in rnd.copies)]:
+            d = step_dir(r, rnd.step)
+            _write_atomic(meta, d / contract.CHECKPOINT_META)
+            _write_atomic(manifest, d / contract.CHECKPOINT_MANIFEST)  # last: completes it
+
+    def _prune(self) -> None:
+        """Keep the `keep` newest complete checkpoints; drop every older step directory
+        (complete or not) in every root. Newer incomplete ones may be in flight: kept."""
+        if self.keep <= 0:
+            return
+        complete = verified_steps(self.root)
+        if len(complete) <= self.keep:
+            return
+        oldest_kept = complete[-self.keep]
+        for r in roots(self.root):
+            for d in r.iterdir() if r.is_dir() else []:
+                m = contract.CHECKPOINT_STEP_DIR.match(d.name)
+                if m and int(m.group(1)) < oldest_kept:
+                    shutil.rmtree(d, ignore_errors=True)
 
 
-def complete_steps(root: str | os.PathLike, num_layers: int) -> list[int]:
-    """Steps with a complete checkpoint under `root`, ascending."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for d in root.iterdir():
-        m = contract.CHECKPOINT_STEP_DIR.match(d.name)
-        if not m or not (d / contract.CHECKPOINT_META).exists():
-            continue
-        if all((d / contract.checkpoint_layer_file(i)).exists() for i in range(num_layers)):
-            out.append(int(m.group(1)))
-    return sorted(out)
-
-
-def latest_step(root: str | os.PathLike, num_layers: int) -> int | None:
-    steps = complete_steps(root, num_layers)
-    return steps[-1] if steps else None
-
-
-def read_meta(root: str | os.PathLike, step: int) -> dict:
-    return json.loads((_step_dir(Path(root), step) / contract.CHECKPOINT_META).read_text())
-
-
-def load_layer(root: str | os.PathLike, step: int, layer: int) -> dict:
-    path = _step_dir(Path(root), step) / contract.checkpoint_layer_file(layer)
-    return torch.load(path, map_location="cpu", weights_only=True)
+def peer_for(layer_holders: Iterable[int], writer: int, ranks: list[int]) -> int | None:
+    """The rank that keeps the peer copy of a layer: the first rank after `writer`
+    (cyclically) that does not hold it; else any other rank; None when alone."""
+    holders = set(layer_holders)
+    order = sorted(ranks)
+    start = order.index(writer) if writer in order else 0
+    after = order[start + 1:] + order[:start]
+    for r in after:
+        if r not in holders:
+            return r
+    return after[0] if after else None

@@ -52,6 +52,8 @@ LEDGER_FILE = "ledger.jsonl"
 EVENTS_FILE = "events.jsonl"
 FAULTS_FILE = "faults.jsonl"
 """Injected faults as they fire (also readable by a later torchrun attempt)."""
+EVAL_FILE = "eval.jsonl"
+"""Validation loss, one record per evaluation (leader only; `--eval.every`)."""
 HF_CONFIG_FILE = "hf_config.json"
 """The Hugging Face config of a model built by `odyssey.hf` (`odyssey export` makes a
 `from_pretrained` directory of a run that has one)."""
@@ -62,6 +64,31 @@ CHECKPOINT_META = "meta.json"
 """In each step's checkpoint directory: step, sampler position, the plan that wrote it."""
 CHECKPOINT_STEP_DIR = re.compile(r"^step_(\d{8})$")
 """Name of one step's checkpoint directory under CHECKPOINT_DIR (group 1: the step)."""
+CHECKPOINT_MANIFEST = "manifest.json"
+"""In each step's checkpoint directory, written last: sha256 and size of every other file
+of the step (a step is complete only when it verifies; docs/checkpoints.md)."""
+PEER_CHECKPOINT_DIR = "peer-checkpoints"
+"""Beside the checkpoint directory: one directory per rank holding peer copies."""
+RUN_LOCK_FILE = "odyssey.lock"
+"""The run directory's lock: JSON {"host","pid","job_id","time"} of the launcher that owns
+it (launch/run_lock.py)."""
+WORKER_LOG_DIR = "logs"
+"""Per-worker files the launcher reads when workers fail (under the run directory)."""
+
+
+def peer_checkpoint_dir(rank: int) -> str:
+    return f"rank{rank}"
+
+
+def worker_log_file(rank: int) -> str:
+    """A failed worker's full traceback, under WORKER_LOG_DIR."""
+    return f"rank{rank}.log"
+
+
+def worker_error_file(rank: int) -> str:
+    """A failed worker's one-line cause, JSON {"rank","cause","bad_input"}, under
+    WORKER_LOG_DIR; the launcher prints each distinct cause once."""
+    return f"rank{rank}.error.json"
 
 
 def checkpoint_step_dir(step: int) -> str:
@@ -86,6 +113,9 @@ def launcher_file(node_rank: int) -> str:
 # --- store keys ----------------------------------------------------------------------
 GENERATION = "odyssey/generation"
 """Number of the newest generation (set by its leader once agreed)."""
+SAMPLER_BASE = "odyssey/sampler/base"
+"""JSON {"first_step","first_sample"}: where the sampler continues after a resume under
+another batch layout (set by the leader; a joining worker adopts it)."""
 CALIBRATION_FACTOR = "odyssey/calibration/step_factor"
 """Measured / predicted step time, shared by the leader for candidate scoring."""
 LAUNCH_STORE = "odyssey/launch/store"
@@ -100,6 +130,12 @@ launcher was given one (--token-file)."""
 def launch_nproc_key(node: int) -> str:
     """Multi-node start-up (rendezvous store): that node's worker count."""
     return f"odyssey/launch/nproc/{node}"
+
+
+EVAL_STORE_PREFIX = "odyssey/eval/"
+"""Evaluations run their own commit protocol under this prefix (the step-scoped keys
+below): votes carry each rank's validation loss sum, one decision says that every member
+finished the evaluation."""
 
 
 def step_prefix(generation: int, step: int) -> str:
@@ -196,6 +232,19 @@ def injected_key(rank: int) -> str:
     """When an injected fault fired in `rank` (wall time), for MTTR accounting."""
     return f"odyssey/injected/{rank}"
 
+
+def checkpoint_files_key(tag: int, step: int, rank: int) -> str:
+    """JSON {file: {"sha256","size"}} a checkpoint writer reports once its files of that
+    step are written (`tag`: the generation); the leader then writes the manifest."""
+    return f"odyssey/gen{tag}/ckpt/{step}/files/{rank}"
+
+
+STOP_REQUEST = "odyssey/stop/request"
+"""Set by a launcher that received SIGTERM/SIGINT (value: the signal, signed with the job
+token): workers stop at the next step boundary, checkpoint the last committed step, exit 0."""
+STOP_AT = "odyssey/stop/at"
+"""The step the job stops before (compare-and-set by the first rank that saw the request,
+so every rank stops at the same boundary)."""
 
 NEWCOMERS_COUNT = "odyssey/newcomers/count"
 

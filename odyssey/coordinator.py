@@ -10,6 +10,7 @@ one with the same sample ids. A failure during any of this starts the next agree
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -29,7 +30,7 @@ from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
 from planner.decision import RecoveryDecision
 from planner.plan import Plan
-from planner.program import Channel, Program, compile_plan
+from planner.program import Channel, Program
 from planner.recovery import RecoveryConfig, RecoveryContext, build_candidates, choose, score
 
 
@@ -84,9 +85,12 @@ class Coordinator:
 
     # ---- generations ---------------------------------------------------------------
     def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None) -> Generation:
-        program = compile_plan(plan)
+        program = self.engine.compile(plan)  # with the model's tied groups
         abort = self.monitor.abort_check
-        comm = Comm(self.store, self.rank, number, self.comm_cfg, abort).setup(program, extra)
+        comm_cfg = self.comm_cfg
+        if self.monitor.notified:  # abort_check is a local flag: look at it often, for free
+            comm_cfg = dataclasses.replace(comm_cfg, poll_s=self.monitor.cfg.local_poll_s)
+        comm = Comm(self.store, self.rank, number, comm_cfg, abort).setup(program, extra)
         commit = CommitProtocol(self.store, number, plan.ranks, self.comm_cfg.poll_s, abort)
         return Generation(number, plan, program, comm, commit, plan.ranks)
 

@@ -1,4 +1,6 @@
-"""Deterministic synthetic data served by a sampler keyed by (step, microbatch id).
+"""The sampler keyed by (step, microbatch id), and deterministic synthetic data.
+
+Real text comes from token files (`odyssey.token_data`).
 
 Sample ids of step k are fixed by the global batch layout alone, so whichever rank or
 pipeline trains microbatch m of step k sees exactly the same samples.
@@ -11,24 +13,51 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sampler:
-    """Maps (step, microbatch id) to global sample ids."""
+    """Maps (step, microbatch id) to global sample ids.
+
+    Step k trains the `global_batch` ids that follow those of step k-1, starting from
+    (`first_step`, `first_sample`): (0, 0) for a fresh run. A run resumed under a
+    different batch layout continues from the samples already consumed (`rebase`), so
+    no sample is skipped or trained twice.
+    """
 
     num_microbatches: int
     """Microbatches per step."""
     microbatch_size: int
     """Samples per microbatch."""
+    first_step: int = 0
+    """The step whose first sample id is `first_sample`."""
+    first_sample: int = 0
+    """Samples consumed before `first_step`."""
 
     @property
     def global_batch(self) -> int:
         return self.num_microbatches * self.microbatch_size
 
+    def samples_before(self, step: int) -> int:
+        """Samples consumed by steps before `step` (the first sample id of `step`)."""
+        if step < self.first_step:
+            raise ValueError(f"step {step} precedes this layout (it starts at step "
+                             f"{self.first_step})")
+        return self.first_sample + (step - self.first_step) * self.global_batch
+
     def sample_ids(self, step: int, microbatch: int) -> list[int]:
         if not 0 <= microbatch < self.num_microbatches:
             raise ValueError(f"microbatch {microbatch} outside [0, {self.num_microbatches})")
-        base = step * self.global_batch + microbatch * self.microbatch_size
+        base = self.samples_before(step) + microbatch * self.microbatch_size
         return list(range(base, base + self.microbatch_size))
+
+    def locate(self, sample_id: int) -> tuple[int, int]:
+        """(step, microbatch) whose batch starts at or holds `sample_id`."""
+        step, offset = divmod(sample_id - self.first_sample, self.global_batch)
+        return self.first_step + step, offset // self.microbatch_size
+
+    def rebase(self, step: int, samples_consumed: int) -> None:
+        """Continue at `step` after `samples_consumed` samples (a resume; call it before
+        any step runs: every holder of this sampler sees the change)."""
+        self.first_step, self.first_sample = step, samples_consumed
 
 
 @dataclass(frozen=True)

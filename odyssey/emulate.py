@@ -6,7 +6,10 @@ replaced by sleeps, so 8-16 ranks run with realistic timing on a 2-core machine.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +54,26 @@ class _Sleep(torch.autograd.Function):
         return grad, None, None
 
 
+_boundary = threading.local()
+
+
+@contextmanager
+def layer_check(check: Callable[[], None] | None) -> Iterator[None]:
+    """Call `check` at every emulated layer boundary (forward and backward) run by this
+    thread inside the block; it raises to abandon the op, as a real engine stops launching
+    a stage's kernels at the next layer once the step is known to be aborted."""
+    previous = getattr(_boundary, "check", None)
+    _boundary.check = check
+    try:
+        yield
+    finally:
+        _boundary.check = previous
+
+
 def _sleep(seconds: float) -> None:
+    check = getattr(_boundary, "check", None)
+    if check is not None:
+        check()
     if seconds > 0:
         time.sleep(seconds)
 

@@ -4,6 +4,13 @@ It runs exactly the instructions the simulator times, in order. Gradients are su
 over microbatches and divided by the global batch, so the update does not depend on how
 microbatches are spread over pipelines. The optimizer step runs only after the commit
 protocol says every member finished the step.
+
+Between the gradient reduction and the optimizer step (`_commit`): fp16 gradients are
+unscaled; each rank adds the squares of the gradients it counts (each layer by its first
+holder, each tied group by the lowest rank holding a member) to its vote; the last voter
+sums the votes and the decision carries the global norm and any overflow, so every rank
+clips by the same factor, or skips the step, as one decision. The learning rate is set
+from the step index right before the optimizer step (`odyssey.optim.lr_at`).
 """
 
 from __future__ import annotations
@@ -25,79 +32,22 @@ from odyssey.data import Sampler
 from odyssey.held_layers import HeldLayers
 from odyssey.model import LayeredModel
 from odyssey.online_profile import stage_timing
-from planner.plan import runs_of
-from planner.program import Instruction, Op, Program
+from odyssey.optim import (
+    NoParamsOptimizer,
+    OptimizerConfig,
+    all_finite,
+    clip_coefficient,
+    lr_at,
+    make_optimizer,
+    sum_of_squares,
+)
+from odyssey.precision import LossScale, PrecisionConfig
+from odyssey.step_result import OpTiming, StepResult, step_metrics
+from planner.plan import Plan, runs_of
+from planner.program import Instruction, Op, Program, compile_plan, tied_groups
 
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """Per-layer AdamW settings."""
-
-    lr: float = 3e-3
-    """Learning rate."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
-
-
-class NoParamsOptimizer:
-    """The optimizer of a layer without parameters (an activation, a reshape): a no-op
-    with an empty state, so such layers checkpoint and migrate like any other."""
-
-    def __init__(self) -> None:
-        self.state: dict = {}
-
-    def step(self) -> None:
-        pass
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def make_optimizer(layer: nn.Module, cfg: OptimizerConfig
-                   ) -> torch.optim.Optimizer | NoParamsOptimizer:
-    params = list(layer.parameters())
-    if not params:
-        return NoParamsOptimizer()
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
-                             weight_decay=cfg.weight_decay)
-
-
-@dataclass
-class StepResult:
-    """What one rank observed while executing one step."""
-
-    step: int
-    decision: str
-    loss_sum: float = 0.0
-    """Sum of per-sample losses this rank computed (last stages only)."""
-    sample_ids: list[int] = field(default_factory=list)
-    """Sample ids whose loss this rank computed."""
-    op_seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time spent per op kind (for calibration)."""
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class OpTiming:
-    """One executed instruction, as an op hook sees it (`Engine.add_op_hook`)."""
-
-    step: int
-    instruction: Instruction
-    start_s: float
-    """`time.perf_counter()` when it started (CLOCK_MONOTONIC on Linux: one clock for
-    every process of a host)."""
-    end_s: float
-    """`time.perf_counter()` when it returned."""
-    thread_cpu_s: float
-    """CPU seconds of the executing thread spent in it (`time.thread_time`)."""
+__all__ = ["Engine", "NoParamsOptimizer", "OpTiming", "OptimizerConfig", "StepResult",
+           "make_optimizer", "step_metrics"]
 
 
 class Engine:
@@ -114,15 +64,19 @@ class Engine:
         optim: OptimizerConfig | None = None,
         device: torch.device | str = "cpu",
         before_op: Callable[[int, Op], None] | None = None,
+        precision: PrecisionConfig | None = None,
     ):
         self.model = model
         self.data = data
         self.sampler = sampler
         self.worker_id = worker_id
         self.optim_cfg = optim or OptimizerConfig()
+        self.precision = precision or PrecisionConfig()
         self.device = torch.device(device)
+        self.loss_scale = LossScale(self.precision)
         self.held = HeldLayers(model, self.device,
-                               lambda layer: make_optimizer(layer, self.optim_cfg))
+                               lambda layer, tied: make_optimizer(layer, self.optim_cfg, tied),
+                               self.loss_scale)
         """This rank's layers with their optimizers: checkpoints and migration use it."""
         self.program: Program | None = None
         self.comm: Comm | None = None
@@ -134,6 +88,10 @@ class Engine:
         self._stage_module: nn.ModuleList | None = None
 
     # ---- configuration -------------------------------------------------------------
+    def compile(self, plan: Plan) -> Program:
+        """`plan` compiled for this engine's model (its tied groups included)."""
+        return compile_plan(plan, tied=[g.layers for g in self.model.tied])
+
     def install(self, program: Program, comm: Comm, commit: CommitProtocol,
                 keep: bool = False) -> None:
         """Adopt a program: build the layers this rank now holds.
@@ -187,7 +145,7 @@ class Engine:
         """One optimizer step on a throwaway copy of layer 0: the first step in a process
         pays seconds of lazy imports, which a joining rank pays before it announces."""
         layer = self.model.build_layer(0)
-        opt = make_optimizer(layer, self.optim_cfg)
+        opt = make_optimizer(layer, self.optim_cfg, self.model.tied_names(0))
         for p in layer.parameters():
             p.grad = torch.zeros_like(p)
         opt.step()
@@ -218,7 +176,8 @@ class Engine:
             self.zero_grad()
             raise
         return StepResult(step, COMMIT, st.loss_sum, st.sample_ids, dict(op_s),
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, st.lr, st.grad_norm, st.skipped,
+                          st.loss_scale)
 
     def _execute(self, ins: Instruction, st: _StepState) -> None:
         op = ins.op
@@ -237,12 +196,19 @@ class Engine:
             buf = self._empty_activation(self.program.plan.stage(self.worker_id).end)
             st.grads[ins.microbatch] = self.comm.wait(self.comm.recv(buf, ins.peer, "grad"))
         elif op is Op.ALLREDUCE:
-            flat = self._flat_grads(ins.start, ins.end)
+            flat = self._flat_grads(self.held.untied_parameters(ins.start, ins.end))
             st.reductions.append((ins, self.comm.allreduce(flat, ins.group)))
+        elif op is Op.ALLREDUCE_TIED:  # this rank's sum over its members, then over ranks
+            local = torch.stack([g.reshape(-1) for g in self._grads(
+                self.held.tied_members(ins.tied))]).sum(0)
+            st.reductions.append((ins, self.comm.allreduce(local, ins.group)
+                                  if len(ins.group) > 1 else local))
         elif op is Op.COMMIT:
             self._commit(st)
         elif op is Op.OPTIMIZER_STEP:
-            self.held.step(ins.start, ins.end)
+            st.lr = lr_at(self.optim_cfg, st.step)
+            if not st.skipped:
+                self.held.step(ins.start, ins.end, st.lr)
             self.zero_grad()
         else:  # pragma: no cover - Op is closed
             raise ValueError(f"unknown instruction {ins}")
@@ -261,16 +227,22 @@ class Engine:
         else:
             x = st.inputs.pop(mb).requires_grad_(True)
         h = x
-        for i in range(ins.start, ins.end):
-            h = self.held.module(i)(h)
-        st.stage_inputs[mb] = x
+        last = self.model.num_layers - 1
+        with self.precision.autocast(self.device):
+            for i in range(ins.start, ins.end):
+                h = self.held.module(i)(h)
+                if i < last:
+                    h = self.precision.boundary(h)
+            st.stage_inputs[mb] = x
+            if ins.end == self.model.num_layers:
+                ids, _, y = self._batch(st, mb)
+                per_sample = self.model.loss_fn(h, y)
         if ins.end == self.model.num_layers:
-            ids, _, y = self._batch(st, mb)
-            per_sample = self.model.loss_fn(h, y)
             total = per_sample.sum()
             st.loss_sum += float(total.detach())
             st.sample_ids.extend(ids)
-            st.outputs[mb] = total / self.sampler.global_batch
+            loss = total / self.sampler.global_batch
+            st.outputs[mb] = loss * self.loss_scale.scale if self.precision.scaled else loss
         else:
             st.outputs[mb] = h
 
@@ -290,34 +262,74 @@ class Engine:
         mb = self.sampler.microbatch_size
         spec = (self.model.boundary_spec(boundary, mb) if self.model.boundary_spec is not None
                 else self.model.activation_spec(mb))
-        return torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+        dtype = self.precision.wire_dtype(spec.dtype)
+        return torch.empty(spec.shape, dtype=dtype, device=self.device)
 
-    def _flat_grads(self, start: int, end: int) -> torch.Tensor:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
-                 for p in self.held.parameters(start, end)]
-        if not grads:  # only parameterless layers in this range
+    @staticmethod
+    def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def _flat_grads(self, params: list[nn.Parameter]) -> torch.Tensor:
+        if not params:  # only parameterless layers (or tied parameters) in this range
             return torch.zeros(0, device=self.device)
-        return torch.cat([g.reshape(-1) for g in grads])
+        return torch.cat([g.reshape(-1) for g in self._grads(params)])
 
     def _commit(self, st: _StepState) -> None:
         for p in st.pending:
             self.comm.wait(p)
         for ins, p in st.reductions:
-            flat = self.comm.wait(p)
+            flat = self.comm.wait(p) if isinstance(p, Pending) else p
+            if ins.op is Op.ALLREDUCE_TIED:  # every member gets the group's sum
+                for param in self.held.tied_members(ins.tied):
+                    param.grad = flat.view_as(param).clone()
+                continue
             offset = 0
-            for param in self.held.parameters(ins.start, ins.end):
+            for param in self.held.untied_parameters(ins.start, ins.end):
                 n = param.numel()
                 param.grad = flat[offset:offset + n].view_as(param).clone()
                 offset += n
-        stage = self.program.plan.stage(self.worker_id)
+        plan = self.program.plan
+        stage = plan.stage(self.worker_id)
+        grads = [p.grad for p in self.held.parameters(stage.start, stage.end)
+                 if p.grad is not None]
+        if self.precision.scaled:
+            for g in grads:
+                g.div_(self.loss_scale.scale)
+        overflow = self.precision.scaled and not all_finite(grads)
         n_mb = sum(1 for i in self.program.for_rank(self.worker_id) if i.op is Op.FORWARD)
         params = [sum(p.numel() for p in self.held.module(i).parameters())
                   for i in stage.layers]
         payload = {"loss_sum": st.loss_sum, "samples": _ranges(st.sample_ids),
-                   "timing": stage_timing(st.op_seconds, stage.start, stage.end, n_mb, params)}
-        decision = self.commit.vote(self.worker_id, st.step, payload)
+                   "timing": stage_timing(st.op_seconds, stage.start, stage.end, n_mb, params),
+                   "sumsq": 0.0 if overflow else self._counted_sumsq(plan, stage.layers)}
+        if overflow:
+            payload["overflow"] = True
+        need_totals = self.optim_cfg.grad_clip > 0 or self.precision.scaled
+        decision, totals = self.commit.vote(self.worker_id, st.step, payload, need_totals)
         if decision != COMMIT:
             raise StepAborted(f"step {st.step} aborted by the commit protocol")
+        st.loss_scale = self.loss_scale.scale
+        if totals is None:
+            return
+        st.skipped = bool(totals["overflow"])
+        self.loss_scale.update(st.skipped)
+        if not st.skipped:
+            st.grad_norm = totals["sumsq"] ** 0.5
+            coef = clip_coefficient(st.grad_norm, self.optim_cfg.grad_clip)
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
+
+    def _counted_sumsq(self, plan: Plan, layers: range) -> float:
+        """Squared norm of the reduced gradients this rank counts: its layers' untied
+        parameters where it is their first holder, and each tied group it is the lowest
+        holder of (once, from one member)."""
+        mine = [i for i in layers if plan.holders(i)[0] == self.worker_id]
+        counted = [g for i in mine for g in self._grads(self.held.untied_parameters(i, i + 1))]
+        for t, members in enumerate(tied_groups(plan, [g.layers for g in self.model.tied])):
+            if members[0] == self.worker_id:
+                counted.append(self._grads(self.held.tied_members(t))[0])
+        return sum_of_squares(counted)
 
     def zero_grad(self) -> None:
         self.held.zero_grad()
@@ -345,8 +357,12 @@ class _StepState:
     grads: dict[int, torch.Tensor] = field(default_factory=dict)
     input_grads: dict[int, torch.Tensor] = field(default_factory=dict)
     pending: list[Pending] = field(default_factory=list)
-    reductions: list[tuple[Instruction, Pending]] = field(default_factory=list)
+    reductions: list[tuple[Instruction, Pending | torch.Tensor]] = field(default_factory=list)
     loss_sum: float = 0.0
+    lr: float = 0.0
+    grad_norm: float | None = None
+    skipped: bool = False
+    loss_scale: float = 1.0
     sample_ids: list[int] = field(default_factory=list)
     op_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 

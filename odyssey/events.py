@@ -6,6 +6,16 @@ executing the new plan's Program. Phases chain on the slowest rank, so they add 
 MTTR exactly: detect (fault -> notice), agree (notice -> membership), plan (membership ->
 published decision), rebuild (-> groups built), migrate (-> state moved), first_step
 (-> checks passed, every rank starting its first step).
+
+`subphases` splits detect and agree (chained on the slowest rank too, so the agree.*
+parts add up to agree): agree.learn (notice -> the last survivor's monitor saw it),
+agree.reach (-> the last survivor reached the agreement point: it finished the op it was
+in and unwound), agree.register (-> the decider saw every expected rank registered:
+store round trips and poll latency, and the wait for a dead rank's exit record),
+agree.join_timeout (the same wait when it ended by the join timeout instead), agree.fence
+(waiting for launchers to confirm fences), agree.propose (reading the join records and
+the compare-and-set). detect.exit_record is fault -> the launcher's exit record (how fast
+the launcher reaped the process), beside detect.notice (= detect).
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ def recovery_event(store: dist.Store, generation: int, decision: RecoveryDecisio
         "migrate": migrated - rebuilt,
         "first_step": started - migrated,
     }
+    subphases = _subphases(store, generation, decision, notice["time"], t_fault, lost)
     injected = [_get_json(store, contract.injected_key(r)) for r in lost]
     return {
         "kind": "recovery",
@@ -95,6 +106,35 @@ def recovery_event(store: dist.Store, generation: int, decision: RecoveryDecisio
         "predicted_step_s": chosen.predicted_step_s,
         "mttr_s": started - t_fault,
         "phases": phases,
+        "subphases": subphases,
+        "notice_by": notice.get("by"),
+        "agree_trace": (_get_json(store, contract.members_key(generation)) or {}).get("trace"),
         "redone_step_s": first_step_s,
         "interrupted_recoveries": decision.interrupted,
     }
+
+
+def _subphases(store: dist.Store, generation: int, decision: RecoveryDecision,
+               t_notice: float, t_fault: float, lost: list[int]) -> dict:
+    """detect.* and agree.* parts (seconds) from the join records and the decider's
+    trace; see the module docstring."""
+    out: dict[str, float] = {"detect.notice": t_notice - t_fault}
+    exits = [e["time"] for e in (_get_json(store, contract.exit_key(r)) for r in lost) if e]
+    if exits:
+        out["detect.exit_record"] = min(exits) - t_fault
+    members = _get_json(store, contract.members_key(generation)) or {}
+    trace = members.get("trace") or {}
+    veterans = [r for r in decision.members if r not in decision.newcomers]
+    joins = [json.loads(v) for v in store.multi_get(
+        [contract.join_key(generation, r) for r in veterans])] if veterans else []
+    if not joins or "all_in" not in trace:
+        return out  # an older writer: no trace
+    noticed = max([t_notice] + [j["noticed"] for j in joins if j.get("noticed")])
+    reached = max([noticed] + [j["time"] for j in joins])
+    all_in = max(reached, trace["all_in"])
+    fenced = all_in + trace["fence_s"]
+    wait = "agree.join_timeout" if trace["timed_out"] else "agree.register"
+    out.update({"agree.learn": noticed - t_notice, "agree.reach": reached - noticed,
+                wait: all_in - reached, "agree.fence": trace["fence_s"],
+                "agree.propose": decision.agreed_at - fenced})
+    return out

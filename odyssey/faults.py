@@ -4,7 +4,8 @@ Spec syntax (``odyssey run ... --inject``, ``odyssey inject``, the store's injec
 ``KIND:rank=R,step=S[,phase=P][,delay=D]``, e.g. ``kill:rank=1,step=6,phase=backward``.
 Phases name the first instruction of that kind in the step: forward, backward, allreduce,
 commit; ``step`` (default) fires before the step; ``migrate`` fires during a recovery
-that resumes at that step, after the new groups exist. ``step=-1`` means the next step
+that resumes at that step, after the new groups exist; ``eval`` fires as the evaluation
+after that step starts (``--eval.every``). ``step=-1`` means the next step
 the rank starts.
 
 Torch-free, so the launcher's command line can validate specs without the runtime;
@@ -22,10 +23,11 @@ KINDS = ("kill", "hang", "slow", "raise")
 """Faults a rank inflicts on itself."""
 LAUNCHER_KINDS = ("rejoin",)
 """Requests the launcher serves instead of a rank (``odyssey inject --kind rejoin``)."""
-PHASES = ("step", "forward", "backward", "allreduce", "commit", "migrate")
+PHASES = ("step", "forward", "backward", "allreduce", "commit", "migrate", "eval")
 """When in the step a fault fires (see the module docstring)."""
-STEP_PHASES = tuple(p for p in PHASES if p != "migrate")
-"""Phases of a step that runs anyway (``migrate`` needs a recovery to happen)."""
+STEP_PHASES = tuple(p for p in PHASES if p not in ("migrate", "eval"))
+"""Phases of a step that runs anyway (``migrate`` needs a recovery to happen, ``eval`` an
+evaluation)."""
 _FIELDS = ("rank", "step", "phase", "delay")
 
 

@@ -22,7 +22,7 @@ log = logging.getLogger("odyssey.inject")
 
 PHASE_OPS: dict[str, Op | str | None] = {
     "step": None, "forward": Op.FORWARD, "backward": Op.BACKWARD,
-    "allreduce": Op.ALLREDUCE, "commit": Op.COMMIT, "migrate": "migrate"}
+    "allreduce": Op.ALLREDUCE, "commit": Op.COMMIT, "migrate": "migrate", "eval": "eval"}
 """The instruction each phase of :data:`odyssey.faults.PHASES` fires before."""
 
 
@@ -68,6 +68,9 @@ class FaultInjector:
 
     def before_migrate(self, resume_step: int) -> None:
         self._fire(resume_step, "migrate")
+
+    def before_eval(self, step: int) -> None:
+        self._fire(step, "eval")
 
     def _fire(self, step: int, op: Op | str | None) -> None:
         for spec in list(self.pending):

@@ -18,9 +18,12 @@ from typing import Any
 
 from chameleon.config import SwapConfig
 from odyssey.comm import CommConfig
-from odyssey.engine import OptimizerConfig
+from odyssey.faults import FaultSpec
 from odyssey.monitor import MonitorConfig
+from odyssey.optim import OptimizerConfig
+from odyssey.precision import PrecisionConfig
 from odyssey.progress import MODES as PROGRESS_MODES
+from odyssey.token_data import DTYPES, TokenData, open_token_data
 from planner.plan import SCHEDULES
 from planner.recovery import POLICIES, RecoveryConfig
 from profiler.configtree import section, verbatim
@@ -93,6 +96,8 @@ class FaultToleranceConfig(RecoveryConfig):
 
     def __post_init__(self) -> None:
         _parent_checks(self, FaultToleranceConfig)
+        for spec in self.inject:
+            FaultSpec.parse(spec)  # the syntax; ranks and steps are checked with the job
         _one_of("fault_tolerance.policy", self.policy, POLICIES)
         if self.horizon_s <= 0:
             raise ValueError(f"fault_tolerance.horizon_s must be > 0, got {self.horizon_s}")
@@ -109,6 +114,11 @@ class ActivationSwapConfig(SwapConfig):
     def __post_init__(self) -> None:
         _parent_checks(self, ActivationSwapConfig)
         _one_of("swap.mode", self.mode, SWAP_MODES)
+        try:  # checked whatever the mode: a typo must not wait for swapping to be on
+            if self.budget_bytes() <= 0:
+                raise ValueError("must be > 0")
+        except ValueError as e:
+            raise ValueError(f"swap.budget (--memory-budget) {self.budget!r}: {e}") from None
 
     def chameleon(self) -> SwapConfig:
         """The plain SwapConfig Chameleon is given."""
@@ -127,10 +137,28 @@ class CheckpointConfig:
     """Resume from the latest complete checkpoint, if there is one."""
     dir: str = ""
     """Checkpoint directory (empty: RUN_DIR/checkpoints)."""
+    keep: int = 2
+    """Keep the K newest complete (verified) checkpoints, deleting older ones; the newest
+    verified one is never deleted (0 = keep all)."""
+    at_end: bool = True
+    """Also checkpoint the last committed step when the run ends (if every > 0) or is
+    stopped (SIGTERM/SIGINT to `odyssey run`), so a rerun of the same command redoes
+    nothing."""
+    peer_copy: bool = False
+    """Also write each layer's file to the peer directory of one rank that does not hold
+    the layer (DIR/../peer-checkpoints/rank{p}), so losing one rank's files loses no layer
+    (docs/checkpoints.md)."""
+    timeout_s: float = 120.0
+    """How long the leader waits for every writer's files before abandoning a checkpoint
+    (it then stays incomplete and is never loaded)."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.keep < 0:
+            raise ValueError(f"checkpoint.keep must be >= 0, got {self.keep}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"checkpoint.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,60 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where training samples come from and how they are loaded."""
+
+    path: str = ""
+    """Token file: flat little-endian uint16/uint32 token ids (nanoGPT/Megatron layout, as
+    `odyssey prepare-data` writes); empty: the script's own (synthetic) data."""
+    dtype: str = "auto"
+    """Token id type: uint16, uint32, or auto (the file's .json sidecar, else uint16)."""
+    val_path: str = ""
+    """Separate validation token file (empty: hold out the tail of `path`)."""
+    val_fraction: float = 0.05
+    """Fraction of `path`'s tokens held out for validation when val_path is empty."""
+    seed: int = 0
+    """Shuffle seed: the window order of epoch e is a pure function of (seed, e)."""
+    shuffle: bool = True
+    """Shuffle windows per epoch (off: windows in file order)."""
+    prefetch: int = 2
+    """Steps of batches prepared ahead in a background thread, on the ranks that load
+    data (first and last stages); 0 loads each batch inside the step."""
+
+    def __post_init__(self) -> None:
+        _one_of("data.dtype", self.dtype, ("auto", *DTYPES))
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.prefetch < 0:
+            raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
+
+    def open(self, seq_len: int) -> TokenData:
+        """The token file's training and validation windows of `seq_len + 1` tokens."""
+        if not self.path:
+            raise ValueError("data.path is empty: give a token file (`odyssey prepare-data`)")
+        return open_token_data(self.path, seq_len, dtype=self.dtype, val_path=self.val_path,
+                               val_fraction=self.val_fraction, seed=self.seed,
+                               shuffle=self.shuffle)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation loss on the held-out split during training."""
+
+    every: int = 0
+    """Evaluate after every N-th step (and after the last step); 0 = never."""
+    microbatches: int = 8
+    """Validation microbatches (of training.microbatch_size samples) per evaluation,
+    shared by the pipelines; the same samples every time."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.microbatches < 1:
+            raise ValueError(f"eval.microbatches must be >= 1, got {self.microbatches}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One training job: a section per component."""
 
@@ -163,9 +245,19 @@ class JobConfig:
     monitor: MonitorConfig = section(MonitorConfig)
     comm: CommConfig = section(CommConfig, exclude=("host",))  # the launcher's address
     optimizer: OptimizerConfig = section(OptimizerConfig)
+    precision: PrecisionConfig = section(PrecisionConfig)
     swap: ActivationSwapConfig = section(ActivationSwapConfig, exclude=("layers",))
     checkpoint: CheckpointConfig = section(CheckpointConfig)
     metrics: MetricsConfig = section(MetricsConfig)
+    data: DataConfig = section(DataConfig)
+    eval: EvalConfig = section(EvalConfig)
+
+    def __post_init__(self) -> None:
+        steps = self.training.steps
+        for text in self.fault_tolerance.inject:
+            if FaultSpec.parse(text).step >= steps:
+                raise ValueError(f"fault spec {text!r} would never fire: its step is past "
+                                 f"the run's last step ({steps - 1}, --steps {steps})")
 
 
 SHORT_FLAGS = {
@@ -180,11 +272,16 @@ SHORT_FLAGS = {
     "heartbeat-timeout-s": "monitor.heartbeat_timeout_s",
     "join-timeout-s": "monitor.join_timeout_s", "fence-timeout-s": "monitor.fence_timeout_s",
     "comm-timeout-s": "comm.timeout_s", "device": "comm.device",
-    "lr": "optimizer.lr",
+    "lr": "optimizer.lr", "weight-decay": "optimizer.weight_decay",
+    "lr-schedule": "optimizer.schedule", "warmup-steps": "optimizer.warmup_steps",
+    "decay-steps": "optimizer.decay_steps", "min-lr-ratio": "optimizer.min_lr_ratio",
+    "grad-clip": "optimizer.grad_clip", "precision": "precision.dtype",
     "swap": "swap.mode", "memory-budget": "swap.budget", "swap-min-bytes": "swap.min_swap_bytes",
     "checkpoint-every": "checkpoint.every", "resume": "checkpoint.resume",
     "tensorboard": "metrics.tensorboard", "progress": "metrics.progress",
     "progress-every-s": "metrics.progress_every_s",
+    "data": "data.path", "val-data": "data.val_path", "prefetch": "data.prefetch",
+    "eval-every": "eval.every", "eval-microbatches": "eval.microbatches",
 }
 """Short flag -> field: the one alias table of the training CLIs (these are the flat
 flags of earlier versions, which the README, docs, tests and benchmarks use)."""

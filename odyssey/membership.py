@@ -5,6 +5,13 @@ are fixed once every previous member has either registered or is known dead (exi
 record or fenced), or when the join timeout expires: then the silent ones are fenced
 before anyone moves on (fence before you forget). One compare-and-set on
 `odyssey/gen{g+1}/members` makes the outcome unique; the leader is its lowest rank.
+
+Where the time goes is recorded for the MTTR report (events.py): each join record says
+when its rank reached the agreement point and when it learned of the notice; the rank
+that decides adds a trace (when it saw everyone in, how long fencing took, whether the
+join timeout fired, how many store polls it made) to the membership record. With the
+"notify" control plane the rank whose registration completes the set decides at once;
+"poll" (the old design) first waits one store poll.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ class Membership:
     dead: list[int] = field(default_factory=list)
     newcomers: list[int] = field(default_factory=list)
     decided_at: float = 0.0
+    trace: dict = field(default_factory=dict)
+    """The decider's timing: all_in (wall time it saw every expected rank registered),
+    fence_s, timed_out, polls, silent, by."""
 
     @property
     def leader(self) -> int:
@@ -65,19 +75,24 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
     Raises `Fenced` if the others decided without this rank.
     """
     cfg = monitor.cfg
+    reached = time.time()
     store.set(contract.join_key(generation, me),
-              json.dumps({"rank": me, "committed": committed_step, "time": time.time()}))
+              json.dumps({"rank": me, "committed": committed_step, "time": reached,
+                          "noticed": monitor.noticed_at.get(generation - 1)}))
     store.add(contract.joined_count_key(generation), 1)
     deadline = time.monotonic() + cfg.join_timeout_s
     monitor.members = sorted(set(previous) | {me})
     decided = contract.members_key(generation)
     polls = 0
+    first = cfg.notify  # notify: the registration that completes the set decides at once
     while True:
-        try:  # blocks in the store until someone decides, or 10 ms pass
-            store.wait([decided], timedelta(milliseconds=10))
-            break
-        except dist.DistStoreError:
-            pass
+        if not first:
+            try:  # blocks in the store until someone decides, or 10 ms pass
+                store.wait([decided], timedelta(milliseconds=10))
+                break
+            except dist.DistStoreError:
+                pass
+        first = False
         polls += 1
         if polls % 10 == 0 and store.check([contract.JOB_STATUS]):
             raise JobFinished(f"the job finished before generation {generation} formed")
@@ -93,13 +108,17 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
         all_in = count >= len(expected) and store.check(
             [contract.join_key(generation, r) for r in expected])
         if all_in or timed_out:
+            t_all_in = time.time()
             joined = [r for r in expected if store.check([contract.join_key(generation, r)])]
             silent = sorted(set(expected) - set(joined))
             for r in silent:
                 monitor.fence(r, f"did not join generation {generation}")
             _wait_fenced(monitor, silent)
+            trace = {"all_in": t_all_in, "fence_s": time.time() - t_all_in,
+                     "timed_out": bool(timed_out and not all_in), "polls": polls,
+                     "silent": silent, "by": me}
             _propose(store, generation, joined, sorted(set(previous) - set(joined)),
-                     [r for r in newcomers if r in joined])
+                     [r for r in newcomers if r in joined], trace)
             break
     m = _read(store, generation)
     if me not in m.members:
@@ -116,14 +135,15 @@ def _wait_fenced(monitor: FailureMonitor, ranks: list[int]) -> None:
 
 
 def _propose(store: dist.Store, generation: int, members: list[int], dead: list[int],
-             newcomers: list[int]) -> None:
+             newcomers: list[int], trace: dict) -> None:
     raw = store.multi_get([contract.join_key(generation, r) for r in members])
     steps = {json.loads(v)["rank"]: json.loads(v)["committed"] for v in raw}
     veterans = {r: s for r, s in steps.items() if r not in newcomers}
     if len(set(veterans.values())) > 1:
         raise AgreementError(f"survivors disagree on the last committed step: {veterans}")
     committed = next(iter(veterans.values())) if veterans else -1
-    proposal = Membership(generation, sorted(members), committed, dead, newcomers, time.time())
+    proposal = Membership(generation, sorted(members), committed, dead, newcomers, time.time(),
+                          trace)
     store.compare_set(contract.members_key(generation), "", proposal.to_json())
 
 

@@ -1,6 +1,7 @@
 """The wire format of layer state moving between live ranks, and the replica digest.
 
-A layer's state (parameters and AdamW moments and step) travels as one flat fp32 tensor
+A layer's state (parameters, AdamW moments and step, and the job's loss scale) travels as
+one flat fp32 tensor
 over a 2-member group per (src, dst) pair. It is packed where the layer lives and moved
 to the transport's device only when the backend needs it there (gloo: host memory), so
 on CUDA with NCCL the state never leaves the GPU.
@@ -21,14 +22,18 @@ def transport_device(backend: str, device: torch.device) -> torch.device:
 
 
 def pack_layer(layer: nn.Module, optim: torch.optim.Optimizer,
-               device: torch.device | str = "cpu") -> torch.Tensor:
-    """[has_state, step, params..., exp_avg..., exp_avg_sq...] as one fp32 tensor on
-    `device` (the transport's)."""
+               device: torch.device | str = "cpu",
+               loss_scale: list[float] = (1.0, 0.0)) -> torch.Tensor:
+    """[has_state, step, (scale, clean steps,) params..., exp_avg..., exp_avg_sq...] as one
+    fp32 tensor on `device` (the transport's); the loss scale comes with layers that
+    have parameters."""
     params = list(layer.parameters())
     states = [optim.state.get(p, {}) for p in params]
     has_state = all("exp_avg" in s for s in states) and bool(states)
     home = params[0].device if params else torch.device(device)
     header = [1.0 if has_state else 0.0, float(states[0]["step"]) if has_state else 0.0]
+    if params:
+        header += [float(v) for v in loss_scale]
     parts = [torch.tensor(header, device=home)]
     parts += [p.detach().reshape(-1).float() for p in params]
     for name in ("exp_avg", "exp_avg_sq"):
@@ -37,15 +42,22 @@ def pack_layer(layer: nn.Module, optim: torch.optim.Optimizer,
     return torch.cat(parts).to(device)
 
 
+def _header_size(layer: nn.Module) -> int:
+    return 4 if any(True for _ in layer.parameters()) else 2
+
+
 def packed_size(layer: nn.Module) -> int:
-    return 2 + 3 * sum(p.numel() for p in layer.parameters())
+    return _header_size(layer) + 3 * sum(p.numel() for p in layer.parameters())
 
 
-def unpack_layer(flat: torch.Tensor, layer: nn.Module, optim: torch.optim.Optimizer) -> None:
-    """Load a packed state into `layer` and `optim` (wherever `flat` arrived)."""
+def unpack_layer(flat: torch.Tensor, layer: nn.Module, optim: torch.optim.Optimizer
+                 ) -> list[float] | None:
+    """Load a packed state into `layer` and `optim` (wherever `flat` arrived); return the
+    loss scale state it carried (None for a layer without parameters)."""
     params = list(layer.parameters())
     has_state, step = bool(flat[0].item()), float(flat[1].item())
-    offset = 2
+    offset = _header_size(layer)
+    scale = flat[2:4].tolist() if offset == 4 else None
     with torch.no_grad():
         for p in params:
             p.copy_(flat[offset:offset + p.numel()].view_as(p))
@@ -62,6 +74,7 @@ def unpack_layer(flat: torch.Tensor, layer: nn.Module, optim: torch.optim.Optimi
             optim.state[p] = {"step": torch.tensor(step),
                               "exp_avg": moments["exp_avg"][i].to(p.device),
                               "exp_avg_sq": moments["exp_avg_sq"][i].to(p.device)}
+    return scale
 
 
 def layer_digest(layer: nn.Module) -> str:

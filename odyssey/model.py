@@ -4,6 +4,12 @@ Layers are addressed by global index and built independently and deterministical
 any rank can build exactly the layers it holds (and rebuild one it adopts later) with
 identical initial weights. Parameters and optimizer state belong to a layer: that is the
 unit that checkpoints and migrates.
+
+Tied parameters (e.g. input and output embeddings) are declared, never discovered: each
+`TiedGroup` names parameters of different layers that are one weight. Every member keeps
+its own tensor in its own layer (so each still checkpoints and migrates with its layer);
+`build_layer` must give all members equal initial values, and the engine gives them equal
+gradients (the sum over all members and replicas), so identical updates keep them equal.
 """
 
 from __future__ import annotations
@@ -21,6 +27,22 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class TiedGroup:
+    """Parameters of several layers that are one weight (their gradients are summed)."""
+
+    name: str
+    """Short name for messages and the weight-decay rule (e.g. 'embedding')."""
+    members: tuple[tuple[int, str], ...]
+    """(layer index, parameter name within that layer), e.g. ((0, 'tok.weight'),
+    (5, 'lm.weight')); at least two, in distinct layers, all of one shape."""
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The member layers, ascending."""
+        return tuple(sorted(layer for layer, _ in self.members))
 
 
 @dataclass
@@ -41,6 +63,26 @@ class LayeredModel:
     boundary_spec: Callable[[int, int], TensorSpec] | None = None
     """Optional (layer i, microbatch size) -> spec of layer i's input, for models whose
     boundaries differ in shape (e.g. DeepSpeed layer lists); None: activation_spec."""
+    tied: tuple[TiedGroup, ...] = ()
+    """Tied parameter groups (see the module docstring); empty: nothing is tied."""
+
+    def __post_init__(self) -> None:
+        seen: set[tuple[int, str]] = set()
+        for g in self.tied:
+            layers = [layer for layer, _ in g.members]
+            if len(layers) < 2 or len(set(layers)) != len(layers):
+                raise ValueError(f"tied group {g.name!r} needs members in >= 2 distinct "
+                                 f"layers, got {list(g.members)}")
+            if any(not 0 <= layer < self.num_layers for layer in layers):
+                raise ValueError(f"tied group {g.name!r} names a layer outside "
+                                 f"[0, {self.num_layers}): {list(g.members)}")
+            if seen & set(g.members):
+                raise ValueError(f"tied group {g.name!r} shares a parameter with another")
+            seen |= set(g.members)
+
+    def tied_names(self, layer: int) -> dict[str, str]:
+        """Layer `layer`'s tied parameter names -> their group's name."""
+        return {p: g.name for g in self.tied for i, p in g.members if i == layer}
 
 
 def seeded_init_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:

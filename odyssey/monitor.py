@@ -5,8 +5,14 @@
 3. a member whose heartbeat counter stops moving (a hung rank, e.g. SIGSTOP).
 
 The first rank to see one publishes `odyssey/gen{g}/notice` (compare-and-set, so one
-notice per generation). Every rank polls for it while it waits on communication, so no
-survivor sits in a timeout. Timeouts form a hierarchy: heartbeat < collective op <
+notice per generation); the launcher publishes it too when it records an exit. With the
+default control plane ("notify") one watcher thread per rank blocks on that key in the
+store and raises a local flag, so a rank waiting on communication learns of it without
+a store round trip; the watcher also checks one neighbour's heartbeat (each member is
+watched by its predecessor in the ring) and the exit count, a few requests per second per
+rank. The old control plane ("poll") asks the store every `poll_s` from every waiting rank
+and reads every member's heartbeat: kept as a switch for comparison (benchmarks/mttr.py,
+benchmarks/store_load.py). Timeouts form a hierarchy: heartbeat < collective op <
 launcher fence timeout. Fence requests are signed with the job token
 (:mod:`odyssey.control`): a launcher ignores one that is not.
 """
@@ -18,11 +24,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
 from odyssey import contract
 from odyssey.control import sign, token_from_env, verify
+
+CONTROL_PLANES = ("notify", "poll")
 
 
 @dataclass(frozen=True)
@@ -41,12 +50,27 @@ class MonitorConfig:
     fence_timeout_s: float = 10.0
     """How long survivors wait for a launcher to confirm it killed a fenced rank before
     going on anyway (a lost node's ranks are confirmed by its --node-timeout instead)."""
+    control_plane: str = "notify"
+    """How ranks learn of a notice: "notify" (one watcher thread per rank blocks on the
+    notice key; waits check a local flag; one neighbour's heartbeat is read) or "poll"
+    (every waiting rank asks the store every poll_s and reads all heartbeats: the old
+    design, kept for comparison)."""
+    local_poll_s: float = 0.002
+    """notify: how often a rank waiting on communication looks at the local flag (no
+    store traffic)."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "heartbeat_timeout_s", "poll_s", "join_timeout_s",
-                     "fence_timeout_s"):
+                     "fence_timeout_s", "local_poll_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"monitor.{name} must be > 0, got {getattr(self, name)}")
+        if self.control_plane not in CONTROL_PLANES:
+            raise ValueError(f"monitor.control_plane must be one of {CONTROL_PLANES}, "
+                             f"got {self.control_plane!r}")
+
+    @property
+    def notify(self) -> bool:
+        return self.control_plane == "notify"
 
 
 class FailureMonitor:
@@ -70,6 +94,11 @@ class FailureMonitor:
         self._last_hb_check = 0.0
         self._stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._gen_changed = threading.Event()
+        self._seen: dict | None = None  # notify: the notice the watcher saw (any generation)
+        self.noticed_at: dict[int, float] = {}
+        """Wall time this rank learned of each generation's notice."""
 
     # ---- heartbeat -----------------------------------------------------------------
     def start_heartbeat(self) -> None:
@@ -90,9 +119,76 @@ class FailureMonitor:
         self._hb_thread = threading.Thread(target=beat, name=f"heartbeat-{self.rank}",
                                            daemon=True)
         self._hb_thread.start()
+        if self.cfg.notify:
+            self._watcher = threading.Thread(target=self._watch_loop, args=(self.store_factory(),),
+                                             name=f"notice-watcher-{self.rank}", daemon=True)
+            self._watcher.start()
+
+    @property
+    def notified(self) -> bool:
+        """True when a watcher thread delivers notices (no store polling needed)."""
+        return self._watcher is not None
+
+    def _watch_loop(self, store: dist.Store) -> None:
+        """notify: block on the current generation's notice key; on each timeout (the
+        check period) look at the exit count and one neighbour's heartbeat."""
+        period = timedelta(seconds=min(0.5, self.cfg.heartbeat_timeout_s / 4))
+        exits_seen, beat = 0, (None, 0.0)
+        while not self._stop.is_set():
+            gen = self.generation
+            key = contract.notice_key(gen)
+            try:
+                store.wait([key], period)
+                self._saw(json.loads(store.get(key)))
+                while self.generation == gen and not self._stop.is_set():
+                    self._gen_changed.wait(0.5)
+                    self._gen_changed.clear()
+                continue
+            except dist.DistStoreError:
+                pass  # the period passed without a notice
+            except Exception:  # noqa: BLE001 - the store host is gone; nothing to watch
+                return
+            try:
+                members = list(self.members)
+                count = store.add(contract.EXITS_COUNT, 0)
+                if count != exits_seen:
+                    exits_seen = count
+                    gone = [r for r in members
+                            if store.check([contract.exit_key(r)])]
+                    if gone:
+                        self._publish_on(store, "failure", f"rank(s) {gone} exited", gone, gen)
+                        continue
+                beat = self._check_neighbour(store, members, gen, beat)
+            except Exception:  # noqa: BLE001
+                return
+
+    def _check_neighbour(self, store: dist.Store, members: list[int], gen: int,
+                         beat: tuple) -> tuple:
+        """Each member watches its successor's heartbeat: one read per period per rank,
+        and every member is watched by someone."""
+        if self.rank not in members or len(members) < 2:
+            return (None, 0.0)
+        nxt = members[(members.index(self.rank) + 1) % len(members)]
+        key = contract.heartbeat_key(nxt)
+        if not store.check([key]):
+            return (None, 0.0)
+        now = time.monotonic()
+        v = int(store.get(key))
+        if beat[0] != (nxt, v):
+            return ((nxt, v), now)
+        if now - beat[1] > self.cfg.heartbeat_timeout_s:
+            self._fence_on(store, nxt, f"heartbeat stalled > {self.cfg.heartbeat_timeout_s}s")
+            self._publish_on(store, "failure", f"rank(s) [{nxt}] stopped heartbeating",
+                             [nxt], gen)
+        return beat
+
+    def _saw(self, record: dict) -> None:
+        self._seen = record
+        self.noticed_at.setdefault(record["gen"], time.time())
 
     def stop(self) -> None:
         self._stop.set()
+        self._gen_changed.set()
 
     # ---- generation ----------------------------------------------------------------
     def watch(self, generation: int, members: list[int]) -> None:
@@ -100,22 +196,37 @@ class FailureMonitor:
         self.members = sorted(members)
         self._beats = {}
         self._last_hb_check = time.monotonic()
+        self._gen_changed.set()
 
     def notice(self) -> dict | None:
-        """The notice of the current generation, if one was published."""
+        """The notice of the current generation, if one was published (notify: what the
+        watcher saw, no store round trip)."""
+        if self.notified:
+            seen = self._seen
+            return seen if seen is not None and seen["gen"] == self.generation else None
         key = contract.notice_key(self.generation)
         if self.store.check([key]):
-            return json.loads(self.store.get(key))
+            return self._note(json.loads(self.store.get(key)))
         return None
+
+    def _note(self, record: dict) -> dict:
+        self.noticed_at.setdefault(record["gen"], time.time())
+        return record
 
     def publish(self, kind: str, reason: str, suspects: list[int] | None = None,
                 generation: int | None = None) -> dict:
         """Publish a notice (first one wins); return the notice that stands."""
         gen = self.generation if generation is None else generation
+        return self._note(self._publish_on(self.store, kind, reason, suspects, gen))
+
+    def _publish_on(self, store: dist.Store, kind: str, reason: str,
+                    suspects: list[int] | None, gen: int) -> dict:
         record = {"kind": kind, "reason": reason, "suspects": sorted(suspects or []),
                   "by": self.rank, "gen": gen, "time": time.time()}
-        won = self.store.compare_set(contract.notice_key(gen), "", json.dumps(record))
-        return json.loads(won)
+        won = json.loads(store.compare_set(contract.notice_key(gen), "", json.dumps(record)))
+        if self.notified and won["gen"] == self.generation:
+            self._saw(won)
+        return won
 
     # ---- checks --------------------------------------------------------------------
     def exited_members(self) -> set[int]:
@@ -149,8 +260,11 @@ class FailureMonitor:
         return stalled
 
     def abort_check(self) -> str | None:
-        """Called by waiting ranks every poll_s: a reason to abandon the wait, or None."""
+        """Called by waiting ranks every poll_s: a reason to abandon the wait, or None.
+        notify: only the local flag (the watcher thread does the store work)."""
         n = self.notice()
+        if self.notified:
+            return f"{n['kind']}: {n['reason']}" if n is not None else None
         if n is not None:
             return f"{n['kind']}: {n['reason']}"
         dead = self.exited_members()
@@ -170,11 +284,14 @@ class FailureMonitor:
 
     def fence(self, rank: int, reason: str) -> None:
         """Ask the launcher to kill `rank` (idempotent; the first valid reason stands)."""
+        self._fence_on(self.store, rank, reason)
+
+    def _fence_on(self, store: dist.Store, rank: int, reason: str) -> None:
         key = contract.fence_key(rank)
         value = sign(self.token, key, reason)
-        standing = self.store.compare_set(key, "", value).decode()
+        standing = store.compare_set(key, "", value).decode()
         if standing != value and verify(self.token, key, standing) is None:
-            self.store.set(key, value)  # a forged value must not block the real fence
+            store.set(key, value)  # a forged value must not block the real fence
 
     def fenced_or_exited(self, rank: int) -> bool:
         return bool(self.store.check([contract.fenced_key(rank)]) or

@@ -25,6 +25,7 @@ class RunLog:
         self.metrics_path = self.dir / contract.METRICS_FILE
         self.ledger_path = self.dir / contract.LEDGER_FILE
         self.events_path = self.dir / contract.EVENTS_FILE
+        self.eval_path = self.dir / contract.EVAL_FILE
 
     def _append(self, path: Path, record: dict) -> None:
         with open(path, "a") as f:
@@ -36,12 +37,16 @@ class RunLog:
     def ledger(self, step: int, generation: int, samples: list[list[int]]) -> None:
         self._append(self.ledger_path, {"step": step, "gen": generation, "samples": samples})
 
+    def eval(self, record: dict) -> None:
+        self._append(self.eval_path, {"time": time.time(), **record})
+
     def event(self, record: dict) -> None:
         self._append(self.events_path, {"time": time.time(), **record})
 
     def rollback_to(self, step: int) -> None:
-        """Forget ledger and metric entries of steps after `step` (they will be redone)."""
-        for path in (self.ledger_path, self.metrics_path):
+        """Forget ledger, metric and eval entries of steps after `step` (they will be
+        redone)."""
+        for path in (self.ledger_path, self.metrics_path, self.eval_path):
             if path.exists():
                 keep = [line for line in path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", -1) <= step]
@@ -73,12 +78,16 @@ def ledger_counts(ledger: list[dict], expected_ids: set[int]) -> dict:
 
 def build_report(run_log: RunLog, *, mode: str, world_size: int, plan: dict, steps: int,
                  global_batch: int, samples_this_run: int, train_seconds: float,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, expected_samples: int | None = None) -> dict:
     """Write report.json. Throughput counts only the steps this process ran (a resumed
-    run does not get credit for steps trained before the restart)."""
+    run does not get credit for steps trained before the restart). `expected_samples`:
+    how many sample ids the run's steps cover (default steps x global_batch; a resume
+    under another batch layout changes it)."""
     metrics = read_jsonl(run_log.metrics_path)
     ledger = read_jsonl(run_log.ledger_path)
-    expected = set(range(steps * global_batch))
+    evals = read_jsonl(run_log.eval_path)
+    expected = set(range(steps * global_batch if expected_samples is None
+                         else expected_samples))
     counts = ledger_counts(ledger, expected)
     losses = [m["loss"] for m in metrics if "loss" in m]
     step_times = [m["step_time_s"] for m in metrics if "step_time_s" in m]
@@ -95,6 +104,8 @@ def build_report(run_log: RunLog, *, mode: str, world_size: int, plan: dict, ste
                                      if train_seconds > 0 else None),
         "step_time_s": statistics.median(step_times) if step_times else None,
         "events": read_jsonl(run_log.events_path),
+        "eval": {"final_val_loss": evals[-1]["val_loss"] if evals else None,
+                 "val_loss": {e["step"]: e["val_loss"] for e in evals}},
     }
     report.update(extra or {})
     (run_log.dir / contract.REPORT_FILE).write_text(json.dumps(report, indent=1))

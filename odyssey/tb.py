@@ -1,7 +1,8 @@
 """Optional TensorBoard scalars next to the JSONL metrics (leader only, `--tensorboard`).
 
-Mirrors metrics.jsonl (loss, samples/s, step time, world size, generation per step) and
-each recovery (MTTR and its phases, at the step it resumed) into RUN_DIR/tensorboard.
+Mirrors metrics.jsonl (loss, samples/s, step time, world size, generation, data wait and
+the scalars hooks log, per step), eval.jsonl (validation loss) and each recovery (MTTR
+and its phases, at the step it resumed) into RUN_DIR/tensorboard.
 The JSONL files stay the source of truth; this is for people who already live in
 TensorBoard. A new leader (the old one died) opens its own event file in the same
 directory, purging anything past the step it starts from.
@@ -41,14 +42,24 @@ class TensorBoardLog:
                                          flush_secs=self.flush_secs)
         return self._writer
 
-    def metric(self, record: dict) -> None:
-        """One metrics.jsonl record (needs 'step'); numeric fields become scalars."""
+    def metric(self, record: dict, scalars: dict[str, float] | None = None) -> None:
+        """One metrics.jsonl record (needs 'step'); numeric fields become scalars, and so
+        do `scalars` (those hooks logged)."""
         step = int(record["step"])
         w = self._w(step)
-        for key in ("loss", "samples_per_s", "step_time_s", "world", "gen"):
+        keys = ("loss", "samples_per_s", "step_time_s", "world", "gen", "data_wait_s")
+        for key in (*keys, *(scalars or {})):
             value = record.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 w.add_scalar(f"train/{key}", value, step)
+
+    def eval(self, record: dict, scalars: dict[str, float] | None = None) -> None:
+        """One eval.jsonl record: the validation loss (and scalars logged with it)."""
+        step = int(record["step"])
+        w = self._w(step)
+        w.add_scalar("eval/loss", record["val_loss"], step)
+        for key in scalars or {}:
+            w.add_scalar(f"eval/{key}", record[key], step)
 
     def recovery(self, event: dict) -> None:
         """One recovery event from events.jsonl."""

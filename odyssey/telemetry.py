@@ -1,10 +1,14 @@
 """The leader's record of a run, fed through the trainer's hooks.
 
-metrics.jsonl, the sample ledger and events.jsonl (`odyssey.report.RunLog`), optional
-TensorBoard scalars, the progress line, the `[gen g step k rank r]` log lines and, at the
+metrics.jsonl, the sample ledger, eval.jsonl and events.jsonl (`odyssey.report.RunLog`),
+optional TensorBoard scalars, the progress line, the `[gen g step k rank r]` log lines and, at the
 end, report.json. Every rank holds one; only the leader writes (a step's votes reach
 the hook on the leader only), so a new leader simply starts writing where the old one
 stopped, after filling the ledger line it may have missed (`take_over`).
+
+A step's ledger line is written as soon as it commits (`on_step_committed`); its metrics
+record once the user callbacks ran (`write_step`, called by the trainer after every
+hook's `on_step_end`), so the scalars they log land in it.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import torch.distributed as dist
 
 from odyssey import contract
 from odyssey.events import recovery_event
-from odyssey.hooks import CommittedStep, Recovery, TrainerHook
+from odyssey.hooks import CommittedStep, EvalResult, Recovery, TrainerHook
 from odyssey.job_config import JobConfig
 from odyssey.progress import ProgressLine
 from odyssey.report import RunLog, build_report, read_jsonl
+from odyssey.step_result import step_metrics
 from odyssey.tb import TensorBoardLog, require_tensorboard
 from planner.decision import RecoveryDecision
 from planner.plan import Plan
@@ -46,6 +51,10 @@ class Telemetry(TrainerHook):
         self._tb: TensorBoardLog | None = None
         self._pending: RecoveryDecision | None = None  # logged with its redone step
         self._plan_kind = "initial"
+        self._record: dict | None = None  # the committed step's, until `write_step`
+        self.expected_samples: int | None = None
+        """Sample ids the run's steps cover, when not steps x global batch (a resume
+        under another batch layout); the report's ledger counts use it."""
 
     @property
     def log(self) -> RunLog:
@@ -94,7 +103,8 @@ class Telemetry(TrainerHook):
         return build_report(
             self.log, mode=self.mode, world_size=world_size, plan=plan.to_dict(),
             steps=self.steps, global_batch=self.global_batch,
-            samples_this_run=steps_run * self.global_batch, train_seconds=train_s, extra=extra)
+            samples_this_run=steps_run * self.global_batch, train_seconds=train_s, extra=extra,
+            expected_samples=self.expected_samples)
 
     def close(self, report: dict, generation: int) -> None:
         """End the progress line and TensorBoard; print the run's summary line."""
@@ -129,12 +139,21 @@ class Telemetry(TrainerHook):
         loss = c.loss
         self.log.ledger(c.step, c.generation,
                         sorted(r for v in c.votes.values() for r in v["samples"]))
-        record = {"step": c.step, "loss": loss, "step_time_s": dt,
-                  "samples_per_s": gb / dt if dt > 0 else None,
-                  "mode": self.mode, "gen": c.generation, "world": len(c.members)}
+        self._record = {"step": c.step, "loss": loss, "step_time_s": dt,
+                        "samples_per_s": gb / dt if dt > 0 else None,
+                        "mode": self.mode, "gen": c.generation, "world": len(c.members),
+                        "data_wait_s": c.data_wait_s, **step_metrics(c.result, c.votes)}
+
+    def write_step(self, c: CommittedStep) -> None:
+        """Write the committed step's metrics record, with the scalars hooks logged."""
+        record, self._record = self._record, None
+        if not c.leader or record is None:
+            return
+        record.update(c.scalars)
+        gb, dt, loss = self.global_batch, c.step_s, record["loss"]
         self.log.metric(record)
         if self.tb is not None:
-            self.tb.metric(record)
+            self.tb.metric(record, c.scalars)
         if c.step % self.log_every == 0 or c.step == self.steps - 1:
             self.say(f"loss {loss:.4f} | {gb / dt:8.1f} samples/s | step {dt * 1e3:7.1f} ms "
                      f"| {self.mode} | {len(c.members)} ranks", c.step, c.generation)
@@ -143,8 +162,21 @@ class Telemetry(TrainerHook):
                              plan=plan_label(c.plan, self._plan_kind, len(c.members)),
                              gen=c.generation, rank=self.rank)
 
+    def write_eval(self, r: EvalResult, leader: bool) -> None:
+        """Write an evaluation's record (leader only) and print its line."""
+        if not leader:
+            return
+        record = {"step": r.step, "val_loss": r.loss, "samples": r.samples,
+                  "eval_s": r.seconds, "gen": r.generation, **r.scalars}
+        self.log.eval(record)
+        if self.tb is not None:
+            self.tb.eval(record, r.scalars)
+        self.say(f"val loss {r.loss:.4f} ({r.samples} samples, {r.seconds * 1e3:.0f} ms)",
+                 r.step, r.generation)
+
 
 def plan_label(plan: Plan, kind: str, ranks: int) -> str:
     """e.g. 'reroute 2+1 stages, 3 ranks' (kind: 'initial' or the last recovery chosen)."""
     stages = "+".join(str(len(p.stages)) for p in plan.pipelines)
     return f"{kind} {stages} stages, {ranks} ranks"
+

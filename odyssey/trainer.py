@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from odyssey import checkpoint as ckpt
-from odyssey import contract, ds_config
+from odyssey import contract, ds_config, emulate, failure_report
 from odyssey.calibration import StepTimeModel
 from odyssey.comm import CommError, StepAborted
 from odyssey.coordinator import Coordinator, Generation
@@ -30,14 +29,18 @@ from odyssey.data import Sampler
 from odyssey.devices import DeviceError, prepare_process, resolve_backend, resolve_device
 from odyssey.engine import Engine, StepResult
 from odyssey.env import WorkerInfo
+from odyssey.eval import Evaluator
 from odyssey.hooks import CommittedStep, FitResult, Recovery, TrainerHook, overrides_on_op
 from odyssey.inject import FaultInjector, FaultSpec
 from odyssey.job_config import JobConfig
 from odyssey.membership import JobFinished
 from odyssey.model import LayeredModel
 from odyssey.monitor import FailureMonitor
+from odyssey.prefetch import BatchLoader
+from odyssey.stop import StopWatch
 from odyssey.telemetry import Telemetry
 from planner.plan import Plan, PlanError
+from planner.program import Op
 from profiler.profile import Profile
 
 __all__ = ["FitResult", "JobConfig", "Trainer", "exit_cleanly", "fit_and_exit"]
@@ -46,12 +49,13 @@ __all__ = ["FitResult", "JobConfig", "Trainer", "exit_cleanly", "fit_and_exit"]
 class Trainer:
     """Runs one worker of a training job, as `job` says.
 
-    `hooks` hear about every committed step, recovery and instruction (after the
-    trainer's own telemetry); `profile` seeds the recovery cost model's timings."""
+    `hooks` hear about every committed step, evaluation, recovery and instruction (after
+    the trainer's own telemetry); `profile` seeds the recovery cost model's timings;
+    `eval_data` (e.g. `TokenData.val`) is what `--eval.every` evaluates on."""
 
     def __init__(self, model: LayeredModel, data, job: JobConfig, worker: WorkerInfo,
                  profile: Profile | None = None,
-                 hooks: Sequence[TrainerHook] = ()):
+                 hooks: Sequence[TrainerHook] = (), eval_data=None):
         self.model = model
         self.data = data
         self.worker = worker
@@ -67,14 +71,27 @@ class Trainer:
         specs = [FaultSpec.parse(s, worker.world_size) for s in ft.inject]
         self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank,
                                     on_fire=self._mark_injected, token=worker.token)
-        self.engine = Engine(model, data, self.sampler, worker.rank, job.optimizer, self.device,
-                             before_op=self.faults.before_op)
+        self.loader = BatchLoader(data, self.sampler, job.data.prefetch, self._batch_needs)
+        self.evaluator = None
+        if job.eval.every:
+            if eval_data is None:
+                raise ValueError("eval.every is set but the Trainer got no eval_data (e.g. "
+                                 "Trainer(..., eval_data=job.data.open(seq_len).val))")
+            self.evaluator = Evaluator(eval_data, job.eval, self.plan.microbatch_size,
+                                       job.training.steps)
+        self.engine = Engine(model, self.loader, self.sampler, worker.rank,
+                             job.optimizer.resolved(job.training.steps), self.device,
+                             before_op=self._before_op, precision=job.precision)
         if job.swap.mode == "auto":
             self.engine.enable_swap(job.swap.chameleon())
         self.run_dir = Path(job.training.run_dir or worker.run_dir or "runs/latest")
         self.ckpt_dir = (Path(job.checkpoint.dir) if job.checkpoint.dir
                          else self.run_dir / contract.CHECKPOINT_DIR)
-        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir)
+        c = job.checkpoint
+        self.checkpointer = ckpt.Checkpointer(
+            self.ckpt_dir, worker.store, worker.rank, keep=c.keep, timeout_s=c.timeout_s,
+            say=lambda msg: self._say(msg, -1, always=True))
+        self.stop = StopWatch(worker.store, worker.rank, worker.token)
         self.telemetry = Telemetry(job, self.run_dir, worker.store, worker.rank,
                                    self.plan.global_batch)
         self.hooks: list[TrainerHook] = [self.telemetry, *hooks]
@@ -84,7 +101,8 @@ class Trainer:
         self.in_place = worker.launcher in ("odyssey", "threads")
         self.monitor = FailureMonitor(worker.store, worker.rank, job.monitor,
                                       worker.store_factory, token=worker.token)
-        self.step_model = StepTimeModel(model, self.plan.microbatch_size, worker.store, profile)
+        self.step_model = StepTimeModel(model, self.plan.microbatch_size, worker.store, profile,
+                                        precision=job.precision)
         self.coord = Coordinator(
             worker.store, worker.rank, self.engine, self.monitor,
             replace(job.comm, host=worker.host, backend=backend), ft, self.ckpt_dir,
@@ -119,18 +137,37 @@ class Trainer:
 
     def _resume(self) -> int:
         """Load the latest complete checkpoint if allowed; return the first step to run."""
-        start = 0
-        step = (ckpt.latest_step(self.ckpt_dir, self.model.num_layers)
-                if self.cfg.checkpoint.resume else None)
+        start, step, skipped = 0, None, []
+        if self.cfg.checkpoint.resume:
+            good, skipped = ckpt.find_latest(self.ckpt_dir, self.model.num_layers)
+            step = good.step if good is not None else None
+        for bad, problems in skipped:  # newer checkpoints that do not verify
+            self._say(f"skipping checkpoint of step {bad}: {'; '.join(problems)}", step=0)
+            if self.leader:
+                self.telemetry.log.event({"kind": "checkpoint_skipped", "checkpoint_step": bad,
+                                          "problems": problems, "resumed_from": step})
         if step is not None:
-            meta = ckpt.read_meta(self.ckpt_dir, step)
+            meta = good.meta
             self.engine.load_checkpoint(self.ckpt_dir, step)
             start = meta["next_step"]
+            self._continue_samples(start, meta)
             self._say(f"resumed from checkpoint of step {step} (written under a "
                       f"{len(meta['plan']['pipelines'])}-pipeline plan)", step=start)
         if self.leader:
             self.telemetry.resumed(start, step, self.worker.attempt)
         return start
+
+    def _before_op(self, step: int, op: Op) -> None:
+        self.faults.before_op(step, op)
+        # notify control plane: the notice is a local flag, so leave between ops instead
+        # of finishing the step's remaining compute before the next wait looks at it.
+        # Never after COMMIT: a committed step is applied by everyone.
+        if op is not Op.OPTIMIZER_STEP and self.monitor.notified:
+            self._abort_point()
+
+    def _abort_point(self) -> None:
+        if (n := self.monitor.notice()) is not None:
+            raise StepAborted(f"membership change announced: {n['reason']}")
 
     def _join(self) -> int | None:
         """A replacement worker: announce itself, then enter the next generation.
@@ -144,6 +181,9 @@ class Trainer:
         self.engine.warm_up()
         idx = store.add(contract.NEWCOMERS_COUNT, 1) - 1
         store.set(contract.newcomer_key(idx), str(me))
+        if store.check([contract.SAMPLER_BASE]):  # the job resumed under a new layout
+            base = json.loads(store.get(contract.SAMPLER_BASE))
+            self.sampler.rebase(base["first_step"], base["first_sample"])
         store.wait([contract.GENERATION])
         g = int(store.get(contract.GENERATION))
         members = (json.loads(store.get(contract.members_key(g)))["members"] if g > 0
@@ -180,22 +220,40 @@ class Trainer:
         committed = step - 1
         result = FitResult(w.rank, 0)
         t_start = last = time.perf_counter()
-        while step < t.steps:
+        stopped = False
+        eval_due: int | None = None  # a committed step whose evaluation is still to run
+        while step < t.steps or eval_due is not None:
+            self.checkpointer.poll()
+            if self.in_place and self.stop.stop_before(step):
+                stopped = True
+                self.monitor.publish("stop", f"stop requested ({self.stop.reason})")
+                break
             try:
                 if self.in_place:
                     if self.monitor.notice() is not None:
                         raise StepAborted("membership change announced")
                     self.faults.poll(w.store, step)
+                if eval_due is not None:  # redone under the new plan if a failure ends it
+                    self._evaluate(eval_due, result)
+                    eval_due = None
+                    last = time.perf_counter()  # the next step's time leaves it out
+                    continue
                 self.faults.before_step(step)
-                res = self.engine.run_step(step)
+                with emulate.layer_check(self._abort_point if self.monitor.notified else None):
+                    res = self.engine.run_step(step)
             except (StepAborted, CommError) as e:
                 if not self.in_place:
                     raise
                 self.engine.zero_grad()
+                if self.stop.agreed() == step:  # aborted by the stop: leave, not recover
+                    stopped = True
+                    break
                 self.monitor.publish("failure", f"{type(e).__name__}: {e}")
                 self.gen, step = self.coord.recover(committed, str(e))
                 if self.gen.decision.chosen.from_checkpoint:
                     committed = step - 1
+                    if eval_due is not None and eval_due > committed:
+                        eval_due = None  # its step is redone, and its evaluation with it
                 recovery = Recovery(self.gen.number, self.gen.decision, step)
                 for hook in self.hooks:
                     hook.on_recovered(recovery)
@@ -213,9 +271,21 @@ class Trainer:
             every = self.cfg.checkpoint.every
             if every and (step + 1) % every == 0:
                 self._checkpoint(step)
+            if self.evaluator is not None and self.evaluator.due(step):
+                eval_due = step
             step += 1
         train_s = time.perf_counter() - t_start
-        self.checkpointer.wait()
+        c = self.cfg.checkpoint
+        if ((c.every or stopped) and c.at_end and committed >= 0
+                and self.checkpointer.saved != committed):
+            self._checkpoint(committed)  # the end (or a stop): nothing to redo on rerun
+        self.checkpointer.flush()
+        self.loader.close()
+        if stopped:
+            self._say(f"stopped before step {step} on request; the last committed step "
+                      f"{committed} is checkpointed: run the same command to resume", step)
+            self.monitor.stop()
+            return result
         consistent = self.coord.check_replicas()
         if self.leader:
             result.report = self.telemetry.report(
@@ -245,21 +315,64 @@ class Trainer:
                                          self._last_gen_recorded != self.gen.number)
             self._last_gen_recorded = self.gen.number
         done = CommittedStep(step, self.gen.number, self.gen.plan, self.gen.members,
-                             self.worker.rank, res, at, dt, votes)
+                             self.worker.rank, res, at, dt, votes, self.loader.take_wait_s())
         for hook in self.hooks:
             hook.on_step_committed(done)
+        for hook in self.hooks:
+            hook.on_step_end(done)
+        self.telemetry.write_step(done)
         return done.loss
 
+    def _evaluate(self, step: int, result: FitResult) -> None:
+        """Validation loss after `step` (collective; raises like a step on a failure)."""
+        r = self.evaluator.run(step, self.engine, self.gen.number, self.worker.rank,
+                               before=self.faults.before_eval)
+        result.val_losses[step] = r.loss
+        for hook in self.hooks:
+            hook.on_eval(r)
+        self.telemetry.write_eval(r, self.leader)
+
+    def _batch_needs(self) -> tuple[bool, bool]:
+        """(inputs, targets): whether this rank's stage starts or ends the model."""
+        program = self.engine.program
+        if program is None:
+            return True, True
+        stage = program.plan.stage(self.worker.rank)
+        return stage.start == 0, stage.end == self.model.num_layers
+
+    def _continue_samples(self, start: int, meta: dict) -> None:
+        """Resume after the samples the checkpoint's run consumed, whatever batch layout
+        it had: step `start` begins at that sample id (never skipped or trained twice)."""
+        consumed = meta.get("samples_consumed", start * meta["global_batch"])
+        if consumed != self.sampler.samples_before(start):
+            self.sampler.rebase(start, consumed)
+            self._say(f"global batch {meta['global_batch']} -> {self.plan.global_batch}: "
+                      f"step {start} continues at sample {consumed}", step=start)
+            if self.leader:
+                self.worker.store.set(contract.SAMPLER_BASE, json.dumps(
+                    {"first_step": start, "first_sample": consumed}))
+        self.telemetry.expected_samples = self.sampler.samples_before(self.cfg.training.steps)
+
     def _checkpoint(self, step: int) -> None:
-        plan = self.gen.plan
-        held = [i for i in plan.stage(self.worker.rank).layers
-                if plan.holders(i)[0] == self.worker.rank]
+        plan, me = self.gen.plan, self.worker.rank
+        writer = {i: plan.holders(i)[0] for i in range(self.model.num_layers)}
+        peers = {}
+        if self.cfg.checkpoint.peer_copy:
+            for i, w in writer.items():
+                p = ckpt.peer_for(plan.holders(i), w, self.gen.members)
+                if p is not None:
+                    peers[i] = p
         meta = None
         if self.leader:
             meta = {"num_layers": self.model.num_layers, "next_step": step + 1,
                     "plan": plan.to_dict(), "global_batch": plan.global_batch,
-                    "model": self.model.name}
-        self.checkpointer.save_async(step, {i: self.engine.held.state_dict(i) for i in held}, meta)
+                    "samples_consumed": self.sampler.samples_before(step + 1),
+                    "model": self.model.name, "peer_copies": peers}
+        held = [i for i, w in writer.items() if w == me]
+        self.checkpointer.save(step, self.gen.number,
+                               {i: self.engine.held.state_dict(i) for i in held},
+                               writers=sorted(set(writer.values())), meta=meta,
+                               peers={i: peers[i] for i in held if i in peers})
 
     def _mark_injected(self, spec: FaultSpec) -> None:
         record = json.dumps({"time": time.time(), "rank": self.worker.rank,
@@ -290,13 +403,15 @@ def exit_cleanly(code: int = 0) -> None:
 def fit_and_exit(make_trainer: Callable[[], Trainer]) -> None:
     """A training script's last line: build the trainer and fit, report any error, then
     leave at once (group destructors can hang or abort at interpreter exit)."""
+    building = True
     try:
-        make_trainer().fit()
+        trainer = make_trainer()
+        building = False
+        trainer.fit()
     except DeviceError as e:  # the same on every rank: one line (rank 0's), no traceback
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         exit_cleanly(2)
-    except BaseException:
-        traceback.print_exc()
-        exit_cleanly(1)
+    except BaseException as e:
+        exit_cleanly(failure_report.report(e, building))
     exit_cleanly(0)

@@ -24,7 +24,7 @@ from planner.program import Instruction, Op, Program
 Lowered = tuple[dict[int, list[tuple]], dict[int, RankMemory], dict]
 
 COMPUTE, SEND, RECV, BARRIER, LOCAL, MACRO = range(6)
-_CAT = {Op.ALLREDUCE: "allreduce_s", Op.COMMIT: "commit_s"}
+_CAT = {Op.ALLREDUCE: "allreduce_s", Op.ALLREDUCE_TIED: "allreduce_s", Op.COMMIT: "commit_s"}
 
 
 def channel(chans: dict, src: int, dst: int, kind: str) -> list:
@@ -100,14 +100,18 @@ def lower_program(program: Program, cost: CostModel,
                     kind = "act" if op is Op.RECV_ACT else "grad"
                     cache[key] = channel(chans, ins.peer, rank, kind)
                 out.append((RECV, 0.0, cache[key], ins.microbatch, ins))
-            elif op is Op.ALLREDUCE or op is Op.COMMIT:
-                group = ins.group if op is Op.ALLREDUCE else everyone
+            elif op is Op.ALLREDUCE or op is Op.COMMIT or op is Op.ALLREDUCE_TIED:
+                group = everyone if op is Op.COMMIT else ins.group
                 full = (overrides or {}).get((ins.start, ins.end, group), group)
                 ident = (op, ins.start, ins.end, group)
                 n = seen.get(ident, 0)
                 seen[ident] = n + 1
                 if ident not in cache:
-                    cache[ident] = cost.instruction_s(ins, rank, mb, group=full)
+                    # a tied group is priced as its first member layer's gradient (an
+                    # upper bound: that layer may hold more than the tied weight)
+                    cache[ident] = (cost.allreduce_s(full, cost.grad_bytes(ins.start, ins.end))
+                                    if op is Op.ALLREDUCE_TIED
+                                    else cost.instruction_s(ins, rank, mb, group=full))
                 out.append((BARRIER, cache[ident], ((ident, n), len(group), _CAT[op], group),
                             -1, ins))
             elif op is Op.OPTIMIZER_STEP:

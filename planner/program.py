@@ -9,6 +9,7 @@ in the same order under both schedules, so a channel can be a plain FIFO.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
@@ -24,6 +25,7 @@ class Op(str, Enum):
     SEND_GRAD = "send_grad"
     RECV_GRAD = "recv_grad"
     ALLREDUCE = "allreduce"
+    ALLREDUCE_TIED = "allreduce_tied"
     COMMIT = "commit"
     OPTIMIZER_STEP = "optimizer_step"
 
@@ -46,6 +48,9 @@ class Instruction:
     """The other worker id (p2p ops)."""
     group: tuple[int, ...] = ()
     """Worker ids taking part (all-reduce)."""
+    tied: int = -1
+    """Index of the model's tied parameter group (allreduce_tied); start..end is its
+    first member layer on this rank (what the cost model prices)."""
 
     def __str__(self) -> str:
         if self.op in (Op.FORWARD, Op.BACKWARD):
@@ -54,6 +59,8 @@ class Instruction:
             return f"{self.op.value}(mb={self.microbatch}, peer={self.peer})"
         if self.op is Op.ALLREDUCE:
             return f"allreduce(layers={self.start}..{self.end - 1}, group={list(self.group)})"
+        if self.op is Op.ALLREDUCE_TIED:
+            return f"allreduce_tied(tied={self.tied}, group={list(self.group)})"
         return self.op.value
 
 
@@ -93,9 +100,10 @@ class Program:
         return sorted(seen, key=lambda c: (min(c.src, c.dst), max(c.src, c.dst), c.kind, c.src))
 
     def allreduce_groups(self) -> list[tuple[int, ...]]:
-        """Distinct all-reduce member sets, in a deterministic order."""
+        """Distinct all-reduce member sets (tied groups' included), in a deterministic
+        order."""
         groups = {ins.group for instrs in self.instructions.values() for ins in instrs
-                  if ins.op is Op.ALLREDUCE}
+                  if ins.op in (Op.ALLREDUCE, Op.ALLREDUCE_TIED) and len(ins.group) > 1}
         return sorted(groups)
 
     def to_dict(self) -> dict:
@@ -167,12 +175,23 @@ def _stage_schedule(stages: list[Stage], s: int, mbs: list[int], schedule: str):
     return ops
 
 
-def compile_plan(plan: Plan) -> Program:
+def tied_groups(plan: Plan, tied: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Per tied group (its member layers): the ranks holding any member, sorted. The
+    group's gradient is all-reduced over exactly these ranks."""
+    return [tuple(sorted({r for layer in layers for r in plan.holders(layer)}))
+            for layers in tied]
+
+
+def compile_plan(plan: Plan, tied: Sequence[Sequence[int]] = ()) -> Program:
     """Compile a validated plan into per-rank instruction lists.
 
     Each rank: its stage's pipeline schedule, then one all-reduce per layer group it
     shares with other ranks (latest layers first: their gradients are ready first),
-    then commit and optimizer step.
+    then one all-reduce per tied parameter group it holds a member of (`tied`: each
+    group's member layers; the ranks holding any member sum the members' gradients in
+    one all-reduce, which replaces the layer groups' all-reduce for those parameters;
+    emitted even on a lone holder, which sums its members locally), then commit and
+    optimizer step.
     """
     plan.validate()
     program = Program(plan)
@@ -196,6 +215,11 @@ def compile_plan(plan: Plan) -> Program:
         for (a, b), members in sorted(groups, key=lambda g: -g[0][0]):
             if r in members and len(members) > 1:
                 ops.append(Instruction(Op.ALLREDUCE, start=a, end=b, group=members))
+        for t, (layers, members) in enumerate(zip(tied, tied_groups(plan, tied))):
+            if r in members:
+                first = next(i for i in sorted(layers) if i in st.layers)
+                ops.append(Instruction(Op.ALLREDUCE_TIED, start=first, end=first + 1,
+                                       group=members, tied=t))
         ops.append(Instruction(Op.COMMIT))
         ops.append(Instruction(Op.OPTIMIZER_STEP, start=st.start, end=st.end))
         program.instructions[r] = ops

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev,plot,ray,tensorboard}
+EXTRAS=${EXTRAS:-dev,plot,ray,tensorboard,hf,data}
 # DeepSpeed is installed by its own script (it must build against this torch).
 WITH_DEEPSPEED=${WITH_DEEPSPEED:-1}
 
@@ -24,6 +24,11 @@ case "$got" in
   2.13.0*) echo "[setup] ok: torch $got, odyssey at $("$VENV/bin/python" -c 'import odyssey, os; print(os.path.dirname(odyssey.__file__))')" ;;
   *) echo "[setup] ERROR: torch $got was installed instead of 2.13.0" >&2; exit 1 ;;
 esac
+# The demo's corpus: this interpreter's standard-library sources, byte-level (~8 MB).
+CORPUS=${CORPUS:-data/stdlib.bin}
+if [ ! -s "$CORPUS" ]; then
+  "$VENV/bin/odyssey" prepare-data --stdlib --max-mb 8 --out "$CORPUS"
+fi
 touch "$VENV/.installed"
 if [ "$WITH_DEEPSPEED" = 1 ]; then
   VENV="$VENV" bash scripts/setup_deepspeed.sh

@@ -45,7 +45,8 @@ def reference(cfg: JobConfig, steps: int | None = None):
     t = cfg.training
     model, data = tiny_model()
     return reference_run(model, data, Sampler(t.num_microbatches, t.microbatch_size),
-                         steps or t.steps)
+                         steps or t.steps, cfg.optimizer, precision=cfg.precision,
+                         total_steps=t.steps)
 
 
 def max_rel(a: float, b: float) -> float:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+from planner.cluster.control_plane import model_for
 from planner.cluster.membership import ClusterConfig, Membership
 from planner.cluster.policies import (
     Costs,
@@ -64,6 +65,13 @@ class TransitionConfig:
     """Aggregate checkpoint read bandwidth."""
     checkpoint_interval_s: float | None = None
     """Training time between checkpoints; None: Young/Daly sqrt(2 x write x MTBF)."""
+    control_plane: str = "notify"
+    """How detect/agree/rebuild grow with the job beyond the 8 ranks they were measured
+    at: the store traffic of the runtime's control plane ("notify", "poll": fitted from
+    benchmarks/store_load.py, planner/cluster/control_plane.py) or "fixed" (no growth)."""
+
+    def __post_init__(self) -> None:
+        model_for(self.control_plane)  # raises on an unknown name
 
 
 @dataclass(frozen=True)
@@ -179,8 +187,11 @@ def simulate_trace(policy_name: str, initial_plan: Plan, cost: CostModel,
     state_bytes = sum(lbytes)
     write_s = state_bytes / tc.checkpoint_write_Bps
     interval = tc.checkpoint_interval_s or math.sqrt(2 * write_s * gap)
-    costs = Costs(tc.detect_s, tc.agree_s, tc.plan_s, tc.rebuild_s, tc.transfer_Bps,
-                  tc.restart_s, tc.heartbeat_timeout_s, state_bytes / tc.checkpoint_load_Bps)
+    plane = model_for(tc.control_plane)
+    grow = plane.extra_s(len(members)) if plane is not None else (0.0, 0.0, 0.0)
+    costs = Costs(tc.detect_s + grow[0], tc.agree_s + grow[1], tc.plan_s,
+                  tc.rebuild_s + grow[2], tc.transfer_Bps, tc.restart_s,
+                  tc.heartbeat_timeout_s, state_bytes / tc.checkpoint_load_Bps)
     predict = predictor or Predictor(cost, sc.predictor, sc.step_factor, memory_limit_bytes)
     pol: Policy = make_policy(policy_name, cost, costs, lbytes, predict, predict.by_length,
                               horizon)

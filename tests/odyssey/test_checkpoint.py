@@ -1,6 +1,7 @@
 """Per-layer checkpoints: saved under one plan, loaded under another, same trajectory."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -9,16 +10,21 @@ from odyssey.job_config import job_config
 from tests.helpers import max_rel, reference, run_plan
 
 
+def no_end_checkpoint(cfg):
+    """As if the run ended in a crash: only the periodic checkpoints exist."""
+    return replace(cfg, checkpoint=replace(cfg.checkpoint, at_end=False))
+
+
 @pytest.mark.timeout(120)
 def test_checkpoint_from_one_plan_continues_under_another(tmp_path):
     base = dict(num_microbatches=4, microbatch_size=2, run_dir=str(tmp_path), log_every=100,
                 checkpoint_every=5)
     ref_losses, _ = reference(job_config(steps=24, **base))
-    first, _ = run_plan(job_config(steps=12, dp=2, pp=2, **base), 4)
+    first, _ = run_plan(no_end_checkpoint(job_config(steps=12, dp=2, pp=2, **base)), 4)
     # 5-step interval: checkpoints after steps 4 and 9; 12 steps ran, 10 and 11 are lost
     assert ckpt.complete_steps(tmp_path / "checkpoints", 4) == [4, 9]
     assert ckpt.read_meta(tmp_path / "checkpoints", 9)["next_step"] == 10
-    second, _ = run_plan(job_config(steps=24, dp=1, pp=4, **base), 4)
+    second, _ = run_plan(no_end_checkpoint(job_config(steps=24, dp=1, pp=4, **base)), 4)
     assert sorted(second.losses) == list(range(10, 24))
     for k in range(24):
         got = first.losses[k] if k < 10 else second.losses[k]

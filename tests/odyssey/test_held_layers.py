@@ -20,7 +20,8 @@ CPU = torch.device("cpu")
 
 
 def held(model: LayeredModel, layers, device: torch.device = CPU) -> HeldLayers:
-    h = HeldLayers(model, device, lambda layer: make_optimizer(layer, OptimizerConfig()))
+    h = HeldLayers(model, device,
+                   lambda layer, tied: make_optimizer(layer, OptimizerConfig(), tied))
     for i in layers:
         h.reset(i)
     return h
@@ -101,9 +102,9 @@ def test_checkpoint_load_and_reset(tmp_path):
     train_a_step(h, 0, 2)
     trained = h.digests(range(2))
     saver = Checkpointer(tmp_path)
-    saver.save_async(0, {i: h.state_dict(i) for i in h.ids},
-                     {"num_layers": 2, "next_step": 1})
-    saver.wait()
+    saver.save(0, 0, {i: h.state_dict(i) for i in h.ids}, writers=[0],
+               meta={"num_layers": 2, "next_step": 1})
+    saver.flush()
     h.load_checkpoint(tmp_path, None, range(2))
     assert h.digests(range(2)) == initial
     h.load_checkpoint(tmp_path, 0, [1])

@@ -1,0 +1,87 @@
+"""What the control plane (the one store server) adds to detect/agree/rebuild at scale.
+
+The simulator's fixed phase costs (TransitionConfig.detect_s, agree_s, rebuild_s) are the
+live MTTR phases measured at `REFERENCE_RANKS` ranks (benchmarks/mttr.py). What grows
+with the job is the store traffic each phase needs, measured by benchmarks/store_load.py
+with up to 1024 simulated ranks against one TCPStore server on loopback:
+
+- detect: the notice fans out to every rank (notify: one wake-up per watcher; poll: every
+  rank finds it on its next poll, behind everyone else's polls);
+- agree: every survivor registers (set + add) and the decider reads every join record;
+- rebuild: every rank publishes and reads its group's rendezvous keys.
+
+Each is a per-rank slope (seconds per rank beyond the reference), multiplied by the
+server's queueing factor 1 / (1 - utilisation) at the steady load the design offers
+(requests/s per rank x ranks against the server's measured capacity), capped where the
+server saturates. The design's slope and load are measurements, not guesses: see
+docs/BENCHMARKS.md ("Control-plane load") for the table they come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REFERENCE_RANKS = 8
+"""Ranks of the MTTR measurement the fixed phase costs come from."""
+MAX_QUEUE_FACTOR = 50.0
+"""Queueing factor charged at (or past) saturation: the server still answers, slowly."""
+
+
+@dataclass(frozen=True)
+class ControlPlaneModel:
+    """Store traffic of one control-plane design (fitted from benchmarks/store_load.py)."""
+
+    name: str
+    per_rank_rps: float
+    """Steady store requests per second per rank during failure-free training."""
+    capacity_rps: float
+    """Requests per second the one store server sustains (the knee)."""
+    notice_s_per_rank: float
+    """Notice -> every rank has seen it, seconds per rank (at low load)."""
+    agree_s_per_rank: float
+    """Every rank has seen the notice -> every rank has the membership, seconds per rank."""
+    rebuild_s_per_rank: float
+    """Group rendezvous through the store, seconds per rank."""
+
+    def utilisation(self, ranks: int) -> float:
+        return self.per_rank_rps * ranks / self.capacity_rps
+
+    def queue_factor(self, ranks: int) -> float:
+        rho = self.utilisation(ranks)
+        return MAX_QUEUE_FACTOR if rho >= 1 else min(MAX_QUEUE_FACTOR, 1.0 / (1.0 - rho))
+
+    def extra_s(self, ranks: int) -> tuple[float, float, float]:
+        """(detect, agree, rebuild) seconds on top of the reference measurement."""
+        grow = max(0, ranks - REFERENCE_RANKS) * self.queue_factor(ranks)
+        return (grow * self.notice_s_per_rank, grow * self.agree_s_per_rank,
+                grow * self.rebuild_s_per_rank)
+
+
+# Fitted from `benchmarks/store_load.py --seconds 3` on the 2-core development machine
+# (2026-12-01; table in docs/BENCHMARKS.md): per-rank rates are the steady req/s over N
+# (117 poll, 19.7 notify, the same at N = 8, 64, 256); the notice and agreement slopes are
+# (N=256 - N=8) / 248 ranks of the notify design (notice -> all seen 0.85 -> 17.3 ms;
+# seen -> all agreed 1.9 -> 33.9 ms); capacity is the highest steady rate answered (30k
+# req/s, poll at N=256, where p50 latency had already grown from 0.1 to 5 ms: the knee).
+# Not measured, estimated: poll's agreement slope (taken equal to notify's; its cost at
+# scale comes from the queueing factor) and the rebuild slope (two store requests per
+# rank of ~20 us each, the loopback round trip).
+CAPACITY_RPS = 30_000.0
+POLL = ControlPlaneModel("poll", per_rank_rps=117.0, capacity_rps=CAPACITY_RPS,
+                         notice_s_per_rank=6.0e-5, agree_s_per_rank=1.3e-4,
+                         rebuild_s_per_rank=4.0e-5)
+NOTIFY = ControlPlaneModel("notify", per_rank_rps=19.7, capacity_rps=CAPACITY_RPS,
+                           notice_s_per_rank=6.6e-5, agree_s_per_rank=1.3e-4,
+                           rebuild_s_per_rank=4.0e-5)
+MODELS = {"poll": POLL, "notify": NOTIFY}
+"""Designs by monitor.control_plane name; "fixed" (no growth) is handled by the caller."""
+
+
+def model_for(name: str) -> ControlPlaneModel | None:
+    """The model of `name`, or None for "fixed" (phase costs do not grow with ranks)."""
+    if name == "fixed":
+        return None
+    if name not in MODELS:
+        raise ValueError(f"control plane must be one of {sorted(MODELS) + ['fixed']}, "
+                         f"got {name!r}")
+    return MODELS[name]

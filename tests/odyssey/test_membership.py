@@ -1,0 +1,108 @@
+"""Agreement and the notify control plane, in one process: threads with their own store
+clients against one TCPStore (no training, no process groups)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from odyssey import contract
+from odyssey.membership import agree
+from odyssey.monitor import FailureMonitor, MonitorConfig
+
+
+@pytest.fixture
+def server():
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=20))
+    yield store
+    del store
+
+
+def _client(server) -> dist.Store:
+    return dist.TCPStore("127.0.0.1", server.port, is_master=False,
+                         timeout=timedelta(seconds=20))
+
+
+def _monitor(server, rank: int, plane: str, **kw) -> FailureMonitor:
+    cfg = MonitorConfig(control_plane=plane, **kw)
+    return FailureMonitor(_client(server), rank, cfg, store_factory=lambda: _client(server),
+                          token="t")
+
+
+def _exit_record(store: dist.Store, rank: int) -> None:
+    rec = contract.ExitRecord.from_returncode(rank, 1, -9, time.time())
+    store.set(contract.exit_key(rank), rec.to_json())
+    store.add(contract.EXITS_COUNT, 1)
+
+
+@pytest.mark.parametrize("plane", ["poll", "notify"])
+def test_survivors_agree_once_with_a_trace(server, plane):
+    _exit_record(server, 3)
+    results: dict[int, object] = {}
+
+    def run(r: int) -> None:
+        mon = _monitor(server, r, plane)
+        mon.watch(0, [0, 1, 2, 3])
+        results[r] = agree(mon.store, mon, 1, r, [0, 1, 2, 3], committed_step=4)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert sorted(results) == [0, 1, 2]
+    outcomes = {m.to_json() for m in results.values()}
+    assert len(outcomes) == 1  # one compare-and-set decided it
+    m = next(iter(results.values()))
+    assert m.members == [0, 1, 2] and m.dead == [3] and m.committed_step == 4
+    assert m.trace["by"] in (0, 1, 2) and not m.trace["timed_out"] and m.trace["silent"] == []
+    if plane == "notify":  # the last registration decides without waiting a poll
+        assert m.trace["polls"] == 1
+    joins = [json.loads(server.get(contract.join_key(1, r))) for r in range(3)]
+    assert all(j["time"] <= m.trace["all_in"] <= m.decided_at for j in joins)
+
+
+def test_watcher_delivers_a_notice_without_polling(server):
+    mon = _monitor(server, 0, "notify")
+    mon.start_heartbeat()
+    try:
+        mon.watch(0, [0, 1])
+        assert mon.notified and mon.notice() is None and mon.abort_check() is None
+        other = _monitor(server, 1, "notify")
+        other.watch(0, [0, 1])
+        other.publish("failure", "test")
+        deadline = time.monotonic() + 5
+        while mon.notice() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert mon.notice()["reason"] == "test"
+        assert mon.abort_check() == "failure: test" and 0 in mon.noticed_at
+        mon.watch(1, [0, 1])  # a new generation: the flag is for generation 0 only
+        assert mon.notice() is None
+    finally:
+        mon.stop()
+
+
+def test_watcher_fences_a_stalled_neighbour(server):
+    mon = _monitor(server, 0, "notify", heartbeat_timeout_s=0.4)
+    server.set(contract.heartbeat_key(1), "7")  # rank 1 beat once, then stopped
+    mon.watch(0, [0, 1])
+    mon.start_heartbeat()
+    try:
+        deadline = time.monotonic() + 10
+        while mon.notice() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mon.notice()["suspects"] == [1]
+        assert server.check([contract.fence_key(1)])
+    finally:
+        mon.stop()
+
+
+def test_control_plane_is_validated():
+    with pytest.raises(ValueError, match="control_plane"):
+        MonitorConfig(control_plane="gossip")

@@ -1,0 +1,25 @@
+"""The control-plane cost model the cluster simulator charges (planner/cluster/control_plane.py)."""
+
+import pytest
+
+from planner.cluster.control_plane import NOTIFY, POLL, REFERENCE_RANKS, model_for
+from planner.cluster.sim import TransitionConfig
+
+
+def test_no_growth_at_the_reference_size():
+    for m in (POLL, NOTIFY):
+        assert m.extra_s(REFERENCE_RANKS) == (0.0, 0.0, 0.0)
+
+
+def test_growth_is_monotone_and_poll_costs_more_at_scale():
+    for m in (POLL, NOTIFY):
+        a, b = m.extra_s(64), m.extra_s(1024)
+        assert all(y > x > 0 for x, y in zip(a, b))
+    assert sum(POLL.extra_s(1024)) > 5 * sum(NOTIFY.extra_s(1024))
+    assert NOTIFY.utilisation(1024) < 1 <= POLL.utilisation(1024)  # poll saturates the store
+
+
+def test_names():
+    assert model_for("fixed") is None and model_for("notify") is NOTIFY
+    with pytest.raises(ValueError, match="control plane"):
+        TransitionConfig(control_plane="gossip")
