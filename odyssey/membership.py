@@ -108,6 +108,8 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
         all_in = count >= len(expected) and store.check(
             [contract.join_key(generation, r) for r in expected])
         if all_in or timed_out:
+            if store.check([contract.JOB_STATUS]):  # a late newcomer must not start over
+                raise JobFinished(f"the job finished before generation {generation} formed")
             t_all_in = time.time()
             joined = [r for r in expected if store.check([contract.join_key(generation, r)])]
             silent = sorted(set(expected) - set(joined))
@@ -139,6 +141,9 @@ def _propose(store: dist.Store, generation: int, members: list[int], dead: list[
     raw = store.multi_get([contract.join_key(generation, r) for r in members])
     steps = {json.loads(v)["rank"]: json.loads(v)["committed"] for v in raw}
     veterans = {r: s for r, s in steps.items() if r not in newcomers}
+    if not veterans:  # nobody holds the state: newcomers alone would train from step 0
+        raise AgreementError(f"no member of generation {generation - 1} is left to join "
+                             f"(newcomers {sorted(steps)}); the job needs a restart")
     if len(set(veterans.values())) > 1:
         raise AgreementError(f"survivors disagree on the last committed step: {veterans}")
     committed = next(iter(veterans.values())) if veterans else -1

@@ -179,6 +179,8 @@ class Trainer:
         # warm up before announcing: the first optimizer step in a process pays seconds of
         # lazy imports, which must not land inside the survivors' recovery time
         self.engine.warm_up()
+        if store.check([contract.JOB_STATUS]):  # it finished while this rank warmed up
+            return None
         idx = store.add(contract.NEWCOMERS_COUNT, 1) - 1
         store.set(contract.newcomer_key(idx), str(me))
         if store.check([contract.SAMPLER_BASE]):  # the job resumed under a new layout

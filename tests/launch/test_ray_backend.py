@@ -146,18 +146,18 @@ def test_killed_actor_recovers_like_a_killed_process_and_a_replacement_rejoins(t
     check_same_numbers(report, run_dir, steps=STEPS)
     events = recoveries(report)
     assert events[0]["cause"] == "failure" and events[0]["ranks_lost"] == [3], events
-    # the replacement actor took rank 3's freed bundle and rejoined the running job
-    # (in its own generation, or already in the failure's when it announced itself before
-    # the survivors agreed: the first recovery's agree has taken ~3 s on the Ray path since
-    # 2026-12-01, an open regression noted in the session note)
-    causes = [e["cause"] for e in events]
+    # the replacement actor took rank 3's freed bundle and rejoined the running job: in
+    # its own generation, or already in the failure's when it announced itself before the
+    # survivors agreed (rank 0 sleeps 3 s in step 4, so the agreement waits ~3 s for it, and
+    # a replacement that starts faster than that is taken into the same generation)
+    causes = [e["cause"] for e in events if e["cause"] != "join" or 4 in e["newcomers"]]
     assert causes in (["failure", "join", "failure"], ["failure", "failure"]), out[-4000:]
     joined = next(e for e in events if 4 in e["newcomers"])
     assert joined["newcomers"] == [4] and 4 in joined["members"]
     assert final["actors"]["4"]["bundle"] == 3
     assert final["exits"]["4"]["exitcode"] == 0
     # the hung rank: fenced by a survivor, killed with its actor, then recorded
-    assert events[-1]["ranks_lost"] == [2]
+    assert [e["ranks_lost"] for e in events if e["cause"] == "failure"][-1] == [2]
     assert "2" in final["fenced"] and "2" in final["actors_lost"]
     assert final["exits"]["2"]["signal"] == "SIGKILL"
     assert not _alive(final["workers"]["2"])

@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from odyssey import contract
-from odyssey.membership import agree
+from odyssey.membership import AgreementError, JobFinished, agree
 from odyssey.monitor import FailureMonitor, MonitorConfig
 
 
@@ -66,6 +66,24 @@ def test_survivors_agree_once_with_a_trace(server, plane):
         assert m.trace["polls"] == 1
     joins = [json.loads(server.get(contract.join_key(1, r))) for r in range(3)]
     assert all(j["time"] <= m.trace["all_in"] <= m.decided_at for j in joins)
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_late_newcomer_never_starts_the_job_over(server, finished):
+    # The replacement of a rank lost near the end announces itself after the survivors
+    # finished and exited: alone it would train from step 0 over the finished run.
+    for r in (0, 1):
+        _exit_record(server, r)
+    server.add(contract.NEWCOMERS_COUNT, 1)
+    server.set(contract.newcomer_key(0), "5")
+    if finished:
+        server.set(contract.JOB_STATUS, contract.JOB_DONE)
+    mon = _monitor(server, 5, "notify")
+    mon.watch(2, [0, 1])
+    with pytest.raises(JobFinished if finished else AgreementError,
+                       match="finished" if finished else "no member of generation 2"):
+        agree(mon.store, mon, 3, 5, [0, 1], committed_step=-1)
+    assert not server.check([contract.members_key(3)])
 
 
 def test_watcher_delivers_a_notice_without_polling(server):
