@@ -13,6 +13,8 @@ the checkpoint reload), and the steps since that checkpoint are redone on top.
     python benchmarks/mttr.py --kinds reroute --repeats 1
     python benchmarks/mttr.py --kinds reroute,redundant,reparallelize --repeats 3 \
         --control-planes poll,notify          # the old and the new control plane, interleaved
+    python benchmarks/mttr.py --kinds reparallelize --repeats 3 \
+        --variant "shared device=" --variant "device per group=--comm.share-device false"
 
 Each figure is printed with `os.getloadavg()` (1-minute) taken just before the run: timing
 runs need a quiet machine. `--control-planes` runs each in-place kind under each control
@@ -38,27 +40,27 @@ from odyssey.report import read_jsonl  # noqa: E402
 KINDS = ("reroute", "redundant", "reparallelize", "restart")
 
 
-def job_args(args, policy: str, control_plane: str | None = None) -> list[str]:
-    plane = ["--monitor.control-plane", control_plane] if control_plane else []
-    return [*plane, "--mode", "emulated", "--dp", str(args.dp), "--pp", str(args.pp),
+def job_args(args, policy: str, flags: list[str] | None = None) -> list[str]:
+    return [*(flags or []), "--mode", "emulated", "--dp", str(args.dp), "--pp", str(args.pp),
             "--steps", str(args.steps), "--num-microbatches", "8", "--microbatch-size", "2",
             "--log-every", "1000", "--emu-num-layers", "8", "--emu-forward-ms", "10",
             "--emu-backward-ms", "20", "--ft-policy", policy, "--checkpoint-every", "5",
             "--inject", f"kill:rank={args.victim},step={args.kill_step},phase=backward"]
 
 
-def odyssey_once(args, kind: str, control_plane: str | None = None) -> dict:
+def odyssey_once(args, kind: str, variant: tuple[str, tuple[str, ...]] | None = None) -> dict:
     load = os.getloadavg()[0]
+    label, flags = variant or ("default", [])
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d) / "run"
-        report = launch(args.dp * args.pp, run_dir, job_args(args, kind, control_plane))
+        report = launch(args.dp * args.pp, run_dir, job_args(args, kind, list(flags)))
         ev = next(e for e in report["events"] if e["kind"] == "recovery")
         times = [m["step_time_s"] for m in read_jsonl(run_dir / "metrics.jsonl")]
         before = statistics.median(times[1:args.kill_step])
         after = statistics.median(times[ev["resume_step"] + 1:])
         return {"kind": ev["chosen"], "mttr_s": ev["mttr_s"], "phases": ev["phases"],
                 "subphases": ev.get("subphases", {}), "loadavg_1m": load,
-                "control_plane": control_plane or "default",
+                "control_plane": label,
                 "redone_step_s": ev["redone_step_s"], "lost_steps": ev["lost_steps"],
                 "step_s_before": before, "step_s_after": after,
                 "predicted_step_s": ev["predicted_step_s"],
@@ -91,9 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control-planes", default="",
                     help="comma list of monitor.control_plane values to compare (poll = the "
                          "old design, notify = the new); default: the job's default")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
+                    help="a job variant to compare (repeatable), e.g. 'per-group=--comm."
+                         "share-device false'; runs interleave with the other variants")
     ap.add_argument("--out", default=str(out_dir() / "mttr.json"))
     args = ap.parse_args(argv)
-    planes = [p for p in args.control_planes.split(",") if p] or [None]
+    planes = [(p, ("--monitor.control-plane", p)) for p in args.control_planes.split(",") if p]
+    for v in args.variant:
+        label, _, flags = v.partition("=")
+        planes.append((label, tuple(flags.split())))
+    planes = planes or [None]
     rows = []
     for kind in args.kinds.split(","):
         if kind == "torchrun":
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _row(kind: str, plane: str | None, runs: list[dict]) -> dict:
+def _row(kind: str, variant: tuple[str, tuple[str, ...]] | None, runs: list[dict]) -> dict:
+    plane = variant[0] if variant else None
     mttrs = [r["mttr_s"] for r in runs]
     row = {"kind": kind, "control_plane": plane or "default",
            "mttr_s_median": statistics.median(mttrs), "mttr_s": mttrs, "runs": runs}

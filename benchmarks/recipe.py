@@ -69,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(run_variant(name, flags, args.steps, args.data,
                                 out_dir("recipe", str(len(rows)))))
-    print(f"{'variant':40s} {'median step':>12s} {'data wait':>10s} {'max wait':>9s}")
+    load = os.getloadavg()
+    print(f"{'variant':40s} {'median step':>12s} {'data wait':>10s} {'max wait':>9s}"
+          f"   (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
     for r in rows:
         print(f"{r['variant']:40s} {r['median_step_s'] * 1e3:9.1f} ms "
               f"{r['data_wait_share'] * 100:9.2f}% {r['max_data_wait_s'] * 1e3:6.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"mode": "real", "ranks": 4, "plan": "dp2 x pp2",
-                                    "steps": args.steps, "rows": rows}, indent=1) + "\n")
+                                    "steps": args.steps, "load_average": load,
+                                    "date": time.strftime("%Y-%m-%d"), "rows": rows},
+                                   indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -3,7 +3,9 @@
 Unlike torch's elastic agent, a worker exit never stops the others: it is recorded in
 the store (``odyssey/exits/{rank}``) and the training runtime decides what happens next.
 Control requests it serves (fences, replacement workers) must carry the job token's HMAC
-(:mod:`odyssey.control`); others are ignored with one log line.
+(:mod:`odyssey.control`); others are ignored with one log line. Under the "node" control
+plane it also reads its workers' node-local heartbeats, fences a hung one itself and
+relays the store's notices to them (:mod:`launch.node_liveness`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from launch.node_liveness import NodePlane
 from launch.node_watch import NodeWatcher
 from launch.notice import announce_exits
 from launch.store import SafeStore
@@ -31,6 +34,15 @@ _FENCE_REAP_WAIT_S = 2.0
 """How long a fence waits in line for the SIGKILLed process to be reaped. A process in
 uninterruptible sleep can take longer; then ``fenced`` is written when the reaping loop
 sees it die, never before."""
+
+_FENCE_BACKSTOP_S = 1.0
+"""How often the launcher looks at its ranks' fence keys even when FENCES_COUNT did not
+move (a fence request written without the bump, e.g. by an older client)."""
+
+_SLOW_POLL_S = 0.1
+"""Period of the launcher's looks at the job status and the replacement requests (a
+tenth of a second later at the end of a job or for a replacement costs nothing; five
+fewer store requests per node per 20 ms loop period)."""
 
 _SPAWN_WRITE_WAIT_S = 5.0
 """A replacement request counted but not yet written is waited for this long (its writer
@@ -85,6 +97,9 @@ class Agent:
         self.store = store
         self.config = config
         self._fenced: dict[int, str] = {}
+        self._fences_seen = -1  # FENCES_COUNT at the last look at the fence keys
+        self._fences_checked = 0.0
+        self._status_checked = self._spawns_checked = 0.0  # the slow polls' last times
         self._fencing: dict[int, str] = {}  # SIGKILL sent, death not yet confirmed
         self._signal: signal.Signals | None = None
         self._job_status: str | None = None
@@ -100,8 +115,10 @@ class Agent:
         self._declared_lost = False
         self._forward_at: float | None = None  # stop requested: forward the signal then
         self._wake = threading.Event()  # set by a worker's waiter thread when it exits
+        self._node_plane: NodePlane | None = None  # workers given a liveness directory
         for w in workers:
             self._watch_exit(w)
+            self._watch_liveness(w)
 
     @property
     def received_signal(self) -> signal.Signals | None:
@@ -112,6 +129,16 @@ class Agent:
         """Supervise one more worker (called as each one is spawned)."""
         self.workers[worker.rank] = worker
         self._watch_exit(worker)
+        self._watch_liveness(worker)
+
+    def _watch_liveness(self, worker: Worker) -> None:
+        """Read the node-local heartbeat files of workers given a liveness directory."""
+        if worker.liveness_dir is None:
+            return
+        if self._node_plane is None:
+            self._node_plane = NodePlane(worker.liveness_dir, self.store,
+                                         self.config.node_rank)
+        self._node_plane.add(worker.rank, worker.wake_fd)
 
     def _watch_exit(self, worker: Worker) -> None:
         """Wake the loop the moment `worker` dies (a blocking wait per worker instead of
@@ -173,6 +200,7 @@ class Agent:
                 self._stop_all(self._signal)
             self._poll_fences()
             self._poll_job_status()
+            self._poll_liveness()
             self._poll_spawns()
             self._enforce_deadline()
             self._beat()
@@ -183,6 +211,8 @@ class Agent:
             self._wake.wait(self.config.poll_interval_s)
         # Fences requested in the last poll period still deserve an answer.
         self._poll_fences()
+        if self._node_plane is not None:
+            self._node_plane.stop()
         return AgentResult(
             exits={r: w.exit for r, w in self.workers.items() if w.exit is not None},
             fenced=dict(self._fenced),
@@ -206,9 +236,13 @@ class Agent:
         if not self._declared_lost:
             self.store.set(contract.exit_key(worker.rank), record.to_json())
             self.store.add(contract.EXITS_COUNT, 1)
-            if record.exitcode != 0:
+            if record.exitcode != 0 or (self._node_plane is not None
+                                        and self._job_status is None
+                                        and self._node_plane.left_unannounced(worker.rank)):
                 announce_exits(self.store, [worker.rank], f"exited ({record.describe()})",
                                f"launcher {self.config.node_rank}", record.time)
+        if self._node_plane is not None:
+            self._node_plane.drop(worker.rank)
         log.warning("rank %d (pid %d) %s", worker.rank, worker.pid, record.describe())
         if (record.exitcode != 0 and self.config.rejoin_after_s is not None
                 and self._job_status is None):
@@ -216,9 +250,29 @@ class Agent:
         if worker.rank in self._fencing:
             self._confirm_fence(worker.rank, self._fencing.pop(worker.rank))
 
+    # -- node control plane ----------------------------------------------------------
+    def _poll_liveness(self) -> None:
+        """node plane: fence local workers whose heartbeat file stalled (the notice is
+        published first, by NodePlane.hung)."""
+        if self._node_plane is None or self._job_status is not None:
+            return
+        watched = [r for r, w in self.workers.items()
+                   if w.alive and w.liveness_dir is not None and r not in self._fencing
+                   and r not in self._fenced]
+        for rank, reason in self._node_plane.hung(watched):
+            self._fence(self.workers[rank], reason)
+
     # -- fencing -------------------------------------------------------------------
     def _poll_fences(self) -> None:
-        # One cheap `check` per local rank not yet fenced: ~40 us each on a local store.
+        """Fence requests for local ranks. One counter read per period; the ranks' keys
+        only when it moved, or once per `_FENCE_BACKSTOP_S` (a request written without
+        the bump): at 1024 ranks a key check per rank per 20 ms period was most of the
+        store's load (docs/BENCHMARKS.md, control-plane load)."""
+        now = time.monotonic()
+        count = self.store.add(contract.FENCES_COUNT, 0)
+        if count == self._fences_seen and now - self._fences_checked < _FENCE_BACKSTOP_S:
+            return
+        self._fences_seen, self._fences_checked = count, now
         for rank, worker in self.workers.items():
             if rank in self._fenced or rank in self._fencing:
                 continue
@@ -262,6 +316,9 @@ class Agent:
             key = contract.spawn_key(i)
             self.store.set(key, sign(self.config.token, key, json.dumps(
                 {"node": self.config.node_rank, "reason": "--rejoin-after"})))
+        if now - self._spawns_checked < _SLOW_POLL_S:
+            return
+        self._spawns_checked = now
         count = self.store.add(contract.SPAWN_COUNT, 0)
         while self._spawns_seen < count:
             key = contract.spawn_key(self._spawns_seen)
@@ -306,7 +363,11 @@ class Agent:
                     self.config.stop_grace_s)
 
     def _poll_job_status(self) -> None:
-        if self._job_status is None and self.store.check(contract.JOB_STATUS):
+        now = time.monotonic()
+        if self._job_status is not None or now - self._status_checked < _SLOW_POLL_S:
+            return
+        self._status_checked = now
+        if self.store.check(contract.JOB_STATUS):
             self._job_status = self.store.get_text(contract.JOB_STATUS)
             self._status_seen_at = time.monotonic()
             if any(w.alive for w in self.workers.values()):

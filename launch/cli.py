@@ -13,12 +13,14 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 COMMANDS: dict[str, str] = {
     "run": "launch.run:main",
     "inject": "launch.inject:main",
+    "status": "launch.status:main",
     "replay": "launch.replay_trace:main",
     "plan": "planner.cli:plan_main",
     "profile": "profiler.cli:profile_main",
@@ -112,5 +114,16 @@ def _exit_code(stop: SystemExit) -> int:
     return 1
 
 
+def console() -> None:
+    """The `odyssey` console script: `main`, then leave at once. Interpreter shutdown
+    would destroy torch's store objects still held by daemon threads (a metrics exporter,
+    a relay blocked in a wait), which can abort the launcher (SIGABRT, "terminate called
+    without an active exception") after its summary is out."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from launch import prometheus
 from launch.options import LaunchOptions, UsageError
 from odyssey import ds_config
 from odyssey.faults import FaultSpec
@@ -117,6 +118,10 @@ def check_config(cfg: Any, world: int | None, shape: str) -> None:
             FaultSpec.parse(text, world)
         except ValueError as e:
             raise UsageError(f"--inject: {e}") from None
+    if cfg.metrics.prometheus_addr and not prometheus.available():
+        raise UsageError(f"--metrics.prometheus-addr {cfg.metrics.prometheus_addr}: the "
+                         "prometheus_client package is not installed (pip install "
+                         "'odyssey-train[prom]')")
     if t.ds_config:
         try:
             ds_config.apply(cfg, world or 1)
@@ -142,6 +147,11 @@ def check(opts: LaunchOptions) -> bool:
         raise
     except (ValueError, TypeError) as e:  # a component's own check
         raise UsageError(f"training script arguments: {' '.join(str(e).split())}") from None
+    if opts.backend == "ray" and cfg.monitor.control_plane == "node":
+        raise UsageError("--monitor.control-plane node needs each node's launcher beside "
+                         "its workers (it reads their heartbeat files), but the Ray "
+                         "backend's driver is not on the workers' nodes: use notify (the "
+                         "default) with --backend ray")
     shape = f"--nproc-per-node {opts.nproc} x --nnodes {opts.max_nodes}"
     check_config(cfg, job_world_size(opts) if opts.backend != "ray" else opts.nproc, shape)
     return True

@@ -24,6 +24,7 @@ from launch.options import LaunchOptions
 from launch.ray_actor import ActorProc, WorkerHost, never_started
 from launch.ray_config import RayConfig
 from launch.run_files import make_run_dir
+from launch.run_lock import RunDirLock
 from launch.store import SafeStore, host_store, use_external_store
 from launch.supervise import supervise
 from launch.workers import JobLayout, Worker
@@ -195,8 +196,13 @@ def run_ray(opts: LaunchOptions) -> int:
         log.error("--backend ray needs the ray package (pip install 'odyssey-train[ray]'): "
                   "%s", err)
         return 2
-    cfg: RayConfig = opts.ray
     run_dir = make_run_dir(opts.run_dir)
+    with RunDirLock(run_dir, opts.job_id):  # one job per run directory, as without Ray
+        return _run_ray(ray, opts, run_dir)
+
+
+def _run_ray(ray, opts: LaunchOptions, run_dir: str) -> int:
+    cfg: RayConfig = opts.ray
     token = read_token(opts.token_file) if opts.token_file else new_token()
     write_token(run_dir, token)
     local = cfg.address is None

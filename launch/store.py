@@ -127,6 +127,10 @@ class SafeStore:
                       type(err).__name__, err)
             return default
 
+    def clone(self) -> Any:
+        """Another client of the same store, for a thread of its own (None if lost)."""
+        return self._call(None, "clone")
+
     def check(self, key: str) -> bool:
         """True if ``key`` exists."""
         return bool(self._call(False, "check", [key]))

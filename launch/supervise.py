@@ -19,8 +19,9 @@ from typing import Any, Protocol
 from launch.agent import Agent, AgentConfig, AgentResult, exit_status, kill_all_now
 from launch.node_watch import NodeWatchConfig, NodeWatcher, publish_job
 from launch.options import LaunchOptions
+from launch.prometheus import MetricsExporter
 from launch.run_files import write_launcher_file
-from launch.store import SafeStore
+from launch.store import SafeStore, connect_store
 from launch.workers import JobLayout, Worker
 from odyssey import contract
 from odyssey.control import token_check
@@ -74,10 +75,17 @@ def supervise(opts: LaunchOptions, backend: Backend, store: SafeStore) -> int:
     # Handlers go in before the first start, so a signal can never leave workers behind,
     # and stay until the summary is out, so a late Ctrl-C cannot cut it short.
     restore_signals = agent.install_signal_handlers()
+    # node 0 serves the job's Prometheus metrics if its config asks (launch/prometheus.py)
+    exporter = MetricsExporter(lambda: connect_store(layout.store_addr, layout.store_port)
+                               ) if layout.node_rank == 0 else None
     try:
+        if exporter is not None:
+            exporter.start()
         result = _run(opts, backend, store, agent)
         return _finish(opts, backend, store, agent, result)
     finally:
+        if exporter is not None:
+            exporter.stop()
         restore_signals()
         backend.release()
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from launch.node_liveness import make_liveness_dir, remove_liveness_dir
 from odyssey import contract
 from odyssey.netaddr import interface_of, is_loopback
 
@@ -106,6 +107,11 @@ class Worker:
     local_rank: int
     proc: subprocess.Popen
     exit: contract.ExitRecord | None = field(default=None)
+    liveness_dir: str | None = field(default=None)
+    """Node-local directory of the "node" control plane this worker was given (its
+    launcher reads its heartbeat there; launch/node_liveness.py), None if none."""
+    wake_fd: int | None = field(default=None)
+    """Write end of the worker's wake-up pipe (node control plane), None if none."""
 
     @property
     def pid(self) -> int:
@@ -119,7 +125,7 @@ class Worker:
 
 
 def spawn(cmd: Sequence[str], env: Mapping[str, str], rank: int, local_rank: int,
-          default_signals: bool = False) -> Worker:
+          default_signals: bool = False, pass_fds: Sequence[int] = ()) -> Worker:
     """Start ``cmd`` as a worker in its own session, killed if this launcher dies.
 
     Its own session (and so process group) lets us signal the worker together with any
@@ -129,7 +135,8 @@ def spawn(cmd: Sequence[str], env: Mapping[str, str], rank: int, local_rank: int
     """
     flag = ["--default-signals"] if default_signals else []
     argv = [sys.executable, "-I", "-S", _SHIM, str(os.getpid()), *flag, *cmd]
-    proc = subprocess.Popen(argv, env=dict(env), start_new_session=True, close_fds=True)
+    proc = subprocess.Popen(argv, env=dict(env), start_new_session=True, close_fds=True,
+                            pass_fds=tuple(pass_fds))
     return Worker(rank=rank, local_rank=local_rank, proc=proc)
 
 
@@ -182,18 +189,34 @@ class ProcessBackend:
     def __init__(self, cmd: Sequence[str], layout: JobLayout) -> None:
         self.cmd = list(cmd)
         self.layout = layout
+        self.liveness_dir = make_liveness_dir()  # this launcher sits beside its workers
+
+    def _spawn(self, env: dict[str, str], rank: int, local_rank: int) -> Worker:
+        read_end, write_end = os.pipe()  # the node plane's wake-up, see Worker.wake_fd
+        os.set_blocking(write_end, False)
+        env[contract.ENV_LIVENESS_DIR] = self.liveness_dir
+        env[contract.ENV_LIVENESS_WAKE_FD] = str(read_end)
+        try:
+            worker = spawn(self.cmd, env, rank, local_rank, pass_fds=(read_end,))
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        worker.liveness_dir, worker.wake_fd = self.liveness_dir, write_end
+        return worker
 
     def start_workers(self) -> Iterator[Worker]:
         """Spawn one worker per local rank, yielding each as soon as it runs."""
         for local_rank in range(self.layout.nproc):
-            yield spawn(self.cmd, worker_env(self.layout, local_rank),
-                        self.layout.global_rank(local_rank), local_rank)
+            yield self._spawn(worker_env(self.layout, local_rank),
+                              self.layout.global_rank(local_rank), local_rank)
 
     def start_replacement(self, rank: int, local_rank: int) -> Worker:
         """Spawn a replacement worker that joins the running job as ``rank``."""
         env = worker_env(self.layout, local_rank)
         env.update({"RANK": str(rank), contract.ENV_JOIN: "1"})
-        return spawn(self.cmd, env, rank, local_rank)
+        return self._spawn(env, rank, local_rank)
 
     def worker_record(self, worker: Worker) -> dict[str, Any]:
         """The spawn record of ``worker`` (``odyssey/workers/{rank}``)."""
@@ -211,4 +234,5 @@ class ProcessBackend:
         return {"host": hostname()}
 
     def release(self) -> None:
-        """Nothing to give back: the supervision loop reaps every process."""
+        """Remove the liveness directory (the supervision loop reaps every process)."""
+        remove_liveness_dir(self.liveness_dir)

@@ -22,10 +22,15 @@ from odyssey.model import LayeredModel
 from odyssey.online_profile import OnlineProfile
 from odyssey.precision import PrecisionConfig
 from planner.calibrate import Calibration, CalibrationConfig
+from planner.cluster.predict import Predictor
 from planner.cost import CostModel
+from planner.memory import MemoryModel
 from planner.plan import Plan
 from planner.simulate import simulate_plan
 from profiler.profile import Profile
+
+EVENT_UPTO_RANKS = 64
+"""Plans on at most this many ranks are predicted by the event simulator."""
 
 
 class StepTimeModel:
@@ -50,16 +55,27 @@ class StepTimeModel:
         for v in votes.values():
             self.online.observe(v["timing"])
 
+    def current_profile(self) -> Profile:
+        """The profile predictions use: the given one, or the one measured online."""
+        if self.profile is not None:
+            return self.profile
+        spec = self.model.activation_spec(self.microbatch_size)
+        itemsize = self.precision.wire_dtype(spec.dtype).itemsize
+        act = float(torch.Size(spec.shape).numel() * itemsize)
+        return self.online.to_profile(self.model.name, self.microbatch_size, act)
+
     def simulator(self) -> Callable[[Plan], float]:
-        """Uncalibrated prediction from the profile (given, or measured online)."""
-        profile = self.profile
-        if profile is None:
-            spec = self.model.activation_spec(self.microbatch_size)
-            itemsize = self.precision.wire_dtype(spec.dtype).itemsize
-            act = float(torch.Size(spec.shape).numel() * itemsize)
-            profile = self.online.to_profile(self.model.name, self.microbatch_size, act)
-        cost = CostModel(profile)
-        return lambda plan: simulate_plan(plan, cost).step_time_s
+        """Uncalibrated prediction from the profile (given, or measured online): the
+        event simulator, or above `EVENT_UPTO_RANKS` the cluster simulator's closed form
+        (a second per plan at a thousand ranks would stall the recovery decision)."""
+        cost = CostModel(self.current_profile())
+        fast = Predictor(cost, "closed-form", 1.0)
+        return lambda plan: (simulate_plan(plan, cost).step_time_s
+                             if plan.world_size <= EVENT_UPTO_RANKS else fast(plan))
+
+    def memory_model(self) -> MemoryModel:
+        """Per-rank memory of candidate plans, from the same profile."""
+        return MemoryModel(self.current_profile())
 
     def predictor(self) -> Callable[[Plan], float]:
         """Calibrated prediction (simulator x the current correction factor)."""

@@ -63,6 +63,10 @@ class CommConfig:
     """NCCL: how long aborting the old generation's communicators may take before this
     rank gives up on them and leaves the job (its launcher records the exit, the others
     go on without it)."""
+    share_device: bool = True
+    """gloo: one transport device (one listening socket) for all of a generation's groups
+    of this rank, instead of one per group; building the groups of a recovery then takes
+    about half as long (docs/BENCHMARKS.md, issue 18). False: one device per group."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -104,6 +108,14 @@ class Comm:
         self.cfg = cfg or CommConfig()
         self.abort_check = abort_check or (lambda: None)
         self._groups: dict[str, tuple[dist.ProcessGroup, tuple[int, ...]]] = {}
+        self._device = None  # the gloo device all groups share (CommConfig.share_device)
+
+    def _gloo_device(self):
+        if not self.cfg.share_device:
+            return dist.ProcessGroupGloo.create_device(hostname=self.cfg.host)
+        if self._device is None:
+            self._device = dist.ProcessGroupGloo.create_device(hostname=self.cfg.host)
+        return self._device
 
     # ---- setup ---------------------------------------------------------------------
     def _new_group(self, name: str, members: tuple[int, ...]) -> dist.ProcessGroup:
@@ -115,7 +127,7 @@ class Comm:
         try:
             if self.cfg.backend == "gloo":
                 opts = dist.ProcessGroupGloo._Options()
-                opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.cfg.host)]
+                opts._devices = [self._gloo_device()]
                 opts._timeout = setup
                 opts._threads = 1
                 pg = dist.ProcessGroupGloo(pstore, rank, size, opts)

@@ -35,6 +35,14 @@ ignore those without a valid HMAC (injects); see odyssey/control.py."""
 ENV_GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
 """gloo's own variable: the interface ``init_process_group("gloo")`` binds (set by the
 launcher of a multi-node job to the interface of ``ODYSSEY_HOST``, unless already set)."""
+ENV_LIVENESS_DIR = "ODYSSEY_LIVENESS_DIR"
+"""A node-local directory the launcher creates for the "node" control plane: each worker
+bumps its heartbeat file there and watches the notice files its launcher relays
+(LIVENESS_* names below; launch/node_liveness.py)."""
+ENV_LIVENESS_WAKE_FD = "ODYSSEY_LIVENESS_WAKE_FD"
+"""The "node" control plane: the read end of a pipe (a file descriptor number) into which
+the launcher writes a byte after it relays each notice, so the worker's watcher blocks
+on it instead of polling the notice file."""
 ENV_BENCH_PROFILE_DIR = "ODYSSEY_BENCH_PROFILE_DIR"
 """Benchmarks only: where the DeepSpeed-comparison worker writes per-rank op timings."""
 ENV_OPLOG_DIR = "ODYSSEY_OPLOG_DIR"
@@ -76,6 +84,24 @@ WORKER_LOG_DIR = "logs"
 """Per-worker files the launcher reads when workers fail (under the run directory)."""
 
 
+def liveness_beat_file(rank: int) -> str:
+    """In ENV_LIVENESS_DIR: `rank`'s heartbeat, a counter the worker rewrites every
+    heartbeat period; removed when its monitor stops (no longer watched)."""
+    return f"rank{rank}.beat"
+
+
+def liveness_info_file(rank: int) -> str:
+    """In ENV_LIVENESS_DIR: JSON {"rank","pid","heartbeat_timeout_s"}, written once before
+    the first beat, so the launcher knows how long a stall it may allow."""
+    return f"rank{rank}.json"
+
+
+def liveness_notice_file(gen: int) -> str:
+    """In ENV_LIVENESS_DIR: generation `gen`'s notice (the JSON of `notice_key(gen)`),
+    relayed by the launcher from the store; written atomically (rename)."""
+    return f"notice-gen{gen}.json"
+
+
 def peer_checkpoint_dir(rank: int) -> str:
     return f"rank{rank}"
 
@@ -101,6 +127,9 @@ def checkpoint_layer_file(layer: int) -> str:
 
 
 TENSORBOARD_DIR = "tensorboard"
+STATUS_FILE = "status.json"
+"""The leader's last status record (see STATUS_RECORD), written when the run ends, for
+`odyssey status` once the store is gone."""
 TOKEN_FILE = "job-token"
 """The job token, readable by its owner only (mode 0600); `odyssey inject`/`replay` read it."""
 
@@ -168,6 +197,14 @@ def group_prefix(generation: int, name: str) -> str:
     return f"odyssey/gen{generation}/pg/{name}"
 
 
+STATUS_RECORD = "odyssey/status/record"
+"""JSON status of the job (generation, members, plan, step rate, recoveries, stragglers,
+fences, checkpoint), set by the leader on every committed step and recovery
+(odyssey/status.py); `odyssey status` and the Prometheus exporter read it."""
+METRICS_ENDPOINT = "odyssey/status/metrics_endpoint"
+"""``host:port`` where node 0's launcher serves Prometheus metrics (set once it listens;
+launch/prometheus.py)."""
+
 # written by the launcher
 EXITS_COUNT = "odyssey/exits/count"
 JOB_STATUS = "odyssey/job/status"
@@ -181,8 +218,14 @@ def exit_key(rank: int) -> str:
 
 def fence_key(rank: int) -> str:
     """Set (value: the reason, signed with the job token) to ask the owning launcher to
-    kill `rank`; an unsigned or forged value is ignored (odyssey/control.py)."""
+    kill `rank`, then add 1 to FENCES_COUNT; an unsigned or forged value is ignored
+    (odyssey/control.py)."""
     return f"odyssey/fence/{rank}"
+
+
+FENCES_COUNT = "odyssey/fences/count"
+"""Bumped after every fence request: a launcher reads this one counter each period and
+looks at its ranks' fence keys only when it moved (or, as a backstop, once a second)."""
 
 
 def fenced_key(rank: int) -> str:
@@ -237,6 +280,31 @@ def checkpoint_files_key(tag: int, step: int, rank: int) -> str:
     """JSON {file: {"sha256","size"}} a checkpoint writer reports once its files of that
     step are written (`tag`: the generation); the leader then writes the manifest."""
     return f"odyssey/gen{tag}/ckpt/{step}/files/{rank}"
+
+
+def checkpoint_copy_key(tag: int, step: int, layer: int) -> str:
+    """A layer file's bytes on their way from its writer to the rank that keeps its peer
+    copy (a chunked blob, `odyssey/store_blob.py`); the receiver deletes it."""
+    return f"odyssey/gen{tag}/ckpt/{step}/copy/{layer}"
+
+
+def checkpoint_manifest_key(tag: int, step: int) -> str:
+    """JSON {"meta", "manifest"} (file texts) the leader publishes when it completes a
+    step, or {"abandoned": true}: peer-copy holders write them beside their copies."""
+    return f"odyssey/gen{tag}/ckpt/{step}/manifest"
+
+
+def checkpoint_inventory_key(attempt: int, rank: int) -> str:
+    """JSON {step: {"manifest": text or null, "files": [names that verify here],
+    "problems": [...]}}: what one rank's disks hold, published when the job (re)starts to
+    agree on the step to resume (odyssey/checkpoint_share.py)."""
+    return f"odyssey/attempt{attempt}/ckpt/inventory/{rank}"
+
+
+def checkpoint_fetch_key(attempt: int, step: int, name: str, rank: int) -> str:
+    """A checkpoint file's bytes sent at a (re)start to `rank`, which needs it and has no
+    copy on its own disks (a chunked blob)."""
+    return f"odyssey/attempt{attempt}/ckpt/{step}/fetch/{name}/{rank}"
 
 
 STOP_REQUEST = "odyssey/stop/request"

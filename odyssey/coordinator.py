@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from odyssey import checkpoint as ckpt
@@ -29,9 +30,18 @@ from odyssey.membership import Membership, agree
 from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
 from planner.decision import RecoveryDecision
+from planner.memory import MemoryModel
 from planner.plan import Plan
 from planner.program import Channel, Program
 from planner.recovery import RecoveryConfig, RecoveryContext, build_candidates, choose, score
+
+
+def device_memory_bytes(device: torch.device) -> float | None:
+    """Total memory the device reports (None off CUDA: the planner then has no default
+    capacity, see `RecoveryConfig.capacity_bytes`)."""
+    if device.type != "cuda":
+        return None
+    return float(torch.cuda.get_device_properties(device).total_memory)
 
 
 class RecoveryFailed(RuntimeError):
@@ -65,7 +75,8 @@ class Coordinator:
                  predictor: Callable[[], Callable[[Plan], float]],
                  layer_bytes: Callable[[], list[float]],
                  say: Callable[..., None],
-                 before_migrate: Callable[[int], None] | None = None):
+                 before_migrate: Callable[[int], None] | None = None,
+                 memory_model: Callable[[], MemoryModel] | None = None):
         self.store = store
         self.rank = rank
         self.engine = engine
@@ -77,6 +88,7 @@ class Coordinator:
         self.layer_bytes = layer_bytes
         self.say = say
         self._before_migrate = before_migrate
+        self.memory_model = memory_model  # None: candidates' memory is not predicted
         self.current: Generation | None = None
         self._trained_plan: Plan | None = None  # of the last generation that committed
         self._adopted: tuple[int, list[int]] | None = None  # a joiner's starting point
@@ -166,7 +178,10 @@ class Coordinator:
                               ckpt.latest_step(self.ckpt_dir, trained.num_layers),
                               m.newcomers)
         predict = self.predictor()
-        cands, dropped = build_candidates(ctx, predict)
+        memory = self.memory_model() if self.memory_model is not None else None
+        capacity = self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
+        cands, dropped = build_candidates(ctx, predict, memory=memory, capacity_bytes=capacity,
+                                          drop_unfit=self.recovery.memory_aware)
         score(cands, ctx, self.recovery, predict)
         chosen = choose(cands, self.recovery)
         decision = RecoveryDecision(

@@ -10,9 +10,15 @@ third; all three must agree.
 
 The optimizer section must describe what Odyssey's engine runs (per-layer
 `torch.optim.AdamW`); missing params take DeepSpeed's defaults (lr 1e-3, betas
-(0.9, 0.999), weight decay 0.01 with `torch_adam`, else 0). Anything that would silently
-change the maths (clipping, fp16/bf16, a scheduler, another optimizer, an unknown key) is
-an error that names the key. Keys that only affect DeepSpeed's logging are ignored.
+(0.9, 0.999), weight decay 0.01 with `torch_adam`, else 0). `gradient_clipping` becomes
+`optimizer.grad_clip` (the same global norm, each layer counted once); `bf16.enabled`
+becomes bf16 compute; `fp16.enabled` becomes fp16 with dynamic loss scaling
+(`initial_scale_power`, `loss_scale_window`) when the scaling rule is Odyssey's: halve
+and skip at the first overflow (`hysteresis` 1), no static `loss_scale`, no
+`min_loss_scale` above 1. Anything that would silently change the maths (a scheduler,
+whose warmup counts steps differently from Odyssey's `--lr-schedule`, another optimizer,
+another loss-scaling rule, an unknown key) is an error that names the key and the flag
+to use instead. Keys that only affect DeepSpeed's logging are ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 from odyssey.engine import OptimizerConfig
 from odyssey.job_config import JobConfig
+from odyssey.precision import PrecisionConfig
 from planner.plan import Plan
 
 IGNORED_KEYS = frozenset({
@@ -53,6 +60,10 @@ class DSSettings:
     """Microbatches per pipeline per step at launch."""
     optimizer: OptimizerConfig | None
     """AdamW settings, or None when the config has no optimizer section."""
+    grad_clip: float = 0.0
+    """gradient_clipping (0: off)."""
+    precision: PrecisionConfig | None = None
+    """bf16/fp16 compute from the config, or None (the job's own precision)."""
 
 
 def load(source: str | Path | dict) -> dict:
@@ -139,21 +150,16 @@ def _check_unsupported(config: dict) -> None:
                                "gradient_clipping", "prescale_gradients",
                                "gradient_predivide_factor"} | IGNORED_KEYS
     if "scheduler" in config:
-        raise DSConfigError("a learning-rate scheduler is not supported: Odyssey trains at "
-                            "the constant optimizer.params.lr")
+        raise DSConfigError("a DeepSpeed scheduler is not supported (its warmup counts "
+                            "steps differently): remove it and use --lr-schedule, "
+                            "--warmup-steps, --min-lr-ratio (docs/recipe.md)")
     unknown = sorted(set(config) - known)
     if unknown:
         raise DSConfigError(f"DeepSpeed config keys {unknown} are not supported by Odyssey "
                             f"(supported: {sorted(known)})")
     clip = config.get("gradient_clipping", 0.0) or 0.0
-    if clip > 0:
-        raise DSConfigError(f"gradient_clipping {clip}: Odyssey's engine does not clip "
-                            "gradients (it would need a global norm across stages); set it "
-                            "to 0.0 or remove it")
-    for k in ("fp16", "bf16"):
-        if (config.get(k) or {}).get("enabled", False):
-            raise DSConfigError(f"{k}.enabled: Odyssey trains in the model's own dtype (fp32 "
-                                "here); mixed precision from a DeepSpeed config is not supported")
+    if not isinstance(clip, (int, float)) or clip < 0:
+        raise DSConfigError(f"gradient_clipping must be a number >= 0, got {clip!r}")
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage > 1:
         raise DSConfigError(f"zero_optimization.stage {stage}: pipeline models support "
@@ -161,6 +167,34 @@ def _check_unsupported(config: dict) -> None:
     if config.get("prescale_gradients") or config.get("gradient_predivide_factor", 1.0) != 1.0:
         raise DSConfigError("prescale_gradients / gradient_predivide_factor change the "
                             "gradient rounding and are not supported")
+
+
+def precision(config: dict) -> PrecisionConfig | None:
+    """bf16/fp16 compute from the `bf16`/`fp16` sections (None: neither is enabled)."""
+    bf16 = (config.get("bf16") or {}).get("enabled", False)
+    fp16 = config.get("fp16") or {}
+    if bf16 and fp16.get("enabled", False):
+        raise DSConfigError("bf16.enabled and fp16.enabled: choose one")
+    if bf16:
+        return PrecisionConfig("bf16")
+    if not fp16.get("enabled", False):
+        return None
+    unknown = sorted(set(fp16) - {"enabled", "initial_scale_power", "loss_scale_window",
+                                  "hysteresis", "loss_scale", "min_loss_scale", "auto_cast"})
+    if unknown:
+        raise DSConfigError(f"fp16 keys {unknown} are not supported")
+    if fp16.get("loss_scale", 0) != 0:
+        raise DSConfigError(f"fp16.loss_scale {fp16['loss_scale']}: a static loss scale is "
+                            "not supported (Odyssey scales dynamically; set it to 0)")
+    if fp16.get("hysteresis", 2) != 1:
+        raise DSConfigError(f"fp16.hysteresis {fp16.get('hysteresis', 2)} (DeepSpeed's "
+                            "default is 2): Odyssey halves the scale and skips the step at "
+                            "the first overflow; set \"hysteresis\": 1 to train with that rule")
+    if fp16.get("min_loss_scale", 1) > 1:
+        raise DSConfigError(f"fp16.min_loss_scale {fp16['min_loss_scale']} is not supported "
+                            "(Odyssey's scale has no floor above 1)")
+    return PrecisionConfig("fp16", init_scale=2.0 ** fp16.get("initial_scale_power", 16),
+                           growth_interval=int(fp16.get("loss_scale_window", 1000)))
 
 
 def settings(source: str | Path | dict, dp: int) -> DSSettings:
@@ -171,13 +205,15 @@ def settings(source: str | Path | dict, dp: int) -> DSSettings:
     _check_unsupported(config)
     mbs, gas = batch_layout(config, dp)
     return DSSettings(microbatch_size=mbs, num_microbatches=gas * dp,
-                      gradient_accumulation_steps=gas, optimizer=optimizer(config))
+                      gradient_accumulation_steps=gas, optimizer=optimizer(config),
+                      grad_clip=float(config.get("gradient_clipping", 0.0) or 0.0),
+                      precision=precision(config))
 
 
 def apply(job: JobConfig, world_size: int) -> JobConfig:
-    """`job` with the batch layout and AdamW settings of its `training.ds_config` (they
-    win over the flags); DP comes from the plan file, `parallelism.dp`, or
-    world_size // pp."""
+    """`job` with the batch layout, AdamW settings, clipping and precision of its
+    `training.ds_config` (they win over the flags); DP comes from the plan file,
+    `parallelism.dp`, or world_size // pp."""
     par = job.parallelism
     if par.plan_file:
         dp = len(Plan.from_json(Path(par.plan_file).read_text()).pipelines)
@@ -186,4 +222,11 @@ def apply(job: JobConfig, world_size: int) -> JobConfig:
     ds = settings(job.training.ds_config, dp)
     training = dataclasses.replace(job.training, microbatch_size=ds.microbatch_size,
                                    num_microbatches=ds.num_microbatches)
-    return dataclasses.replace(job, training=training, optimizer=ds.optimizer or job.optimizer)
+    optim = job.optimizer  # the schedule, groups and eps stay the job's
+    if ds.optimizer is not None:
+        optim = dataclasses.replace(optim, lr=ds.optimizer.lr, betas=ds.optimizer.betas,
+                                    weight_decay=ds.optimizer.weight_decay)
+    if "gradient_clipping" in load(job.training.ds_config):
+        optim = dataclasses.replace(optim, grad_clip=ds.grad_clip)
+    return dataclasses.replace(job, training=training, optimizer=optim,
+                               precision=ds.precision or job.precision)

@@ -70,10 +70,23 @@ def layer_check(check: Callable[[], None] | None) -> Iterator[None]:
         _boundary.check = previous
 
 
+@contextmanager
+def compute_scale(factor: float) -> Iterator[None]:
+    """Emulated layers run by this thread inside the block sleep `factor` times their
+    configured time (an injected persistent slowdown, odyssey/faults.py)."""
+    previous = getattr(_boundary, "scale", 1.0)
+    _boundary.scale = factor
+    try:
+        yield
+    finally:
+        _boundary.scale = previous
+
+
 def _sleep(seconds: float) -> None:
     check = getattr(_boundary, "check", None)
     if check is not None:
         check()
+    seconds *= getattr(_boundary, "scale", 1.0)
     if seconds > 0:
         time.sleep(seconds)
 

@@ -53,7 +53,9 @@ __all__ = ["Engine", "NoParamsOptimizer", "OpTiming", "OptimizerConfig", "StepRe
 class Engine:
     """Holds one rank's layers and optimizers and executes its instructions.
 
-    `before_op(step, op)` is called before each instruction (fault injection)."""
+    `before_op(step, op)` is called before each instruction (fault injection);
+    `after_op(step, op, seconds)` after it, inside its timed interval (an injected
+    slowdown, which the op's timing must include)."""
 
     def __init__(
         self,
@@ -65,6 +67,7 @@ class Engine:
         device: torch.device | str = "cpu",
         before_op: Callable[[int, Op], None] | None = None,
         precision: PrecisionConfig | None = None,
+        after_op: Callable[[int, Op, float], None] | None = None,
     ):
         self.model = model
         self.data = data
@@ -82,6 +85,7 @@ class Engine:
         self.comm: Comm | None = None
         self.commit: CommitProtocol | None = None
         self._before_op = before_op
+        self._after_op = after_op
         self._op_hooks: list[Callable[[OpTiming], None]] = []
         self._swap_cfg: SwapConfig | None = None  # None: no activation swapping
         self._swap: SwapManager | None = None
@@ -166,6 +170,8 @@ class Engine:
                     cpu = time.thread_time() if self._op_hooks else 0.0
                     t = time.perf_counter()
                     self._execute(ins, st)
+                    if self._after_op is not None:
+                        self._after_op(step, ins.op, time.perf_counter() - t)
                     end = time.perf_counter()
                     op_s[ins.op.value] += end - t
                     if self._op_hooks:

@@ -46,6 +46,9 @@ class WorkerInfo:
     """A replacement worker joining a running job (ODYSSEY_JOIN=1)."""
     token: str | None = None
     """The job token control commands are signed with (None outside `odyssey run`)."""
+    local_world_size: int = 0
+    """Workers per node (LOCAL_WORLD_SIZE; 0: unknown). Ranks r and r' share a node when
+    r // n == r' // n: peer checkpoint copies go to another node."""
 
 
 def store_client(addr: str, port: int, timeout_s: float = 120.0) -> dist.TCPStore:
@@ -69,7 +72,8 @@ def worker_from_env(timeout_s: float = 120.0) -> WorkerInfo:
                           int(env.get("LOCAL_RANK", 0)), 0, "odyssey",
                           env.get(contract.ENV_RUN_DIR), env[contract.ENV_HOST],
                           lambda: store_client(addr, port, timeout_s),
-                          env.get(contract.ENV_JOIN) == "1", env.get(contract.ENV_TOKEN))
+                          env.get(contract.ENV_JOIN) == "1", env.get(contract.ENV_TOKEN),
+                          int(env.get("LOCAL_WORLD_SIZE", 0)))
     attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
     addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
     host = "127.0.0.1" if is_loopback(addr) else (route_addr(addr, port) or "127.0.0.1")
@@ -78,4 +82,5 @@ def worker_from_env(timeout_s: float = 120.0) -> WorkerInfo:
         return dist.PrefixStore(f"attempt{attempt}", store_client(addr, port, timeout_s))
 
     return WorkerInfo(rank, world, open_store(), int(env.get("LOCAL_RANK", 0)), attempt,
-                      "torchrun", env.get(contract.ENV_RUN_DIR), host, open_store)
+                      "torchrun", env.get(contract.ENV_RUN_DIR), host, open_store,
+                      local_world_size=int(env.get("LOCAL_WORLD_SIZE", 0)))

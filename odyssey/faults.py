@@ -8,6 +8,12 @@ that resumes at that step, after the new groups exist; ``eval`` fires as the eva
 after that step starts (``--eval.every``). ``step=-1`` means the next step
 the rank starts.
 
+Slowness comes in two shapes: ``slow:rank=R,step=S,delay=D`` sleeps D seconds once (a
+hiccup), ``slow:rank=R,step=S,factor=F[,until=U]`` makes the rank's compute F times slower
+for steps S..U-1 (for good without ``until``): a persistent straggler (a throttled GPU).
+Its phase is ignored: every forward and backward of those steps is slowed
+(:meth:`FaultSpec.compute_factor`, applied by :mod:`odyssey.inject`).
+
 Torch-free, so the launcher's command line can validate specs without the runtime;
 :mod:`odyssey.inject` fires them inside a worker.
 """
@@ -28,7 +34,7 @@ PHASES = ("step", "forward", "backward", "allreduce", "commit", "migrate", "eval
 STEP_PHASES = tuple(p for p in PHASES if p not in ("migrate", "eval"))
 """Phases of a step that runs anyway (``migrate`` needs a recovery to happen, ``eval`` an
 evaluation)."""
-_FIELDS = ("rank", "step", "phase", "delay")
+_FIELDS = ("rank", "step", "phase", "delay", "factor", "until")
 
 
 class InjectedFault(RuntimeError):
@@ -40,7 +46,8 @@ class FaultSpec:
     """One fault to inject."""
 
     kind: str
-    """kill (SIGKILL itself), hang (SIGSTOP itself), slow (sleep `delay` s), raise."""
+    """kill (SIGKILL itself), hang (SIGSTOP itself), slow (sleep `delay` s once, or compute
+    `factor` x slower), raise."""
     rank: int
     """Worker id that suffers the fault."""
     step: int
@@ -49,11 +56,22 @@ class FaultSpec:
     """When: step (before it), forward, backward, allreduce, commit, or migrate (during
     a recovery that resumes at `step`)."""
     delay: float = 1.0
-    """Seconds of delay for `slow`."""
+    """Seconds of delay for a one-off `slow`."""
+    factor: float | None = None
+    """Persistent `slow`: forward and backward take `factor` (>= 1) times as long from
+    `step` on; None for every other fault."""
+    until: int | None = None
+    """Persistent `slow`: the first step no longer slowed (None: slowed to the end)."""
+
+    @property
+    def persistent(self) -> bool:
+        """A slowdown that lasts steps (``factor=``), not a one-off event."""
+        return self.factor is not None
 
     @classmethod
     def parse(cls, text: str, world_size: int | None = None) -> FaultSpec:
-        """Parse ``KIND:rank=R,step=S[,phase=P][,delay=D]``; ValueError names the problem."""
+        """Parse ``KIND:rank=R,step=S[,phase=P][,delay=D|,factor=F[,until=U]]``;
+        ValueError names the problem."""
         kind, sep, rest = text.partition(":")
         if not sep or kind not in KINDS:
             raise ValueError(f"bad fault spec {text!r}: expected KIND:rank=R,step=S with KIND "
@@ -66,27 +84,61 @@ class FaultSpec:
             fields[key] = value
         if "rank" not in fields or "step" not in fields:
             raise ValueError(f"bad fault spec {text!r}: rank= and step= are required")
+        if "factor" in fields and "delay" in fields:
+            raise ValueError(f"bad fault spec {text!r}: give delay= (one sleep) or factor= "
+                             "(persistent slowdown), not both")
         try:
             spec = cls(kind, int(fields["rank"]), int(fields["step"]),
-                       fields.get("phase", "step"), float(fields.get("delay", 1.0)))
+                       fields.get("phase", "step"), float(fields.get("delay", 1.0)),
+                       float(fields["factor"]) if "factor" in fields else None,
+                       int(fields["until"]) if "until" in fields else None)
         except ValueError as e:
             raise ValueError(f"bad fault spec {text!r}: {e}") from e
-        if spec.phase not in PHASES:
-            raise ValueError(f"bad fault spec {text!r}: phase must be one of {list(PHASES)}")
-        if world_size is not None and not 0 <= spec.rank < world_size:
-            raise ValueError(f"bad fault spec {text!r}: rank {spec.rank} is not in the job "
-                             f"(ranks 0..{world_size - 1})")
-        if spec.step < -1:
-            raise ValueError(f"bad fault spec {text!r}: step must be >= 0 (or -1: next step)")
-        return spec
+        try:
+            return spec.check(world_size)
+        except ValueError as e:
+            raise ValueError(f"bad fault spec {text!r}: {e}") from None
+
+    def check(self, world_size: int | None = None) -> FaultSpec:
+        """The spec itself if it is valid (for a job of `world_size` ranks, if given);
+        ValueError names the problem."""
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {list(PHASES)}")
+        if world_size is not None and not 0 <= self.rank < world_size:
+            raise ValueError(f"rank {self.rank} is not in the job (ranks 0..{world_size - 1})")
+        if self.step < -1:
+            raise ValueError("step must be >= 0 (or -1: next step)")
+        if self.kind == "slow" and self.delay < 0:
+            raise ValueError(f"delay must be >= 0, got {self.delay}")
+        if self.factor is None:
+            if self.until is not None:
+                raise ValueError("until= needs factor= (a persistent slowdown)")
+            return self
+        if self.kind != "slow":
+            raise ValueError(f"factor= is for slow faults, not {self.kind}")
+        if not self.factor >= 1:  # also refuses nan
+            raise ValueError(f"factor must be >= 1 (F times slower), got {self.factor}")
+        if self.until is not None and self.until <= self.step:
+            raise ValueError(f"until must be > step (the first step no longer slowed), got "
+                             f"step={self.step} until={self.until}")
+        return self
 
     def to_text(self) -> str:
         """The spec in the syntax :meth:`parse` reads."""
-        return (f"{self.kind}:rank={self.rank},step={self.step},phase={self.phase},"
-                f"delay={self.delay}")
+        text = f"{self.kind}:rank={self.rank},step={self.step},phase={self.phase}"
+        if self.factor is None:
+            return f"{text},delay={self.delay}"
+        return f"{text},factor={self.factor}" + (
+            "" if self.until is None else f",until={self.until}")
+
+    def compute_factor(self, step: int) -> float:
+        """How many times slower this spec makes `step`'s compute (1.0: not at all)."""
+        if self.factor is None or step < self.step:
+            return 1.0
+        return self.factor if self.until is None or step < self.until else 1.0
 
     def fire(self) -> None:
-        """Inflict the fault on the calling process."""
+        """Inflict a one-off fault on the calling process."""
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.kind == "hang":

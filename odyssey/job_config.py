@@ -20,12 +20,14 @@ from chameleon.config import SwapConfig
 from odyssey.comm import CommConfig
 from odyssey.faults import FaultSpec
 from odyssey.monitor import MonitorConfig
+from odyssey.netaddr import split_endpoint
 from odyssey.optim import OptimizerConfig
 from odyssey.precision import PrecisionConfig
 from odyssey.progress import MODES as PROGRESS_MODES
 from odyssey.token_data import DTYPES, TokenData, open_token_data
 from planner.plan import SCHEDULES
 from planner.recovery import POLICIES, RecoveryConfig
+from planner.straggler import StragglerConfig
 from profiler.configtree import section, verbatim
 
 COMPUTE_MODES = ("real", "emulated")
@@ -145,9 +147,13 @@ class CheckpointConfig:
     stopped (SIGTERM/SIGINT to `odyssey run`), so a rerun of the same command redoes
     nothing."""
     peer_copy: bool = False
-    """Also write each layer's file to the peer directory of one rank that does not hold
-    the layer (DIR/../peer-checkpoints/rank{p}), so losing one rank's files loses no layer
+    """Also send each layer's file to one rank that does not hold the layer, which keeps
+    the copy in its peer directory, so losing one node's files loses no layer
     (docs/checkpoints.md)."""
+    peer_dir: str = ""
+    """Where each rank keeps the peer copies it receives, as PEER_DIR/rank{r} (empty:
+    DIR/../peer-checkpoints). Point it at a node-local disk to put every copy on another
+    machine than its layer's writer; a restart gathers copies from every node."""
     timeout_s: float = 120.0
     """How long the leader waits for every writer's files before abandoning a checkpoint
     (it then stays incomplete and is never loaded)."""
@@ -173,12 +179,25 @@ class MetricsConfig:
     line every progress_every_s), plain (always plain lines) or off."""
     progress_every_s: float = 30.0
     """Seconds between plain progress lines."""
+    prometheus_addr: str = ""
+    """HOST:PORT where node 0's launcher serves Prometheus metrics of the job (step rate,
+    generation, recoveries, MTTR, checkpoint age; docs/sre.md), e.g. 0.0.0.0:9400 (port 0:
+    any free port, `odyssey status` shows it); empty: off. Needs the prometheus_client
+    package (the `prom` extra)."""
 
     def __post_init__(self) -> None:
         _one_of("metrics.progress", self.progress, PROGRESS_MODES)
         if self.progress_every_s < 0:
             raise ValueError(f"metrics.progress_every_s must be >= 0, got "
                              f"{self.progress_every_s}")
+        if self.prometheus_addr:
+            try:
+                host, port = split_endpoint(self.prometheus_addr, -1)
+            except ValueError:
+                host, port = "", -1
+            if not host or not 0 <= port <= 65535:
+                raise ValueError(f"metrics.prometheus_addr must be HOST:PORT (port 0-65535), "
+                                 f"got {self.prometheus_addr!r}")
 
 
 @dataclass(frozen=True)
@@ -243,6 +262,7 @@ class JobConfig:
     parallelism: ParallelismConfig = section(ParallelismConfig)
     fault_tolerance: FaultToleranceConfig = section(FaultToleranceConfig)
     monitor: MonitorConfig = section(MonitorConfig)
+    straggler: StragglerConfig = section(StragglerConfig)
     comm: CommConfig = section(CommConfig, exclude=("host",))  # the launcher's address
     optimizer: OptimizerConfig = section(OptimizerConfig)
     precision: PrecisionConfig = section(PrecisionConfig)
@@ -268,7 +288,7 @@ SHORT_FLAGS = {
     "dp": "parallelism.dp", "pp": "parallelism.pp", "partition": "parallelism.partition",
     "plan-file": "parallelism.plan_file",
     "ft-policy": "fault_tolerance.policy", "horizon-s": "fault_tolerance.horizon_s",
-    "inject": "fault_tolerance.inject",
+    "inject": "fault_tolerance.inject", "device-memory": "fault_tolerance.device_memory",
     "heartbeat-timeout-s": "monitor.heartbeat_timeout_s",
     "join-timeout-s": "monitor.join_timeout_s", "fence-timeout-s": "monitor.fence_timeout_s",
     "comm-timeout-s": "comm.timeout_s", "device": "comm.device",
@@ -279,7 +299,7 @@ SHORT_FLAGS = {
     "swap": "swap.mode", "memory-budget": "swap.budget", "swap-min-bytes": "swap.min_swap_bytes",
     "checkpoint-every": "checkpoint.every", "resume": "checkpoint.resume",
     "tensorboard": "metrics.tensorboard", "progress": "metrics.progress",
-    "progress-every-s": "metrics.progress_every_s",
+    "progress-every-s": "metrics.progress_every_s", "prometheus-addr": "metrics.prometheus_addr",
     "data": "data.path", "val-data": "data.val_path", "prefetch": "data.prefetch",
     "eval-every": "eval.every", "eval-microbatches": "eval.microbatches",
 }

@@ -10,16 +10,22 @@ default control plane ("notify") one watcher thread per rank blocks on that key 
 store and raises a local flag, so a rank waiting on communication learns of it without
 a store round trip; the watcher also checks one neighbour's heartbeat (each member is
 watched by its predecessor in the ring) and the exit count, a few requests per second per
-rank. The old control plane ("poll") asks the store every `poll_s` from every waiting rank
-and reads every member's heartbeat: kept as a switch for comparison (benchmarks/mttr.py,
-benchmarks/store_load.py). Timeouts form a hierarchy: heartbeat < collective op <
-launcher fence timeout. Fence requests are signed with the job token
-(:mod:`odyssey.control`): a launcher ignores one that is not.
+rank. The "node" control plane keeps per-rank liveness traffic on the node: a rank's
+heartbeat is a counter in a node-local file its launcher reads (the launcher fences a
+local rank that stalls and publishes the notice), and the launcher relays each notice
+from the store into a node-local file the watcher thread reads when the launcher's pipe
+wakes it; only the votes stay per rank (odyssey/liveness_files.py,
+launch/node_liveness.py). The old control plane ("poll") asks the store every `poll_s`
+from every waiting rank and reads every member's heartbeat: kept as a switch for
+comparison (benchmarks/mttr.py, benchmarks/store_load.py). Timeouts form a hierarchy:
+heartbeat < collective op < launcher fence timeout. Fence requests are signed with the
+job token (:mod:`odyssey.control`): a launcher ignores one that is not.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +36,9 @@ import torch.distributed as dist
 
 from odyssey import contract
 from odyssey.control import sign, token_from_env, verify
+from odyssey.liveness_files import BeatFile, read_notice
 
-CONTROL_PLANES = ("notify", "poll")
+CONTROL_PLANES = ("notify", "poll", "node")
 
 
 @dataclass(frozen=True)
@@ -52,12 +59,15 @@ class MonitorConfig:
     going on anyway (a lost node's ranks are confirmed by its --node-timeout instead)."""
     control_plane: str = "notify"
     """How ranks learn of a notice: "notify" (one watcher thread per rank blocks on the
-    notice key; waits check a local flag; one neighbour's heartbeat is read) or "poll"
-    (every waiting rank asks the store every poll_s and reads all heartbeats: the old
-    design, kept for comparison)."""
+    notice key; waits check a local flag; one neighbour's heartbeat is read), "node"
+    (heartbeats and notices go through node-local files the rank's launcher reads and
+    writes: no per-rank liveness traffic in the store; needs `odyssey run` with local
+    worker processes) or "poll" (every waiting rank asks the store every poll_s and reads
+    all heartbeats: the old design, kept for comparison)."""
     local_poll_s: float = 0.002
-    """notify: how often a rank waiting on communication looks at the local flag (no
-    store traffic)."""
+    """notify and node: how often a rank waiting on communication looks at the local
+    flag (no store traffic); node without the launcher's wake-up pipe: also how often the
+    watcher looks for the relayed notice file."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "heartbeat_timeout_s", "poll_s", "join_timeout_s",
@@ -70,7 +80,8 @@ class MonitorConfig:
 
     @property
     def notify(self) -> bool:
-        return self.control_plane == "notify"
+        """Notices arrive as a local flag set by a watcher thread ("notify" and "node")."""
+        return self.control_plane in ("notify", "node")
 
 
 class FailureMonitor:
@@ -78,13 +89,22 @@ class FailureMonitor:
 
     def __init__(self, store: dist.Store, rank: int, cfg: MonitorConfig | None = None,
                  store_factory: Callable[[], dist.Store] | None = None,
-                 token: str | None = None):
+                 token: str | None = None, liveness_dir: str | None = None):
         """``token``: the job token fence requests are signed with (default: the one the
-        launcher exported; none outside `odyssey run`)."""
+        launcher exported; none outside `odyssey run`). ``liveness_dir``: the node-local
+        directory of the "node" control plane (default: the one the launcher exported)."""
         self.store = store
         self.token = token if token is not None else token_from_env()
         self.rank = rank
         self.cfg = cfg or MonitorConfig()
+        self.liveness_dir = liveness_dir or os.environ.get(contract.ENV_LIVENESS_DIR)
+        wake = os.environ.get(contract.ENV_LIVENESS_WAKE_FD)
+        self._wake_fd = int(wake) if wake and self.cfg.control_plane == "node" else None
+        if self.cfg.control_plane == "node" and not self.liveness_dir:
+            raise ValueError(
+                "monitor.control_plane 'node' needs a launcher beside the workers that "
+                f"reads their heartbeats (`odyssey run`, local processes: it sets "
+                f"{contract.ENV_LIVENESS_DIR}); use 'notify' here")
         self.store_factory = store_factory
         self.generation = 0
         self.members: list[int] = []
@@ -94,6 +114,7 @@ class FailureMonitor:
         self._last_hb_check = 0.0
         self._stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
+        self._beat_file: BeatFile | None = None
         self._watcher: threading.Thread | None = None
         self._gen_changed = threading.Event()
         self._seen: dict | None = None  # notify: the notice the watcher saw (any generation)
@@ -102,8 +123,14 @@ class FailureMonitor:
 
     # ---- heartbeat -----------------------------------------------------------------
     def start_heartbeat(self) -> None:
-        """Bump `odyssey/hb/{rank}` every heartbeat_s from a thread with its own client."""
-        if self._hb_thread is not None or self.store_factory is None:
+        """Bump `odyssey/hb/{rank}` every heartbeat_s from a thread with its own client
+        (node: the rank's heartbeat file, and watch the relayed notice files)."""
+        if self._hb_thread is not None:
+            return
+        if self.cfg.control_plane == "node":
+            self._start_node_plane()
+            return
+        if self.store_factory is None:
             return
         store = self.store_factory()
         key = contract.heartbeat_key(self.rank)
@@ -123,6 +150,49 @@ class FailureMonitor:
             self._watcher = threading.Thread(target=self._watch_loop, args=(self.store_factory(),),
                                              name=f"notice-watcher-{self.rank}", daemon=True)
             self._watcher.start()
+
+    def _start_node_plane(self) -> None:
+        """node: beat into the node-local file, watch for the launcher's notice files."""
+        self._beat_file = beat = BeatFile(self.liveness_dir, self.rank,
+                                          self.cfg.heartbeat_timeout_s)
+
+        def beat_loop() -> None:
+            while not self._stop.wait(self.cfg.heartbeat_s):
+                try:
+                    beat.beat()
+                except OSError:  # closed by stop(), or the directory is gone
+                    return
+
+        self._hb_thread = threading.Thread(target=beat_loop, name=f"heartbeat-{self.rank}",
+                                           daemon=True)
+        self._hb_thread.start()
+        self._watcher = threading.Thread(target=self._watch_files,
+                                         name=f"notice-watcher-{self.rank}", daemon=True)
+        self._watcher.start()
+
+    def _watch_files(self) -> None:
+        """node: look for the current generation's relayed notice (a node-local file; no
+        store request) each time the launcher's wake-up pipe says it relayed one, or
+        every local_poll_s without a pipe."""
+        wake = self._wake_fd
+        while not self._stop.is_set():
+            gen = self.generation
+            record = read_notice(self.liveness_dir, gen)
+            if record is None:
+                if wake is None:
+                    self._stop.wait(self.cfg.local_poll_s)
+                    continue
+                try:  # blocks (without the GIL) until the next relayed notice
+                    woke = os.read(wake, 4096)
+                except OSError:
+                    woke = b""
+                if not woke:  # the launcher closed it: look at the file instead
+                    wake = None
+                continue
+            self._saw(record)
+            while self.generation == gen and not self._stop.is_set():
+                self._gen_changed.wait(0.5)
+                self._gen_changed.clear()
 
     @property
     def notified(self) -> bool:
@@ -189,6 +259,8 @@ class FailureMonitor:
     def stop(self) -> None:
         self._stop.set()
         self._gen_changed.set()
+        if self._beat_file is not None:  # node: tell the launcher this silence is meant
+            self._beat_file.close()
 
     # ---- generation ----------------------------------------------------------------
     def watch(self, generation: int, members: list[int]) -> None:
@@ -292,6 +364,7 @@ class FailureMonitor:
         standing = store.compare_set(key, "", value).decode()
         if standing != value and verify(self.token, key, standing) is None:
             store.set(key, value)  # a forged value must not block the real fence
+        store.add(contract.FENCES_COUNT, 1)  # launchers look at fence keys when it moves
 
     def fenced_or_exited(self, rank: int) -> bool:
         return bool(self.store.check([contract.fenced_key(rank)]) or

@@ -15,6 +15,7 @@ import fcntl
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 
 _SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's (primary) IPv4 address
 
@@ -40,24 +41,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _first_udp(host: str, port: int, act: Callable[[socket.socket, tuple], object]
+               ) -> str | None:
+    """Try `act(sock, sockaddr)` on a UDP socket for each address of ``host`` until one
+    does not raise OSError; that socket's local address, or None."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError):
+        return None
+    for family, _, _, _, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                act(s, sockaddr)
+            except OSError:
+                continue
+            return s.getsockname()[0]
+    return None
+
+
 def route_addr(peer: str, port: int = 9) -> str | None:
     """The local address of the interface that routes to ``peer`` (None if none does).
 
     ``connect()`` on a UDP socket only picks the route and the source address; no packet
     is sent.
     """
-    try:
-        infos = socket.getaddrinfo(peer.strip("[]"), port or 9, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError):
-        return None
-    for family, _, _, _, sockaddr in infos:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            try:
-                s.connect(sockaddr)
-            except OSError:
-                continue
-            return s.getsockname()[0]
-    return None
+    return _first_udp(peer, port or 9, lambda s, addr: s.connect(addr))
 
 
 def node_address(local_addr: str | None, peer: str | None) -> str:
@@ -77,18 +85,7 @@ def is_local_address(host: str) -> bool:
     Binding a socket to an address succeeds only for a local one, which holds inside
     network namespaces and containers too, where host-name checks go wrong.
     """
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError):
-        return False
-    for family, _, _, _, sockaddr in infos:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind(sockaddr)
-            except OSError:
-                continue
-            return True
-    return False
+    return _first_udp(host, 0, lambda s, addr: s.bind(addr)) is not None
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -23,6 +23,13 @@ def summarize(report: dict) -> str:
             lines.append(f"resume         from the checkpoint of step {e['checkpoint_step']} "
                          f"(attempt {e.get('attempt', 0)})")
             continue
+        if e["kind"] in ("straggler", "straggler_cleared"):
+            lines.append(f"{e['kind']:<15}gen {e.get('generation', 0)} step {e['step']}: rank "
+                         f"{e['rank']} {e['factor']:.1f}x its {e['reference']} (since step "
+                         f"{e['since_step']})")
+            continue
+        if e["kind"] != "recovery":
+            continue
         who = e["ranks_lost"] or e["newcomers"]
         ph = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in e["phases"].items())
         lines.append(f"recovery       gen {e['generation']}: {e['cause']} of rank(s) {who} at "

@@ -22,6 +22,7 @@ from odyssey import contract
 from odyssey.events import recovery_event
 from odyssey.hooks import CommittedStep, EvalResult, Recovery, TrainerHook
 from odyssey.job_config import JobConfig
+from odyssey.optim import lr_at
 from odyssey.progress import ProgressLine
 from odyssey.report import RunLog, build_report, read_jsonl
 from odyssey.step_result import step_metrics
@@ -41,6 +42,7 @@ class Telemetry(TrainerHook):
         self.rank = rank
         self.mode = job.training.mode
         self.steps = job.training.steps
+        self.optimizer = job.optimizer.resolved(job.training.steps)
         self.log_every = max(1, job.training.log_every)
         self.tensorboard = job.metrics.tensorboard
         if self.tensorboard:
@@ -92,10 +94,13 @@ class Telemetry(TrainerHook):
         votes = [json.loads(v) for v in self.store.multi_get(
             [contract.vote_key(generation, committed, r) for r in ranks])]
         self.log.ledger(committed, generation, sorted(r for v in votes for r in v["samples"]))
-        self.log.metric({"step": committed,
-                         "loss": sum(v["loss_sum"] for v in votes) / self.global_batch,
-                         "mode": self.mode, "gen": generation,
-                         "recovered_by_new_leader": True})
+        record = {"step": committed,
+                  "loss": sum(v["loss_sum"] for v in votes) / self.global_batch,
+                  "mode": self.mode, "gen": generation, "recovered_by_new_leader": True,
+                  "lr": lr_at(self.optimizer, committed)}  # a pure function of the step
+        if all("sumsq" in v for v in votes):
+            record["grad_norm"] = sum(v["sumsq"] for v in votes) ** 0.5
+        self.log.metric(record)
 
     def report(self, *, plan: Plan, world_size: int, steps_run: int, train_s: float,
                extra: dict) -> dict:

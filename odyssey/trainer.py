@@ -11,23 +11,21 @@ the hooks every committed step and recovery is reported to).
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from odyssey import checkpoint as ckpt
-from odyssey import contract, ds_config, emulate, failure_report
+from odyssey import contract, ds_config, emulate
 from odyssey.calibration import StepTimeModel
 from odyssey.comm import CommError, StepAborted
 from odyssey.coordinator import Coordinator, Generation
 from odyssey.data import Sampler
-from odyssey.devices import DeviceError, prepare_process, resolve_backend, resolve_device
+from odyssey.devices import prepare_process, resolve_backend, resolve_device
 from odyssey.engine import Engine, StepResult
+from odyssey.entry import exit_cleanly, fit_and_exit  # scripts import them from here
 from odyssey.env import WorkerInfo
 from odyssey.eval import Evaluator
 from odyssey.hooks import CommittedStep, FitResult, Recovery, TrainerHook, overrides_on_op
@@ -37,7 +35,10 @@ from odyssey.membership import JobFinished
 from odyssey.model import LayeredModel
 from odyssey.monitor import FailureMonitor
 from odyssey.prefetch import BatchLoader
+from odyssey.run_checkpoints import RunCheckpoints
+from odyssey.status import StatusPublisher
 from odyssey.stop import StopWatch
+from odyssey.stragglers import StragglerWatch
 from odyssey.telemetry import Telemetry
 from planner.plan import Plan, PlanError
 from planner.program import Op
@@ -70,7 +71,8 @@ class Trainer:
         ft = job.fault_tolerance
         specs = [FaultSpec.parse(s, worker.world_size) for s in ft.inject]
         self.faults = FaultInjector(specs if worker.attempt == 0 else [], worker.rank,
-                                    on_fire=self._mark_injected, token=worker.token)
+                                    on_fire=self._mark_injected, token=worker.token,
+                                    emulated=job.training.mode == "emulated")
         self.loader = BatchLoader(data, self.sampler, job.data.prefetch, self._batch_needs)
         self.evaluator = None
         if job.eval.every:
@@ -81,20 +83,26 @@ class Trainer:
                                        job.training.steps)
         self.engine = Engine(model, self.loader, self.sampler, worker.rank,
                              job.optimizer.resolved(job.training.steps), self.device,
-                             before_op=self._before_op, precision=job.precision)
+                             before_op=self._before_op, precision=job.precision,
+                             after_op=self.faults.after_op)
         if job.swap.mode == "auto":
             self.engine.enable_swap(job.swap.chameleon())
         self.run_dir = Path(job.training.run_dir or worker.run_dir or "runs/latest")
-        self.ckpt_dir = (Path(job.checkpoint.dir) if job.checkpoint.dir
-                         else self.run_dir / contract.CHECKPOINT_DIR)
-        c = job.checkpoint
-        self.checkpointer = ckpt.Checkpointer(
-            self.ckpt_dir, worker.store, worker.rank, keep=c.keep, timeout_s=c.timeout_s,
-            say=lambda msg: self._say(msg, -1, always=True))
+        self.checkpoints = RunCheckpoints(job.checkpoint, self.run_dir, worker,
+                                          model.num_layers,
+                                          lambda msg: self._say(msg, -1, always=True))
+        self.checkpointer = self.checkpoints.writer
         self.stop = StopWatch(worker.store, worker.rank, worker.token)
         self.telemetry = Telemetry(job, self.run_dir, worker.store, worker.rank,
                                    self.plan.global_batch)
-        self.hooks: list[TrainerHook] = [self.telemetry, *hooks]
+        self.stragglers = StragglerWatch(job.straggler, lambda e: self.telemetry.log.event(e),
+                                         self.telemetry.say)
+        self.status = StatusPublisher(
+            worker.store, worker.rank, self.run_dir, mode=job.training.mode,
+            steps=job.training.steps, prometheus_addr=job.metrics.prometheus_addr,
+            last_checkpoint=lambda: self.checkpointer.last_complete,
+            stragglers=self.stragglers.current)
+        self.hooks: list[TrainerHook] = [self.telemetry, self.stragglers, self.status, *hooks]
         for hook in self.hooks:
             if overrides_on_op(hook):
                 self.engine.add_op_hook(hook.on_op)
@@ -105,10 +113,11 @@ class Trainer:
                                         precision=job.precision)
         self.coord = Coordinator(
             worker.store, worker.rank, self.engine, self.monitor,
-            replace(job.comm, host=worker.host, backend=backend), ft, self.ckpt_dir,
+            replace(job.comm, host=worker.host, backend=backend), ft, self.checkpoints.dir,
             self.step_model.predictor, self.step_model.layer_bytes,
             lambda msg, step=-1: self._say(msg, step, always=True),
-            before_migrate=self.faults.before_migrate)
+            before_migrate=self.faults.before_migrate,
+            memory_model=self.step_model.memory_model)
         self.gen: Generation | None = None
         self.last_commit_gen = 0
         self._last_gen_recorded = -1
@@ -139,7 +148,7 @@ class Trainer:
         """Load the latest complete checkpoint if allowed; return the first step to run."""
         start, step, skipped = 0, None, []
         if self.cfg.checkpoint.resume:
-            good, skipped = ckpt.find_latest(self.ckpt_dir, self.model.num_layers)
+            good, skipped = self.checkpoints.find(self.plan)
             step = good.step if good is not None else None
         for bad, problems in skipped:  # newer checkpoints that do not verify
             self._say(f"skipping checkpoint of step {bad}: {'; '.join(problems)}", step=0)
@@ -148,7 +157,7 @@ class Trainer:
                                           "problems": problems, "resumed_from": step})
         if step is not None:
             meta = good.meta
-            self.engine.load_checkpoint(self.ckpt_dir, step)
+            self.engine.load_checkpoint(self.checkpoints.dir, step)
             start = meta["next_step"]
             self._continue_samples(start, meta)
             self._say(f"resumed from checkpoint of step {step} (written under a "
@@ -241,7 +250,8 @@ class Trainer:
                     last = time.perf_counter()  # the next step's time leaves it out
                     continue
                 self.faults.before_step(step)
-                with emulate.layer_check(self._abort_point if self.monitor.notified else None):
+                with (emulate.layer_check(self._abort_point if self.monitor.notified else None),
+                      self.faults.slowed(step)):
                     res = self.engine.run_step(step)
             except (StepAborted, CommError) as e:
                 if not self.in_place:
@@ -356,25 +366,15 @@ class Trainer:
         self.telemetry.expected_samples = self.sampler.samples_before(self.cfg.training.steps)
 
     def _checkpoint(self, step: int) -> None:
-        plan, me = self.gen.plan, self.worker.rank
-        writer = {i: plan.holders(i)[0] for i in range(self.model.num_layers)}
-        peers = {}
-        if self.cfg.checkpoint.peer_copy:
-            for i, w in writer.items():
-                p = ckpt.peer_for(plan.holders(i), w, self.gen.members)
-                if p is not None:
-                    peers[i] = p
+        plan = self.gen.plan
         meta = None
         if self.leader:
-            meta = {"num_layers": self.model.num_layers, "next_step": step + 1,
-                    "plan": plan.to_dict(), "global_batch": plan.global_batch,
+            meta = {"next_step": step + 1, "plan": plan.to_dict(),
+                    "global_batch": plan.global_batch,
                     "samples_consumed": self.sampler.samples_before(step + 1),
-                    "model": self.model.name, "peer_copies": peers}
-        held = [i for i, w in writer.items() if w == me]
-        self.checkpointer.save(step, self.gen.number,
-                               {i: self.engine.held.state_dict(i) for i in held},
-                               writers=sorted(set(writer.values())), meta=meta,
-                               peers={i: peers[i] for i in held if i in peers})
+                    "model": self.model.name}
+        self.checkpoints.save(step, self.gen.number, plan, self.gen.members,
+                              self.engine.held.state_dict, meta)
 
     def _mark_injected(self, spec: FaultSpec) -> None:
         record = json.dumps({"time": time.time(), "rank": self.worker.rank,
@@ -393,27 +393,3 @@ class Trainer:
 def _describe(plan: Plan) -> str:
     shapes = [f"{len(p.stages)} stage(s) x {len(p.microbatches)} mb" for p in plan.pipelines]
     return f"{len(plan.pipelines)} pipeline(s) [{'; '.join(shapes)}], {plan.schedule}"
-
-
-def exit_cleanly(code: int = 0) -> None:
-    """Leave without running process-group destructors (they can SIGABRT at exit)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def fit_and_exit(make_trainer: Callable[[], Trainer]) -> None:
-    """A training script's last line: build the trainer and fit, report any error, then
-    leave at once (group destructors can hang or abort at interpreter exit)."""
-    building = True
-    try:
-        trainer = make_trainer()
-        building = False
-        trainer.fit()
-    except DeviceError as e:  # the same on every rank: one line (rank 0's), no traceback
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        exit_cleanly(2)
-    except BaseException as e:
-        exit_cleanly(failure_report.report(e, building))
-    exit_cleanly(0)

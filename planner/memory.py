@@ -1,9 +1,17 @@
 """Memory model: what a rank holds for a stage under a schedule.
 
-static = parameters + gradients + optimizer state (AdamW: two fp32 moments), per layer;
-activations = (bytes saved for backward by the stage's layers + the stage's output
-buffer, none on the last stage) x microbatches in flight. 1F1B keeps at most p - s
-microbatches alive on stage s of p; GPipe keeps all m.
+static = parameters + gradients + optimizer state (AdamW: two fp32 moments; a mixed
+precision job with fp32 master weights sets `optimizer_bytes_per_param` to 12), per
+layer; activations = (bytes saved for backward by the stage's layers + the stage's
+output buffer, none on the last stage) x microbatches in flight. 1F1B keeps at most
+p - s microbatches alive on stage s of p; GPipe keeps all m. Communication buffers: the
+flat gradient copy a replicated stage all-reduces, and one receive buffer each way
+(input activation, output gradient).
+
+`plan_memory` gives every rank's peak for any `Plan`, rerouted ones included: a rank
+serving several pipelines' microbatches (a shared stage) holds its layers once but the
+activations in flight and the receive buffers of each pipeline it serves (an upper
+bound: the interleaved schedules rarely peak together).
 """
 
 from __future__ import annotations
@@ -40,14 +48,17 @@ class RankMemory:
     """Activations alive at the peak (saved tensors + stage output buffers)."""
     reserve: float = 0.0
     """Fixed overhead from `MemoryConfig.reserve_bytes`."""
+    comm: float = 0.0
+    """Communication buffers (flat all-reduce copy of the gradients, receive buffers)."""
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations + self.reserve
+        return self.static + self.activations
 
     @property
     def static(self) -> float:
-        return self.params + self.grads + self.optimizer + self.reserve
+        """Everything but the activations (what swapping cannot reduce)."""
+        return self.params + self.grads + self.optimizer + self.reserve + self.comm
 
 
 def inflight_microbatches(schedule: str, num_stages: int, stage: int, m: int) -> int:
@@ -114,16 +125,130 @@ class MemoryModel:
         act = inflight * self.microbatch_bytes(start, end, mb)
         return RankMemory(st.params, st.grads, st.optimizer, act, st.reserve)
 
+    def recv_bytes(self, start: int, end: int, mb: int, last: bool) -> float:
+        """Receive buffers of one pipeline's stage [start, end): its input activation
+        (not the first stage) and its output's gradient (not the last stage)."""
+        out = self.activation_tables(mb)[1]
+        return (out[start - 1] if start > 0 else 0.0) + (0.0 if last else out[end - 1])
+
+    def allreduce_bytes(self, start: int, end: int) -> float:
+        """The flat gradient copy a replicated stage [start, end) all-reduces."""
+        return (self._count[end] - self._count[start]) * self.grad_bpp
+
 
 def plan_memory(plan: Plan, model: MemoryModel) -> dict[int, RankMemory]:
-    """Peak memory of every rank of a `Plan` by the schedule formula."""
-    out: dict[int, RankMemory] = {}
+    """Peak memory of every rank of a `Plan` by the schedule formula (see the module
+    docstring: a shared stage adds each served pipeline's activations and buffers)."""
+    mb = plan.microbatch_size
+    act: dict[int, float] = {}
+    recv: dict[int, float] = {}
+    span: dict[int, tuple[int, int]] = {}
     for pipe in plan.pipelines:
         p, m = len(pipe.stages), len(pipe.microbatches)
         for s, st in enumerate(pipe.stages):
             k = inflight_microbatches(plan.schedule, p, s, m)
-            out[st.rank] = model.stage(st.start, st.end, plan.microbatch_size, k)
+            r = st.rank
+            act[r] = act.get(r, 0.0) + k * model.microbatch_bytes(st.start, st.end, mb)
+            recv[r] = recv.get(r, 0.0) + model.recv_bytes(st.start, st.end, mb, s == p - 1)
+            span[r] = (st.start, st.end)
+    out: dict[int, RankMemory] = {}
+    for r, (a, b) in span.items():
+        st = model.static(a, b)
+        flat = model.allreduce_bytes(a, b) if len(plan.holders(a)) > 1 else 0.0
+        out[r] = RankMemory(st.params, st.grads, st.optimizer, act[r], st.reserve,
+                            comm=recv[r] + flat)
     return out
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """The per-rank peak of a plan in one line: what a recovery candidate reports."""
+
+    max_bytes: float
+    """Largest per-rank peak."""
+    rank: int
+    """A rank with that peak (the lowest)."""
+    static_bytes: float
+    """That rank's memory besides activations (what swapping cannot reduce)."""
+    mean_bytes: float
+    """Mean per-rank peak."""
+
+    def fits(self, capacity_bytes: float) -> bool:
+        return self.max_bytes <= capacity_bytes
+
+
+def peak_memory(plan: Plan, model: MemoryModel) -> PeakMemory:
+    """`plan_memory` summed per rank and reduced to its maximum (JSON stays small at a
+    thousand ranks)."""
+    mem = plan_memory(plan, model)
+    rank = min(mem, key=lambda r: (-mem[r].total, r))
+    top = mem[rank]
+    return PeakMemory(top.total, rank, top.static,
+                      sum(m.total for m in mem.values()) / max(len(mem), 1))
+
+
+@dataclass(frozen=True)
+class SwapPricing:
+    """How swapping activations to host memory is priced for a plan over budget."""
+
+    host_Bps: float = 12e9
+    """Device<->host copy bandwidth of one rank (PCIe 4 x16: ~25 GB/s peak, ~12 GB/s
+    sustained per direction)."""
+    overlap: float = 1.0
+    """Fraction of a rank's compute time its copies can hide under (Chameleon prefetches
+    on copy lanes beside compute); what does not fit under it stalls the rank."""
+
+
+@dataclass(frozen=True)
+class SwapNeed:
+    """What swapping costs a plan per step, and where."""
+
+    budgets: dict[int, float]
+    """Activation bytes each swapping rank may keep resident (capacity - static)."""
+    copied_bytes: dict[int, float]
+    """Bytes each swapping rank copies per step (out and back)."""
+    exposed_s: float
+    """Step time added: the largest per-rank copy time not hidden under compute."""
+
+
+def swap_need(plan: Plan, model: MemoryModel, capacity_bytes: float,
+              pricing: SwapPricing) -> SwapNeed | None:
+    """The swap that fits `plan` under `capacity_bytes`, or None when even swapping every
+    activation but the microbatch being computed cannot (static + one microbatch over).
+
+    Model: a rank over budget keeps `budget = capacity - static` activation bytes
+    resident, so a fraction `f = 1 - budget / activations-at-peak` of every microbatch's
+    activations goes to host and back: `2 f` x (activation bytes it produces per step)
+    cross the host link at `host_Bps`, hidden under `overlap` x its compute time per step
+    (forward + backward of its microbatches, from the profile); the rest is exposed. The
+    step grows by the largest exposed time (a stalled rank stalls its pipeline, and the
+    all-reduce waits for it)."""
+    mem = plan_memory(plan, model)
+    mb = plan.microbatch_size
+    fwd, bwd = model.profile.column("forward_s", mb), model.profile.column("backward_s", mb)
+    produced: dict[int, float] = {}
+    compute: dict[int, float] = {}
+    largest: dict[int, float] = {}
+    for pipe in plan.pipelines:
+        for st in pipe.stages:
+            a = model.microbatch_bytes(st.start, st.end, mb)
+            n = len(pipe.microbatches)
+            produced[st.rank] = produced.get(st.rank, 0.0) + n * a
+            compute[st.rank] = compute.get(st.rank, 0.0) + n * (
+                sum(fwd[st.start:st.end]) + sum(bwd[st.start:st.end]))
+            largest[st.rank] = max(largest.get(st.rank, 0.0), a)
+    budgets, copied, exposed = {}, {}, 0.0
+    for r, m in mem.items():
+        if m.total <= capacity_bytes:
+            continue
+        budget = capacity_bytes - m.static
+        if budget < largest[r]:
+            return None
+        frac = 1.0 - budget / m.activations
+        copied[r] = 2.0 * frac * produced[r]
+        budgets[r] = budget
+        exposed = max(exposed, copied[r] / pricing.host_Bps - pricing.overlap * compute[r])
+    return SwapNeed(budgets, copied, max(0.0, exposed))
 
 
 def _prefix(values: list[float]) -> list[float]:

@@ -6,21 +6,24 @@ cluster simulator alike, so both see the same candidates. Both are indexed (O(1)
 lookups, per-layer caches, heaps), which keeps a decision at a thousand ranks well
 under a second:
 
-- `fresh_plans`: one plan per pipeline count; in each, every stage goes to the free
-  member already holding most of its layers (ties: the lowest rank), so little state
-  moves. Above `exact_upto` members, only the `screen` counts best by a cheap per-length
-  estimate are built.
+- `fresh_plans`: one plan per pipeline count; in each, stages go to members so the
+  fewest bytes move (`assign_stages`: an optimal assignment, solved on groups of
+  interchangeable ranks). Above `exact_upto` members, only the `screen` counts best by
+  a cheap per-length estimate are built (`predict_len`, else `screen_with(predict)`).
 - `transfers`: each layer a member must fetch comes from the surviving replica used
-  least so far (ties: the lowest rank).
+  least so far (ties: the lowest rank); `transfer_rounds` schedules them in
+  conflict-free rounds and `rounds_s` times them.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from planner.assignment import transport
 from planner.partition import assign_microbatches, split_microbatches
 from planner.plan import Pipeline, Plan, PlanError, Stage, even_partition
 
@@ -68,6 +71,9 @@ class Transfer:
     src: int
     dst: int
     nbytes: float
+    round: int = 0
+    """Conflict-free round (`transfer_rounds`): in one round a rank sends at most one
+    transfer and receives at most one."""
 
 
 def _lengths(n: int, dp: int) -> list[int]:
@@ -93,13 +99,39 @@ def pipeline_counts(ctx: RecoveryContext, predict_len: PredictLength | None = No
     return [dp for _, dp in sorted(opts)[:screen]]
 
 
+def screen_with(old: Plan, predict: Callable[[Plan], float],
+                fits: Callable[[Plan], bool] | None = None) -> PredictLength:
+    """A pipeline-count estimate from a plan predictor, for callers without a cheaper
+    one (the live leader): `predict` of min(dp, 2) even pipelines of the length, with
+    the microbatches of one each (two replicas' all-reduce stands for dp's), cached;
+    inf when that plan does not pass `fits` (memory)."""
+    cache: dict[tuple[int, int, int], float] = {}
+
+    def estimate(length: int, m: int, dp: int) -> float:
+        key = (length, m, min(dp, 2))
+        if key not in cache:
+            sizes = even_partition(old.num_layers, length)
+            bounds = [sum(sizes[:i]) for i in range(length + 1)]
+            pipes = [Pipeline([Stage(i * length + s, bounds[s], bounds[s + 1])
+                               for s in range(length)], list(range(i * m, (i + 1) * m)))
+                     for i in range(key[2])]
+            plan = Plan(old.num_layers, key[2] * m, old.microbatch_size, pipes, old.schedule)
+            cache[key] = predict(plan) if fits is None or fits(plan) else math.inf
+        return cache[key]
+    return estimate
+
+
 def fresh_plans(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None,
                 max_options: int = 6, *, predict_len: PredictLength | None = None,
-                exact_upto: int = 64, screen: int = 6) -> list[Plan]:
+                exact_upto: int = 64, screen: int = 6,
+                fits: Callable[[Plan], bool] | None = None) -> list[Plan]:
     """Plans built from scratch for the members, one per pipeline count (see
     `pipeline_counts`), each keeping layers where they already are; with `predict`,
-    the `max_options` fastest."""
+    the `max_options` fastest. Above `exact_upto` members without `predict_len`, the
+    counts are screened by `screen_with(predict, fits)`."""
     n = len(ctx.members)
+    if predict_len is None and predict is not None and n > exact_upto:
+        predict_len = screen_with(ctx.old_plan, predict, fits)  # else all counts are built
     out = [fresh_plan(ctx, _lengths(n, dp), predict)
            for dp in pipeline_counts(ctx, predict_len, exact_upto, screen)]
     if predict is not None and len(out) > max_options:
@@ -109,46 +141,18 @@ def fresh_plans(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = 
 
 def fresh_plan(ctx: RecoveryContext, lengths: list[int],
                predict: Callable[[Plan], float] | None = None) -> Plan:
-    """Pipelines of the given lengths over the members (see the module docstring);
-    microbatches split evenly, or by `predict`'s per-pipeline time when lengths differ
-    (without `predict`: by the longest stage)."""
+    """Pipelines of the given lengths over the members, layers split evenly in each,
+    stages assigned to ranks so the fewest bytes move (`assign_stages`); microbatches
+    split evenly, or by `predict`'s per-pipeline time when lengths differ (without
+    `predict`: by the longest stage)."""
     old = ctx.old_plan
-    free = set(ctx.members)
-    # Ranks grouped by their old layer span: a group's ranks overlap any stage equally,
-    # so the best rank for a stage is the lowest free one of the best-overlapping group.
-    groups: dict[tuple[int, int], list[int]] = {}
-    for r in sorted(free):
-        if old.has_rank(r):
-            st = old.stage(r)
-            groups.setdefault((st.start, st.end), []).append(r)
-    covering: list[list[tuple[int, int]]] = [[] for _ in range(old.num_layers)]
-    for sa, sb in sorted(groups):
-        for layer in range(sa, sb):
-            covering[layer].append((sa, sb))
-    lowest = sorted(free)  # sorted lists are heaps; taken ranks are dropped lazily
-    pipelines = []
+    spans = []
     for length in lengths:
         sizes = even_partition(old.num_layers, length)
         bounds = [sum(sizes[:i]) for i in range(length + 1)]
-        stages = []
-        for s in range(length):
-            a, b = bounds[s], bounds[s + 1]
-            best, key = None, (0, 0)
-            for sa, sb in {sp for layer in range(a, b) for sp in covering[layer]}:
-                heap = groups[(sa, sb)]
-                while heap and heap[0] not in free:
-                    heapq.heappop(heap)
-                if heap:
-                    k = (min(b, sb) - max(a, sa), -heap[0])
-                    if best is None or k > key:
-                        best, key = heap[0], k
-            if best is None:  # nobody holds any of [a, b): the lowest free rank
-                while lowest[0] not in free:
-                    heapq.heappop(lowest)
-                best = lowest[0]
-            free.discard(best)
-            stages.append(Stage(best, a, b))
-        pipelines.append(Pipeline(stages, []))
+        spans.append([(bounds[s], bounds[s + 1]) for s in range(length)])
+    ranks = iter(assign_stages(ctx, [span for pipe in spans for span in pipe]))
+    pipelines = [Pipeline([Stage(next(ranks), a, b) for a, b in pipe], []) for pipe in spans]
     counts = [old.num_microbatches // len(lengths)] * len(lengths)
     if len(set(lengths)) > 1:
         per = [predict(Plan(old.num_layers, 1, old.microbatch_size,
@@ -162,6 +166,41 @@ def fresh_plan(ctx: RecoveryContext, lengths: list[int],
         p.microbatches = mbs
     return Plan(old.num_layers, old.num_microbatches, old.microbatch_size, pipelines,
                 old.schedule).validate()
+
+
+def assign_stages(ctx: RecoveryContext, spans: list[tuple[int, int]]) -> list[int]:
+    """The member that runs each stage (layer span [a, b)), distinct, moving the fewest
+    bytes in total: a rank must fetch the layers of its stage it did not hold.
+
+    Ranks that held the same span are interchangeable, and so are stages with the same
+    span, so this is a transportation problem on (old span x new span), solved exactly
+    by `planner.assignment.transport`; its size is the number of distinct spans, not of
+    ranks. Within a group, stages take the lowest free ranks in stage order."""
+    old = ctx.old_plan
+    groups: dict[tuple[int, int], list[int]] = {}  # old span -> its free members, sorted
+    for r in sorted(ctx.members):
+        st = old.stage(r) if old.has_rank(r) else None
+        groups.setdefault((st.start, st.end) if st else (0, 0), []).append(r)
+    held = sorted(groups)
+    kinds = sorted(set(spans))
+    prefix = [0.0]
+    for nbytes in ctx.layer_bytes:
+        prefix.append(prefix[-1] + nbytes)
+    cost = [[prefix[b] - prefix[a] - max(0.0, prefix[min(b, hb)] - prefix[max(a, ha)])
+             for a, b in kinds] for ha, hb in held]
+    need = Counter(spans)
+    flow = transport([len(groups[g]) for g in held], [need[k] for k in kinds], cost)
+    kind_of = {k: i for i, k in enumerate(kinds)}
+    taken = [0] * len(held)
+    out = []
+    for span in spans:
+        k = kind_of[span]
+        g = min((g for g in range(len(held)) if flow[g][k]),
+                key=lambda g: (cost[g][k], groups[held[g]][taken[g]]))
+        flow[g][k] -= 1
+        out.append(groups[held[g]][taken[g]])
+        taken[g] += 1
+    return out
 
 
 def transfers(ctx: RecoveryContext, plan: Plan) -> list[Transfer]:
@@ -193,4 +232,35 @@ def transfers(ctx: RecoveryContext, plan: Plan) -> list[Transfer]:
             use[h] = u + 1
             heapq.heapreplace(heap, (u + 1, h))
             out.append(Transfer(layer, h, r, ctx.layer_bytes[layer]))
-    return out
+    return transfer_rounds(out)
+
+
+def transfer_rounds(moves: list[Transfer]) -> list[Transfer]:
+    """`moves` in the same order, each given a round in which neither its sender sends
+    nor its receiver receives anything else: a proper edge colouring of the (sender,
+    receiver) multigraph. Greedy first fit, largest transfers first, so big ones share
+    rounds (a round lasts as long as its largest); at most 2 x (most transfers at one
+    rank) - 1 rounds, where the optimum (bipartite: Koenig) is that most."""
+    sending: dict[int, set[int]] = {}
+    receiving: dict[int, set[int]] = {}
+    rounds = [0] * len(moves)
+    for i in sorted(range(len(moves)), key=lambda i: (-moves[i].nbytes, i)):
+        t = moves[i]
+        busy_s = sending.setdefault(t.src, set())
+        busy_r = receiving.setdefault(t.dst, set())
+        k = 0
+        while k in busy_s or k in busy_r:
+            k += 1
+        busy_s.add(k)
+        busy_r.add(k)
+        rounds[i] = k
+    return [replace(t, round=k) for t, k in zip(moves, rounds)]
+
+
+def rounds_s(moves: list[Transfer], seconds: Callable[[Transfer], float]) -> float:
+    """Predicted duration of transfers run round by round: the sum over rounds of the
+    longest transfer in the round (`seconds` times one transfer)."""
+    longest: dict[int, float] = {}
+    for t in moves:
+        longest[t.round] = max(longest.get(t.round, 0.0), seconds(t))
+    return sum(longest.values())

@@ -15,23 +15,30 @@ change: samples = (H - transition) / step_time x global batch. Kinds:
 Upward changes (a replacement worker joins) re-plan through reparallelize.
 
 Fresh plans and state transfers come from `planner.placement`; the live coordinator and
-the cluster simulator both call `build_candidates`, `score` and `choose` here.
+the cluster simulator both call `build_candidates`, `score` and `choose` here. Given a
+memory model, `build_candidates` predicts every candidate's per-rank peak
+(`planner.memory.plan_memory`) and drops those over the device capacity; a transition
+is predicted from its transfers' conflict-free rounds (`planner.placement.rounds_s`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from planner.memory import MemoryModel, PeakMemory, SwapNeed, SwapPricing, peak_memory, swap_need
 from planner.placement import (
     PredictLength,
     RecoveryContext,
     Transfer,
     fresh_plans,
+    rounds_s,
     transfers,
 )
 from planner.plan import Pipeline, Plan, PlanError, Stage
+from profiler.units import format_size, parse_size
 
 KINDS = ("reroute", "redundant", "reparallelize", "restart")
 POLICIES = ("adaptive", *KINDS)
@@ -52,6 +59,32 @@ class RecoveryConfig:
     """Agreement + group rebuild time common to every in-place kind."""
     checkpoint_load_Bps: float = 200e6
     """Read bandwidth when reloading a checkpoint."""
+    device_memory: str = ""
+    """Device memory per rank every candidate must fit in, e.g. 16GiB or 80GB (parsed by
+    `profiler.units.parse_size`). Empty: on CUDA what the device reports minus
+    `memory_reserve`, elsewhere unlimited; "off": unlimited."""
+    memory_reserve: str = "1GiB"
+    """Kept out of a device-reported capacity (CUDA context, allocator cache,
+    fragmentation); not applied to an explicit `device_memory`."""
+    memory_aware: bool = True
+    """Drop candidates whose predicted peak exceeds the capacity (off: they only carry
+    fits=false and may still be chosen, as before memory was checked)."""
+
+    def __post_init__(self) -> None:
+        if self.device_memory not in ("", "off"):
+            _size("device_memory", self.device_memory)
+        _size("memory_reserve", self.memory_reserve)
+
+    def capacity_bytes(self, device_total: float | None = None) -> float:
+        """Per-rank capacity candidates are checked against (inf: unchecked);
+        `device_total` is what the device reports (the runtime asks it, not the planner)."""
+        if self.device_memory == "off":
+            return math.inf
+        if self.device_memory:
+            return float(_size("device_memory", self.device_memory))
+        if device_total is None:
+            return math.inf
+        return max(0.0, device_total - _size("memory_reserve", self.memory_reserve))
 
 
 @dataclass
@@ -71,19 +104,34 @@ class RecoveryCandidate:
     score: float = 0.0
     """Samples trained over the horizon."""
     note: str = ""
+    peak_bytes: float = 0.0
+    """Predicted peak memory of the fullest rank (0: not predicted)."""
+    peak_rank: int = -1
+    """That rank."""
+    fits: bool = True
+    """Whether `peak_bytes` is within the device capacity (without swapping)."""
+    swap_s: float = 0.0
+    """Step time swapping adds (in `predicted_step_s`; 0: no swapping)."""
+    swap_budgets: dict[int, float] = field(default_factory=dict)
+    """Resident activation bytes of each rank that must swap to fit (empty: none)."""
 
     def row(self) -> dict:
         return {"kind": self.kind, "predicted_transition_s": self.predicted_transition_s,
                 "predicted_step_s": self.predicted_step_s, "score": self.score,
                 "lost_steps": self.lost_steps, "transfers": len(self.transfers),
+                "transfer_rounds": len({t.round for t in self.transfers}),
                 "moved_bytes": sum(t.nbytes for t in self.transfers), "note": self.note,
-                "pipelines": [len(p.stages) for p in self.plan.pipelines]}
+                "pipelines": [len(p.stages) for p in self.plan.pipelines],
+                "peak_bytes": self.peak_bytes, "peak_rank": self.peak_rank,
+                "fits": self.fits, "swap_s": self.swap_s,
+                "swap_ranks": len(self.swap_budgets)}
 
     def to_dict(self) -> dict:
         d = self.row()
         d.update(plan=self.plan.to_dict(), resume_step=self.resume_step,
                  from_checkpoint=self.from_checkpoint,
-                 transfers=[asdict(t) for t in self.transfers])
+                 transfers=[asdict(t) for t in self.transfers],
+                 swap_budgets={str(r): b for r, b in self.swap_budgets.items()})
         return d
 
     @classmethod
@@ -93,7 +141,10 @@ class RecoveryCandidate:
                    from_checkpoint=d["from_checkpoint"], resume_step=d["resume_step"],
                    lost_steps=d["lost_steps"],
                    predicted_transition_s=d["predicted_transition_s"],
-                   predicted_step_s=d["predicted_step_s"], score=d["score"], note=d["note"])
+                   predicted_step_s=d["predicted_step_s"], score=d["score"], note=d["note"],
+                   peak_bytes=d.get("peak_bytes", 0.0), peak_rank=d.get("peak_rank", -1),
+                   fits=d.get("fits", True), swap_s=d.get("swap_s", 0.0),
+                   swap_budgets={int(r): b for r, b in d.get("swap_budgets", {}).items()})
 
 
 # ---- candidate builders -------------------------------------------------------------
@@ -186,16 +237,26 @@ def restart(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None
 
 
 def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None,
-                     *, predict_len: PredictLength | None = None, exact_upto: int = 64
+                     *, predict_len: PredictLength | None = None, exact_upto: int = 64,
+                     memory: MemoryModel | None = None, capacity_bytes: float = math.inf,
+                     drop_unfit: bool = True, swap: SwapPricing | None = None
                      ) -> tuple[list[RecoveryCandidate], dict[str, str]]:
     """Every feasible candidate, and why each infeasible kind was dropped.
 
     The live leader and the cluster simulator both call this. The fresh plans are built
     once for reparallelize and restart; `predict_len` and `exact_upto` screen pipeline
-    counts at cluster scale (see `planner.placement.pipeline_counts`)."""
+    counts at cluster scale (see `planner.placement.pipeline_counts`). With `memory`,
+    each candidate gets its predicted peak and `fits`, and with `swap` a swap price when
+    it fits only by swapping (see `check_memory`)."""
     cands: list[RecoveryCandidate] = []
     dropped: dict[str, str] = {}
-    fresh = fresh_plans(ctx, predict, predict_len=predict_len, exact_upto=exact_upto)
+    fits = None
+    if memory is not None and drop_unfit and capacity_bytes < math.inf:
+        def fits(plan: Plan) -> bool:
+            return peak_memory(plan, memory).fits(capacity_bytes) or (
+                swap is not None and swap_need(plan, memory, capacity_bytes, swap) is not None)
+    fresh = fresh_plans(ctx, predict, predict_len=predict_len, exact_upto=exact_upto,
+                        fits=fits)
     builders = {"reroute": lambda: [reroute(ctx)], "redundant": lambda: [redundant(ctx)],
                 "reparallelize": lambda: reparallelize(ctx, predict, fresh),
                 "restart": lambda: restart(ctx, predict, fresh)}
@@ -204,26 +265,68 @@ def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | No
             cands.extend(build())
         except PlanError as e:
             dropped[kind] = str(e)
+    if memory is not None:
+        cands = check_memory(cands, dropped, memory, capacity_bytes, drop_unfit, swap)
     return cands, dropped
+
+
+def check_memory(cands: list[RecoveryCandidate], dropped: dict[str, str],
+                 memory: MemoryModel, capacity_bytes: float, drop_unfit: bool = True,
+                 swap: SwapPricing | None = None) -> list[RecoveryCandidate]:
+    """Fill in each candidate's peak and `fits`; return those kept. With `swap`, one over
+    `capacity_bytes` that fits by swapping (`planner.memory.swap_need`) gets its swap
+    budgets and price and is kept. With `drop_unfit`, one that fits neither way is
+    dropped, its reason in `dropped` under its kind (all of that kind dropped) or "kind
+    [pipeline lengths]" (others of the kind fit). When none fits, all are kept and
+    `dropped["memory"]` says so: the choice then runs over budget, which the event shows,
+    rather than the job stopping on a prediction."""
+    peaks: dict[int, tuple[PeakMemory, SwapNeed | None]] = {}  # restart shares plans
+    for c in cands:
+        pk, need = peaks.get(id(c.plan), (None, None))
+        if pk is None:
+            pk = peak_memory(c.plan, memory)
+            if swap is not None and not pk.fits(capacity_bytes):
+                need = swap_need(c.plan, memory, capacity_bytes, swap)
+            peaks[id(c.plan)] = (pk, need)
+        c.peak_bytes, c.peak_rank, c.fits = pk.max_bytes, pk.rank, pk.fits(capacity_bytes)
+        if need is not None:
+            c.swap_s, c.swap_budgets = need.exposed_s, dict(need.budgets)
+    unfit = [c for c in cands if not c.fits and not c.swap_budgets]
+    if not drop_unfit or not unfit:
+        return cands
+    cap = format_size(capacity_bytes)
+    if len(unfit) == len(cands):
+        low = min(cands, key=lambda c: c.peak_bytes)
+        dropped["memory"] = (f"no candidate fits in {cap} per rank (least: {low.kind} "
+                             f"{format_size(low.peak_bytes)} on rank {low.peak_rank}); "
+                             f"all kept, the choice runs over budget")
+        return cands
+    kept = [c for c in cands if c.fits or c.swap_budgets]
+    kinds_kept = {c.kind for c in kept}
+    for c in unfit:
+        key = c.kind if c.kind not in kinds_kept else (
+            f"{c.kind} {[len(p.stages) for p in c.plan.pipelines]}")
+        dropped.setdefault(key, f"peak {format_size(c.peak_bytes)} on rank {c.peak_rank} "
+                                f"> device memory {cap}"
+                                + (", even with swapping" if swap is not None else ""))
+    return kept
 
 
 # ---- prediction and choice ------------------------------------------------------------
 def score(cands: list[RecoveryCandidate], ctx: RecoveryContext, cfg: RecoveryConfig,
           predict: Callable[[Plan], float]) -> None:
     """Fill in each candidate's predicted transition, step time and horizon score."""
+    steps: dict[int, float] = {}  # restart shares reparallelize's plans: predict once
     for c in cands:
-        c.predicted_step_s = predict(c.plan)
+        if id(c.plan) not in steps:
+            steps[id(c.plan)] = predict(c.plan)
+        c.predicted_step_s = steps[id(c.plan)] + c.swap_s
         if c.from_checkpoint:
             load = sum(ctx.layer_bytes) / cfg.checkpoint_load_Bps
             c.predicted_transition_s = cfg.rebuild_s + load + c.lost_steps * c.predicted_step_s
-        else:
-            per_dst: dict[int, float] = {}
-            per_src: dict[int, float] = {}
-            for t in c.transfers:
-                per_dst[t.dst] = per_dst.get(t.dst, 0.0) + t.nbytes
-                per_src[t.src] = per_src.get(t.src, 0.0) + t.nbytes
-            busiest = max([*per_dst.values(), *per_src.values(), 0.0])
-            c.predicted_transition_s = cfg.rebuild_s + busiest / cfg.transfer_Bps
+        else:  # transfers run in conflict-free rounds, each as long as its largest
+            moved = rounds_s(c.transfers, lambda t: t.nbytes / cfg.transfer_Bps)
+            c.predicted_transition_s = cfg.rebuild_s + moved
         useful = max(0.0, cfg.horizon_s - c.predicted_transition_s)
         c.score = useful / c.predicted_step_s * c.plan.global_batch
 
@@ -236,3 +339,10 @@ def choose(cands: list[RecoveryCandidate], cfg: RecoveryConfig) -> RecoveryCandi
         raise PlanError("no feasible recovery candidate")
     pool = [c for c in cands if c.kind == cfg.policy] or cands
     return max(pool, key=lambda c: (c.score, -c.predicted_transition_s))
+
+
+def _size(name: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ValueError(f"{name} {text!r}: {e}") from None

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev,plot,ray,tensorboard,hf,data}
+EXTRAS=${EXTRAS:-dev,plot,ray,tensorboard,prom,hf,data}
 # DeepSpeed is installed by its own script (it must build against this torch).
 WITH_DEEPSPEED=${WITH_DEEPSPEED:-1}
 

@@ -5,12 +5,17 @@ call: a model (GPT-class by formula, or a profile file), a cluster, a trace file
 synthetic MTBF trace, and the policies; the initial plan is the plan search's best for
 the ranks up at t=0 (pipeline-major, so a failure domain holds whole stages of few
 pipelines), and the failure-free reference is the best plan for the whole cluster.
+With `SimConfig.device_memory`, both plans fit that capacity by the memory model the
+recovery candidates are checked with, and `memory_table` adds what memory did: plans
+swapping, swap time, plans over budget.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from planner.cluster.traces import (
     straggler_trace,
 )
 from planner.cost import CostConfig, CostModel
+from planner.memory import peak_memory
 from planner.plan import Pipeline, Plan, PlanError, Stage
 from planner.search import SearchConfig, search
 from profiler.profile import Profile
@@ -52,7 +58,8 @@ class ModelConfig:
     microbatch_sizes: tuple[int, ...] = (1, 2, 4)
     """Microbatch sizes the plan search tries."""
     memory_limit_gib: float = 80.0
-    """Device memory per GPU."""
+    """Device memory per GPU the plan search fits the initial plan in (with
+    `--device-memory` set, at most that capacity)."""
 
 
 @dataclass(frozen=True)
@@ -109,16 +116,31 @@ def build_events(cfg: TraceConfig, cluster: ClusterConfig) -> tuple[list[TraceEv
 
 
 def best_plan(cost: CostModel, ranks: list[int], model: ModelConfig,
-              gpus_per_node: int) -> Plan:
+              gpus_per_node: int, capacity_bytes: float = math.inf) -> Plan:
     """The plan search's best plan for `ranks` (pipeline-major), relabelled onto them.
 
     When whole nodes are up the search sees the real topology; otherwise it runs on
     len(ranks) ranks of one node (all links intra-node, optimistic) and the relabelled
-    plan is then timed with the real node layout by the simulator."""
+    plan is then timed with the real node layout by the simulator. With a finite
+    `capacity_bytes` the search's limit is at most that, lowered (a few times at most)
+    until the plan's peak by `planner.memory.peak_memory` (which counts communication
+    buffers the search does not) fits: a job starts with a plan that fits."""
+    limit = min(model.memory_limit_gib * GiB, capacity_bytes)
+    plan = _searched(cost, ranks, model, gpus_per_node, limit)
+    for _ in range(4):
+        over = peak_memory(plan, cost.memory).max_bytes - capacity_bytes
+        if over <= 0:
+            break
+        limit -= over
+        plan = _searched(cost, ranks, model, gpus_per_node, limit)
+    return plan
+
+
+def _searched(cost: CostModel, ranks: list[int], model: ModelConfig, gpus_per_node: int,
+              limit_bytes: float) -> Plan:
     n = len(ranks)
     nodes, rpn = (n // gpus_per_node, gpus_per_node) if n % gpus_per_node == 0 else (1, n)
-    sc = SearchConfig(num_nodes=nodes, ranks_per_node=rpn,
-                      memory_limit_bytes=model.memory_limit_gib * GiB,
+    sc = SearchConfig(num_nodes=nodes, ranks_per_node=rpn, memory_limit_bytes=limit_bytes,
                       global_batch=model.global_batch,
                       microbatch_sizes=model.microbatch_sizes, placements=("pipeline-major",))
     plan = search(cost.profile, sc).best.plan
@@ -131,8 +153,14 @@ def best_plan(cost: CostModel, ranks: list[int], model: ModelConfig,
 
 def run_policies(model: ModelConfig, cluster: ClusterConfig, trace: TraceConfig,
                  transitions: TransitionConfig, sim: SimConfig,
-                 policies: tuple[str, ...] = SIM_POLICIES) -> dict:
-    """Simulate every policy; return a JSON-ready dict with results and the setup."""
+                 policies: tuple[str, ...] = SIM_POLICIES,
+                 variants: Sequence[tuple[str, str, SimConfig]] | None = None) -> dict:
+    """Simulate every policy; return a JSON-ready dict with results and the setup.
+
+    `variants`: (label, policy, config) runs instead of `policies`, e.g. adaptive with
+    and without memory awareness; they share the initial plan and step-time cache, so
+    their configs must agree with `sim` on the predictor, step factor and device memory
+    (the memory awareness and swap fields may differ)."""
     t0 = time.perf_counter()
     cost = load_model(model, cluster)
     events, what = build_events(trace, cluster)
@@ -143,10 +171,11 @@ def run_policies(model: ModelConfig, cluster: ClusterConfig, trace: TraceConfig,
     up = mship.members()
     if not up:
         raise PlanError("no GPU is up at t=0 in the trace")
-    full = best_plan(cost, list(range(cluster.world_size)), model, cluster.gpus_per_node)
+    cap = sim.capacity_bytes()
+    full = best_plan(cost, list(range(cluster.world_size)), model, cluster.gpus_per_node, cap)
     plan = full if len(up) == cluster.world_size else best_plan(cost, up, model,
-                                                                  cluster.gpus_per_node)
-    limit = model.memory_limit_gib * GiB
+                                                                  cluster.gpus_per_node, cap)
+    limit = min(model.memory_limit_gib * GiB, cap)
     predict = Predictor(cost, sim.predictor, sim.step_factor, limit)  # shared cache
     ff = full.global_batch / predict(full)
     if sim.duration_s is None and not trace.trace:
@@ -156,23 +185,33 @@ def run_policies(model: ModelConfig, cluster: ClusterConfig, trace: TraceConfig,
     def ff_for(members: list[int]) -> float:
         # failure-free reference for this many GPUs: the search's best plan for them
         if len(members) not in refs:
-            best = best_plan(cost, list(members), model, cluster.gpus_per_node)
+            best = best_plan(cost, list(members), model, cluster.gpus_per_node, cap)
             refs[len(members)] = best.global_batch / predict(best)
         return refs[len(members)]
 
+    runs = [(name, name, sim) for name in policies] if variants is None else [
+        (label, name, replace(cfg, duration_s=sim.duration_s)) for label, name, cfg in variants]
     results: list[PolicyResult] = []
-    for name in policies:
+    for label, name, cfg in runs:
+        same = (cfg.predictor, cfg.step_factor, cfg.capacity_bytes())
+        if same != (sim.predictor, sim.step_factor, cap):
+            raise PlanError(f"variant {label!r}: predictor, step factor and device memory "
+                            f"must match the shared setup's")
         t = time.perf_counter()
-        r = simulate_trace(name, plan, cost, events, cluster, transitions, sim,
+        r = simulate_trace(name, plan, cost, events, cluster, transitions, cfg,
                            ff_samples_per_s=ff, ff_for=ff_for,
                            memory_limit_bytes=limit, predictor=predict)
+        r.policy = label
         r.notes.append(f"wall {time.perf_counter() - t:.2f} s")
         results.append(r)
+    peak = peak_memory(plan, cost.memory)
     return {"setup": {"model": asdict(model), "profile": cost.profile.model,
                       "cluster": asdict(cluster), "trace": asdict(trace), "events": what,
                       "num_events": len(events), "up_at_start": len(up),
                       "transitions": asdict(transitions), "sim": asdict(sim),
                       "initial_plan": _shape(plan), "full_plan": _shape(full),
+                      "capacity_bytes": None if cap == math.inf else cap,
+                      "initial_peak_bytes": peak.max_bytes,
                       "ff_samples_per_s": ff, "elapsed_s": time.perf_counter() - t0},
             "results": results}
 
@@ -187,7 +226,8 @@ def _shape(plan: Plan) -> str:
 
 
 def table(out: dict, baseline: str = "adaptive") -> str:
-    """Markdown table of the results (throughput relative to `baseline`)."""
+    """Markdown table of the results (throughput relative to `baseline`); with a device
+    memory, followed by `memory_table`."""
     res: list[PolicyResult] = out["results"]
     ref = next((r for r in res if r.policy == baseline), None)
     head = ("| policy | avg samples/s | adaptive / policy | time to N (h) | goodput | "
@@ -202,6 +242,33 @@ def table(out: dict, baseline: str = "adaptive") -> str:
                      f"{r.goodput:.1%} | {post} | {r.transitions} | {r.fallbacks} | "
                      f"{r.lost_work_s / 3600:.2f} | {r.stall_s / 3600:.2f} | "
                      f"{r.samples_dropped:.3g} |")
+    if out["setup"].get("capacity_bytes") is not None:  # --device-memory
+        cap = out["setup"]["capacity_bytes"] / GiB
+        lines += ["", f"Device memory: {cap:.1f} GiB per GPU after the reserve; plans over "
+                      "it without swapping would OOM.", "", memory_table(out, baseline)]
+    return "\n".join(lines)
+
+
+def memory_table(out: dict, baseline: str | None = None) -> str:
+    """Markdown table of what device memory did to each run (throughput relative to
+    `baseline`, default the first run)."""
+    res: list[PolicyResult] = out["results"]
+    ref = next((r for r in res if r.policy == baseline), res[0] if res else None)
+    lines = [f"| run | avg samples/s | {ref.policy if ref else '-'} / run | goodput | changes "
+             "| reroute / redundant / reparallelize / restart | memory dropped a candidate "
+             "| fallbacks (for memory) | with swapping | swap time (h) "
+             "| over budget: plans, h, GPU-h | largest peak (GiB) |",
+             "|" + "---|" * 12]
+    for r in res:
+        rel = ref.samples_per_s / r.samples_per_s if ref and r.samples_per_s else float("nan")
+        kinds = " / ".join(str(r.kinds.get(k, 0))
+                           for k in ("reroute", "redundant", "reparallelize", "restart"))
+        over = (f"**{r.over_budget}, {r.over_budget_s / 3600:.2f}, "
+                f"{r.over_budget_gpu_h:.0f}**" if r.over_budget else "0")
+        lines.append(f"| {r.policy} | {r.samples_per_s:.2f} | {rel:.2f}x | {r.goodput:.1%} | "
+                     f"{r.transitions} | {kinds} | {r.memory_dropped} | "
+                     f"{r.fallbacks} ({r.memory_fallbacks}) | {r.swapping} | "
+                     f"{r.swap_time_s / 3600:.2f} | {over} | {r.peak_bytes / GiB:.1f} |")
     return "\n".join(lines)
 
 

@@ -6,23 +6,28 @@ with the job is the store traffic each phase needs, measured by benchmarks/store
 with up to 1024 simulated ranks against one TCPStore server on loopback:
 
 - detect: the notice fans out to every rank (notify: one wake-up per watcher; poll: every
-  rank finds it on its next poll, behind everyone else's polls);
+  rank finds it on its next poll, behind everyone else's polls; node: one wake-up per
+  node's relay, the node's ranks then learn it from a local file);
 - agree: every survivor registers (set + add) and the decider reads every join record;
 - rebuild: every rank publishes and reads its group's rendezvous keys.
 
-Each is a per-rank slope (seconds per rank beyond the reference), multiplied by the
-server's queueing factor 1 / (1 - utilisation) at the steady load the design offers
-(requests/s per rank x ranks against the server's measured capacity), capped where the
-server saturates. The design's slope and load are measurements, not guesses: see
-docs/BENCHMARKS.md ("Control-plane load") for the table they come from.
+Each is a per-rank slope (seconds per rank beyond the reference; the node plane's detect:
+per node), multiplied by the server's queueing factor 1 / (1 - utilisation) at the steady
+load the design offers (requests/s per rank x ranks + per node x nodes, against the
+server's measured capacity), capped where the server saturates. The design's slope and
+load are measurements, not guesses: see docs/BENCHMARKS.md ("Control-plane load") for the
+table they come from.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 REFERENCE_RANKS = 8
 """Ranks of the MTTR measurement the fixed phase costs come from."""
+RANKS_PER_NODE = 8
+"""Ranks per node when the caller does not say (benchmarks/store_load.py's default)."""
 MAX_QUEUE_FACTOR = 50.0
 """Queueing factor charged at (or past) saturation: the server still answers, slowly."""
 
@@ -42,19 +47,28 @@ class ControlPlaneModel:
     """Every rank has seen the notice -> every rank has the membership, seconds per rank."""
     rebuild_s_per_rank: float
     """Group rendezvous through the store, seconds per rank."""
+    per_node_rps: float = 0.0
+    """Steady store requests per second per node (its launcher's: node plane)."""
+    notice_s_per_node: float = 0.0
+    """Notice -> every rank has seen it, seconds per node (node plane: per relay)."""
 
-    def utilisation(self, ranks: int) -> float:
-        return self.per_rank_rps * ranks / self.capacity_rps
+    def utilisation(self, ranks: int, ranks_per_node: int = RANKS_PER_NODE) -> float:
+        nodes = math.ceil(ranks / ranks_per_node)
+        return (self.per_rank_rps * ranks + self.per_node_rps * nodes) / self.capacity_rps
 
-    def queue_factor(self, ranks: int) -> float:
-        rho = self.utilisation(ranks)
+    def queue_factor(self, ranks: int, ranks_per_node: int = RANKS_PER_NODE) -> float:
+        rho = self.utilisation(ranks, ranks_per_node)
         return MAX_QUEUE_FACTOR if rho >= 1 else min(MAX_QUEUE_FACTOR, 1.0 / (1.0 - rho))
 
-    def extra_s(self, ranks: int) -> tuple[float, float, float]:
+    def extra_s(self, ranks: int, ranks_per_node: int = RANKS_PER_NODE
+                ) -> tuple[float, float, float]:
         """(detect, agree, rebuild) seconds on top of the reference measurement."""
-        grow = max(0, ranks - REFERENCE_RANKS) * self.queue_factor(ranks)
-        return (grow * self.notice_s_per_rank, grow * self.agree_s_per_rank,
-                grow * self.rebuild_s_per_rank)
+        q = self.queue_factor(ranks, ranks_per_node)
+        grow = max(0, ranks - REFERENCE_RANKS) * q
+        grow_nodes = max(0, math.ceil(ranks / ranks_per_node)
+                         - math.ceil(REFERENCE_RANKS / ranks_per_node)) * q
+        return (grow * self.notice_s_per_rank + grow_nodes * self.notice_s_per_node,
+                grow * self.agree_s_per_rank, grow * self.rebuild_s_per_rank)
 
 
 # Fitted from `benchmarks/store_load.py --seconds 3` on the 2-core development machine
@@ -66,14 +80,24 @@ class ControlPlaneModel:
 # Not measured, estimated: poll's agreement slope (taken equal to notify's; its cost at
 # scale comes from the queueing factor) and the rebuild slope (two store requests per
 # rank of ~20 us each, the loopback round trip).
+# node (benchmarks/store_load.py --planes notify,node, 2026-12-01, 8 ranks per node;
+# docs/BENCHMARKS.md): per rank only the step's traffic, 10.0 req/s (the vote and the
+# trainer's per-step reads; notify's 21.3 in the same run, which also counts those reads:
+# its rate below), per node 4.3 req/s (the launcher's beat and its notice relay), flat at
+# N = 8, 64, 256; notice -> all seen grows per node: (20.1 - 1.1 ms) / 31 nodes from N=8
+# to N=256 (after the publish); the agreement is notify's (same code), so its slope too.
 CAPACITY_RPS = 30_000.0
 POLL = ControlPlaneModel("poll", per_rank_rps=117.0, capacity_rps=CAPACITY_RPS,
                          notice_s_per_rank=6.0e-5, agree_s_per_rank=1.3e-4,
                          rebuild_s_per_rank=4.0e-5)
-NOTIFY = ControlPlaneModel("notify", per_rank_rps=19.7, capacity_rps=CAPACITY_RPS,
+NOTIFY = ControlPlaneModel("notify", per_rank_rps=21.3, capacity_rps=CAPACITY_RPS,
                            notice_s_per_rank=6.6e-5, agree_s_per_rank=1.3e-4,
                            rebuild_s_per_rank=4.0e-5)
-MODELS = {"poll": POLL, "notify": NOTIFY}
+NODE = ControlPlaneModel("node", per_rank_rps=10.0, capacity_rps=CAPACITY_RPS,
+                         notice_s_per_rank=0.0, agree_s_per_rank=1.3e-4,
+                         rebuild_s_per_rank=4.0e-5, per_node_rps=4.3,
+                         notice_s_per_node=6.1e-4)
+MODELS = {"poll": POLL, "notify": NOTIFY, "node": NODE}
 """Designs by monitor.control_plane name; "fixed" (no growth) is handled by the caller."""
 
 

@@ -7,6 +7,11 @@ reparallelize, redundant) make the exact choice the live leader makes: candidate
 `planner.recovery.build_candidates` (screening pipeline counts at cluster scale),
 scored and chosen by `planner.recovery.score` / `choose`. `restart` (torchrun +
 checkpoints) and `drop-replica` (torchft) are modelled here.
+
+With `MemoryLimits`, the candidates are checked against a device capacity by the same
+call the live leader makes (`build_candidates(memory=, capacity_bytes=, drop_unfit=,
+swap=)`): unfit ones are dropped with the same reasons, and a chosen plan that fits only
+by swapping carries its `swap_s` into the step time the simulator charges after it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from planner.closed_form import pipeline_s
 from planner.cost import CostModel
+from planner.memory import SwapPricing
 from planner.plan import Pipeline, Plan, PlanError
 from planner.recovery import (
     RecoveryCandidate,
@@ -44,6 +50,28 @@ class Reaction:
     """A fixed policy could not do its kind; the best feasible candidate ran instead."""
     samples_per_step: int | None = None
     """Samples trained per step when it differs from the plan's global batch."""
+    swap_s: float = 0.0
+    """Step time swapping adds to `plan` (the chosen candidate's `swap_s`)."""
+    swap_ranks: int = 0
+    """Ranks that swap activations to fit `plan` (0: it fits, or nobody checked)."""
+    memory_dropped: bool = False
+    """Memory dropped some candidate (or none fitted) at this change."""
+    memory_fallback: bool = False
+    """A fixed policy's kind was dropped for memory, so the best candidate ran instead."""
+
+
+@dataclass(frozen=True)
+class MemoryLimits:
+    """The device capacity the recovery candidates are checked against (the simulator's
+    counterpart of the live leader's `RecoveryConfig` memory fields)."""
+
+    capacity_bytes: float
+    """Per-rank capacity (device memory minus the reserve)."""
+    aware: bool = True
+    """Drop candidates over the capacity (`build_candidates(drop_unfit=)`); off: they
+    are kept and may be chosen, as before memory was checked."""
+    swap: SwapPricing | None = None
+    """Price swapping for candidates over the capacity (only when `aware`)."""
 
 
 @dataclass
@@ -71,9 +99,10 @@ class Policy:
 
     def __init__(self, cost: CostModel, costs: Costs, layer_bytes: list[float],
                  predict: Callable[[Plan], float], predict_len: Callable[[int, int, int], float],
-                 horizon_s: float):
+                 horizon_s: float, memory: MemoryLimits | None = None):
         self.cost, self.costs, self.layer_bytes = cost, costs, layer_bytes
         self.predict, self.predict_len, self.horizon_s = predict, predict_len, horizon_s
+        self.memory = memory
 
     def step_factor(self, plan: Plan) -> float:
         return 1.0
@@ -86,17 +115,34 @@ class Policy:
     def candidates(self, plan: Plan, members: list[int], committed_step: int,
                    checkpoint_step: int | None, policy: str
                    ) -> tuple[RecoveryCandidate, list[RecoveryCandidate], RecoveryConfig]:
+        chosen, cands, rc, _ = self.decide(plan, members, committed_step, checkpoint_step,
+                                           policy)
+        return chosen, cands, rc
+
+    def decide(self, plan: Plan, members: list[int], committed_step: int,
+               checkpoint_step: int | None, policy: str
+               ) -> tuple[RecoveryCandidate, list[RecoveryCandidate], RecoveryConfig,
+                          dict[str, str]]:
+        """The live leader's decision: candidates (checked against `self.memory` as the
+        leader checks them), scores, choice; and why kinds or plans were dropped."""
         newcomers = [r for r in sorted(members) if not plan.has_rank(r)]
         ctx = RecoveryContext(plan, sorted(members), committed_step, list(self.layer_bytes),
                               checkpoint_step, newcomers)
-        cands, _ = build_candidates(ctx, self.predict, predict_len=self.predict_len)
+        mem = self.memory
+        if mem is None:
+            cands, dropped = build_candidates(ctx, self.predict, predict_len=self.predict_len)
+        else:
+            cands, dropped = build_candidates(
+                ctx, self.predict, predict_len=self.predict_len, memory=self.cost.memory,
+                capacity_bytes=mem.capacity_bytes, drop_unfit=mem.aware,
+                swap=mem.swap if mem.aware else None)
         rc = RecoveryConfig(policy=policy, horizon_s=self.horizon_s,
                             transfer_Bps=self.costs.transfer_Bps,
                             rebuild_s=self.costs.in_place_s - self.costs.detect_s,
                             checkpoint_load_Bps=sum(self.layer_bytes)
                             / max(self.costs.checkpoint_load_s, 1e-9))
         score(cands, ctx, rc, self.predict)
-        return choose(cands, rc), cands, rc
+        return choose(cands, rc), cands, rc, dropped
 
 
 class RecoveryPolicy(Policy):
@@ -114,12 +160,16 @@ class RecoveryPolicy(Policy):
         return c.predicted_transition_s  # score's: agree + plan + rebuild + migration
 
     def react(self, plan, members, committed_step, checkpoint_step, lost):
-        chosen, _, _ = self.candidates(plan, members, committed_step, checkpoint_step,
-                                       self.kind)
+        chosen, _, _, dropped = self.decide(plan, members, committed_step, checkpoint_step,
+                                            self.kind)
         fallback = self.kind != "adaptive" and chosen.kind != self.kind
         detect = self.costs.detect_s if lost else 0.0
+        for_memory = {k for k, why in dropped.items() if memory_reason(k, why)}
         return Reaction(chosen.plan, chosen.kind, detect + self.transition_s(chosen),
-                        rollback=chosen.from_checkpoint, fallback=fallback)
+                        rollback=chosen.from_checkpoint, fallback=fallback,
+                        swap_s=chosen.swap_s, swap_ranks=len(chosen.swap_budgets),
+                        memory_dropped=bool(for_memory),
+                        memory_fallback=fallback and self.kind in for_memory)
 
 
 class BubbleFillReroute(RecoveryPolicy):
@@ -195,12 +245,17 @@ class RestartPolicy(Policy):
     name = "restart"
 
     def react(self, plan, members, committed_step, checkpoint_step, lost):
-        chosen, _, _ = self.candidates(plan, members, committed_step, checkpoint_step,
-                                       "restart")
+        chosen, _, _, dropped = self.decide(plan, members, committed_step, checkpoint_step,
+                                            "restart")
         c = self.costs
         detect = c.detect_s if lost else 0.0
+        fallback = chosen.kind != "restart"
+        for_memory = {k for k, why in dropped.items() if memory_reason(k, why)}
         return Reaction(chosen.plan, "restart", detect + c.restart_s + c.checkpoint_load_s,
-                        rollback=True, fallback=chosen.kind != "restart")
+                        rollback=True, fallback=fallback,
+                        swap_s=chosen.swap_s, swap_ranks=len(chosen.swap_budgets),
+                        memory_dropped=bool(for_memory),
+                        memory_fallback=fallback and "restart" in for_memory)
 
 
 class DropReplicaPolicy(Policy):
@@ -240,7 +295,8 @@ class DropReplicaPolicy(Policy):
                                            "restart")
             c = self.costs
             return Reaction(chosen.plan, "restart", c.detect_s + c.restart_s
-                            + c.checkpoint_load_s, rollback=True)
+                            + c.checkpoint_load_s, rollback=True, swap_s=chosen.swap_s,
+                            swap_ranks=len(chosen.swap_budgets))
         return self._reaction(plan, live, kind, stall)
 
     def _reaction(self, plan: Plan, live: list[Pipeline], kind: str, stall: float
@@ -263,6 +319,11 @@ class DropReplicaPolicy(Policy):
         self.original = [Pipeline(list(p.stages), list(p.microbatches))
                          for p in plan.pipelines]
         self.full_mbs = plan.num_microbatches
+
+
+def memory_reason(key: str, reason: str) -> bool:
+    """Whether a `build_candidates` drop entry is a memory check's (`check_memory`)."""
+    return key == "memory" or "> device memory" in reason
 
 
 def make_policy(name: str, *args, **kwargs) -> Policy:

@@ -16,6 +16,13 @@ membership change. For every policy the loop alternates:
 Fail-slow events scale the compute of the slow node's ranks; every policy keeps its plan
 through them (none of the modelled systems re-plans for a straggler), so they show
 what a straggler costs each plan shape.
+
+With a device memory (`SimConfig.device_memory`), the recovery policies check their
+candidates against it exactly as the live leader does (`planner.cluster.policies.
+MemoryLimits`); a plan chosen with swapping runs at its step time plus its `swap_s`, and
+every plan a policy runs is checked by the memory model (`planner.memory.peak_memory`):
+one over the capacity without swapping would OOM on a real cluster, and is counted in
+the result (`over_budget`, its hours and GPU-hours), not silently accepted.
 """
 
 from __future__ import annotations
@@ -35,59 +42,11 @@ from planner.cluster.policies import (
     make_policy,
 )
 from planner.cluster.predict import Predictor, layer_state_bytes
+from planner.cluster.sim_config import SimConfig, TransitionConfig
 from planner.cluster.traces import TraceError, TraceEvent, mean_gap_s
 from planner.cost import CostModel
+from planner.memory import peak_memory
 from planner.plan import Pipeline, Plan, PlanError
-
-
-@dataclass(frozen=True)
-class TransitionConfig:
-    """What a change costs. Defaults: the live MTTR phases measured on 8 emulated ranks
-    (docs/BENCHMARKS.md, rounded up), torchrun's and torchft's measured stalls there."""
-
-    detect_s: float = 0.1
-    """Failure detection (launcher exit record / comm error / heartbeat)."""
-    agree_s: float = 0.15
-    """Membership agreement among survivors."""
-    plan_s: float = 0.15
-    """Leader builds and scores the candidates."""
-    rebuild_s: float = 0.1
-    """Process-group rebuild."""
-    transfer_Bps: float = 12.5e9
-    """Bandwidth of one state transfer between two GPUs (100 Gb/s effective)."""
-    restart_s: float = 30.0
-    """torchrun restart of every worker (measured 29.3 s for 8 ranks under load)."""
-    heartbeat_timeout_s: float = 5.0
-    """torchft: time to notice a dead replica group (measured 5.06 s, defaults)."""
-    checkpoint_write_Bps: float = 20e9
-    """Aggregate checkpoint write bandwidth (the write blocks training)."""
-    checkpoint_load_Bps: float = 20e9
-    """Aggregate checkpoint read bandwidth."""
-    checkpoint_interval_s: float | None = None
-    """Training time between checkpoints; None: Young/Daly sqrt(2 x write x MTBF)."""
-    control_plane: str = "notify"
-    """How detect/agree/rebuild grow with the job beyond the 8 ranks they were measured
-    at: the store traffic of the runtime's control plane ("notify", "poll": fitted from
-    benchmarks/store_load.py, planner/cluster/control_plane.py) or "fixed" (no growth)."""
-
-    def __post_init__(self) -> None:
-        model_for(self.control_plane)  # raises on an unknown name
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """One simulation: how long, how the leader looks ahead, how step times come."""
-
-    duration_s: float | None = None
-    """Simulated wall time; None: until the trace's last event (at least 1 h)."""
-    horizon_s: float | None = None
-    """Recovery horizon H; None: the trace's mean time between membership changes."""
-    predictor: str = "closed-form"
-    """'closed-form' (fast, cached per plan) or 'event' (the event simulator)."""
-    step_factor: float = 1.0
-    """Multiplies every predicted step time (the live runtime's online correction)."""
-    timeline: bool = True
-    """Keep the per-segment throughput timeline (for plots)."""
 
 
 @dataclass
@@ -129,6 +88,27 @@ class PolicyResult:
     throughput scaled to the live GPUs (1.0 = no gap)."""
     time_to_target_s: float | None
     target_samples: float
+    capacity_bytes: float = math.inf
+    """Per-GPU device capacity the plans were checked against (inf: unchecked; None in
+    `row()`)."""
+    peak_bytes: float = 0.0
+    """Largest predicted per-GPU peak of any plan run (0: unchecked)."""
+    over_budget: int = 0
+    """Plans run over the capacity without swapping (they would OOM): the initial plan
+    if it is, plus every change after which one ran."""
+    over_budget_s: float = 0.0
+    """Training time spent on such plans."""
+    over_budget_gpu_h: float = 0.0
+    """The same in GPU-hours (time x GPUs in the plan: an OOM stops all of them)."""
+    memory_dropped: int = 0
+    """Changes at which memory dropped a candidate, or none fitted (the kinds then
+    chosen are in `kinds`)."""
+    memory_fallbacks: int = 0
+    """Of `fallbacks`, those where the fixed kind was dropped for memory."""
+    swapping: int = 0
+    """Changes after which the plan swaps activations to fit."""
+    swap_time_s: float = 0.0
+    """Training time swapping added (swap_s x steps run)."""
     segments: list[Segment] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -146,6 +126,8 @@ class PolicyResult:
         d.pop("segments")
         d.pop("events")
         d.update(samples_per_s=self.samples_per_s, goodput=self.goodput)
+        if d["capacity_bytes"] == math.inf:  # unchecked; JSON has no infinity
+            d["capacity_bytes"] = None
         return d
 
 
@@ -167,7 +149,9 @@ def simulate_trace(policy_name: str, initial_plan: Plan, cost: CostModel,
     half of what failure-free training does in the duration). `memory_limit_bytes`:
     above `exact_upto` ranks, fresh plans whose stages do not fit are not built.
     `predictor`: a `Predictor` to share (and its cache) across policies; it must have been
-    built with this cost model, `config.predictor`, `config.step_factor` and limit."""
+    built with this cost model, `config.predictor`, `config.step_factor` and limit.
+    `config.device_memory` (with its reserve, awareness and swap fields) checks every
+    plan's memory: see the module docstring."""
     tc, sc = transitions or TransitionConfig(), config or SimConfig()
     if not events:
         raise TraceError("empty trace: it must at least add the initial nodes at t=0")
@@ -188,13 +172,14 @@ def simulate_trace(policy_name: str, initial_plan: Plan, cost: CostModel,
     write_s = state_bytes / tc.checkpoint_write_Bps
     interval = tc.checkpoint_interval_s or math.sqrt(2 * write_s * gap)
     plane = model_for(tc.control_plane)
-    grow = plane.extra_s(len(members)) if plane is not None else (0.0, 0.0, 0.0)
+    grow = (plane.extra_s(len(members), cluster.gpus_per_node) if plane is not None
+            else (0.0, 0.0, 0.0))
     costs = Costs(tc.detect_s + grow[0], tc.agree_s + grow[1], tc.plan_s,
                   tc.rebuild_s + grow[2], tc.transfer_Bps, tc.restart_s,
                   tc.heartbeat_timeout_s, state_bytes / tc.checkpoint_load_Bps)
     predict = predictor or Predictor(cost, sc.predictor, sc.step_factor, memory_limit_bytes)
     pol: Policy = make_policy(policy_name, cost, costs, lbytes, predict, predict.by_length,
-                              horizon)
+                              horizon, memory=sc.memory_limits())
     if isinstance(pol, DropReplicaPolicy):
         pol.start(initial_plan)
     run = _Run(pol, predict, initial_plan, mship, rest, duration, interval, write_s,
@@ -232,11 +217,25 @@ class _Run:
         self.idle = False
         self.post_num = 0.0
         self.post_den = 0.0
+        self.swap_s = 0.0  # step time the current plan's swapping adds
+        self.capacity = sc.capacity_bytes()
+        self.res.capacity_bytes = self.capacity
+        self.over = self.check_memory(plan, 0)
+
+    def check_memory(self, plan: Plan, swap_ranks: int) -> bool:
+        """Whether `plan` runs over the device capacity without swapping (counted)."""
+        if self.capacity == math.inf:
+            return False
+        peak = peak_memory(plan, self.pol.cost.memory).max_bytes
+        self.res.peak_bytes = max(self.res.peak_bytes, peak)
+        over = peak > self.capacity and swap_ranks == 0
+        self.res.over_budget += int(over)
+        return over
 
     def step_s(self) -> float:
         base = (self.predict.slowed(self.plan, self.slow) if self.slow
                 else self.predict(self.plan))
-        return base * self.pol.step_factor(self.plan)
+        return base * self.pol.step_factor(self.plan) + self.swap_s
 
     def seg(self, t0: float, t1: float, rate: float, what: str) -> None:
         if t1 <= t0:
@@ -248,6 +247,9 @@ class _Run:
                 segs[-1].t1 = t1
             else:
                 segs.append(Segment(t0, t1, rate, what))
+        if self.over and what == "train":
+            self.res.over_budget_s += t1 - t0
+            self.res.over_budget_gpu_h += (t1 - t0) * self.plan.world_size / 3600
         if self.changed and what == "train":
             ref = self.ref
             self.post_num += (rate / ref if ref > 0 else 0.0) * (t1 - t0)
@@ -301,6 +303,7 @@ class _Run:
         before = self.samples
         self.samples += n * self.batch
         self.steps += n
+        self.res.swap_time_s += n * self.swap_s
         full = self.plan.num_microbatches * self.plan.microbatch_size
         if isinstance(self.pol, DropReplicaPolicy) and self.batch < full:
             self.res.samples_dropped += n * (full - self.batch)
@@ -361,6 +364,11 @@ class _Run:
         self.res.samples, self.res.steps = self.samples, self.steps
         if self.post_den > 0:
             self.res.post_recovery_ratio = self.post_num / self.post_den
+        if self.res.over_budget:
+            self.res.notes.append(
+                f"ran over budget: would OOM ({self.res.over_budget} plans over "
+                f"{self.capacity / 2**30:.1f} GiB per GPU, {self.res.over_budget_s / 3600:.2f}"
+                f" h, {self.res.over_budget_gpu_h:.0f} GPU-h)")
         self.res.notes.append(f"simulated in {time.perf_counter() - t0:.2f} s, "
                               f"horizon {self.horizon:.0f} s, checkpoint every "
                               f"{self.interval:.0f} s ({self.write_s:.1f} s each)")
@@ -385,6 +393,11 @@ class _Run:
         self.t += stall
         self.plan = r.plan
         self.batch = r.samples_per_step or r.plan.global_batch
+        self.swap_s = r.swap_s
+        self.res.swapping += int(r.swap_ranks > 0)
+        self.res.memory_dropped += int(r.memory_dropped)
+        self.res.memory_fallbacks += int(r.memory_fallback)
+        self.over = self.check_memory(r.plan, r.swap_ranks)
         self.changed = True
         self.ref = (self.ff_for(members) if self.ff_for
                     else self.ff * len(members) / self.initial_live)

@@ -120,6 +120,7 @@ class Launch:
         """Ask for a fence as a survivor does: the reason signed with the job token."""
         key = contract.fence_key(rank)
         self.store.set(key, sign(self.token(), key, reason))
+        self.store.add(contract.FENCES_COUNT, 1)
 
     def finish(self) -> None:
         """Tell waiting workers to exit."""

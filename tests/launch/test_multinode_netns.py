@@ -270,3 +270,47 @@ def test_store_apart_in_a_third_namespace_survives_losing_node0(hosts, tmp_path)
     info1 = json.loads((run_dir / contract.launcher_file(1)).read_text())
     assert info1["workers_host"] == h.addrs[1] and info1["store_addr"] == store_host
     assert "declared lost" in store_log.read_text() + logs[1].read_text()
+
+
+@pytest.mark.timeout(300)
+def test_node_local_checkpoints_survive_losing_a_nodes_disk(hosts, tmp_path):
+    """Each node checkpoints onto its own disk (--checkpoint.dir and --checkpoint.peer-dir
+    node-local), with peer copies on; node 1's disk is then lost whole. The rerun on a
+    fresh node 1 gathers node 1's layers from the copies on node 0's disk, through the
+    store, and continues on the failure-free trajectory."""
+    h = hosts(2)
+    run_dir = tmp_path / "run"
+    disks = [tmp_path / f"disk{n}" for n in range(2)]
+
+    def run(steps: int, tag: str) -> list[str]:
+        train = [*TRAIN[:TRAIN.index("--dp")], "--dp", "1", "--pp", "4",
+                 *TRAIN[TRAIN.index("--steps"):]]
+        train[train.index("--steps") + 1] = str(steps)
+        logs = [tmp_path / f"{tag}-node{n}.log" for n in range(2)]
+        procs = [h.run(n, [*odyssey_run(h.addrs[0], run_dir), *train,
+                           "--checkpoint-every", "4", "--checkpoint.peer-copy",
+                           "--checkpoint.dir", str(disks[n] / "ckpt"),
+                           "--checkpoint.peer-dir", str(disks[n] / "copies")], logs[n])
+                 for n in range(2)]
+        codes = [_wait(p, log, 200) for p, log in zip(procs, logs)]
+        out = [log.read_text() for log in logs]
+        assert codes == [0, 0], "\n".join(o[-3000:] for o in out)
+        return out
+
+    run(8, "first")
+    # ranks 2, 3 (node 1) wrote layers 2, 3; their copies went to node 0's ranks
+    for layer in (2, 3):
+        name = contract.checkpoint_layer_file(layer)
+        assert (disks[1] / "ckpt" / contract.checkpoint_step_dir(7) / name).is_file()
+        assert not (disks[0] / "ckpt" / contract.checkpoint_step_dir(7) / name).exists()
+        copies = list((disks[0] / "copies").glob(f"rank*/{contract.checkpoint_step_dir(7)}/{name}"))
+        assert len(copies) == 1, f"layer {layer}: {copies}"
+    shutil.rmtree(disks[1])  # node 1's disk is lost with everything on it
+
+    out = run(12, "second")
+    assert "resumed from checkpoint of step 7" in out[0], out[0][-3000:]
+    report = json.loads((run_dir / contract.REPORT_FILE).read_text())
+    check_same_numbers(report, run_dir, steps=12)
+    for layer in (2, 3):  # node 1 got them back from node 0's copies
+        assert (disks[1] / "ckpt" / contract.checkpoint_step_dir(7)
+                / contract.checkpoint_layer_file(layer)).is_file()

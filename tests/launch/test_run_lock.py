@@ -66,3 +66,13 @@ def test_second_job_on_a_locked_run_dir_exits_2_naming_the_first(tmp_path):
         assert second.returncode == 2
         assert f"job {owner['job_id']}" in second.stderr and str(owner["pid"]) in second.stderr
         first.kill()
+
+
+def test_ray_backend_takes_the_same_lock(tmp_path, capsys):
+    pytest.importorskip("ray")
+    from launch.run import main as run_main
+    (tmp_path / "train.py").write_text("")
+    with RunDirLock(tmp_path, "job-a"):
+        code = run_main(["--backend", "ray", "--nproc-per-node", "1", "--run-dir",
+                         str(tmp_path), str(tmp_path / "train.py")])
+    assert code == 2 and "in use by job job-a" in capsys.readouterr().err

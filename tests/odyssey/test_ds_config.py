@@ -42,11 +42,13 @@ def test_config_maps_batch_triangle_and_optimizer():
                                r"gradient_accumulation_steps 4 x data-parallel pipelines 1 "
                                r"\(= 8\)"),
     ({"train_micro_batch_size_per_gpu": 0}, "must be a positive integer, got 0"),
-    ({"gradient_clipping": 1.0}, "gradient_clipping 1.0: Odyssey's engine does not clip"),
-    ({"fp16": {"enabled": True}}, "fp16.enabled"),
+    ({"gradient_clipping": -1.0}, "gradient_clipping must be a number >= 0"),
+    ({"fp16": {"enabled": True}}, r"fp16.hysteresis 2 \(DeepSpeed's default is 2\)"),
+    ({"fp16": {"enabled": True, "hysteresis": 1, "loss_scale": 128}}, "static loss scale"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "choose one"),
     ({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, "optimizer.type 'SGD'"),
     ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, r"\['amsgrad'\]"),
-    ({"scheduler": {"type": "WarmupLR"}}, "scheduler is not supported"),
+    ({"scheduler": {"type": "WarmupLR"}}, "scheduler is not supported .* --lr-schedule"),
     ({"zero_optimization": {"stage": 3}}, "stage 3"),
     ({"curriculum_learning": {}}, r"keys \['curriculum_learning'\] are not supported"),
 ])
@@ -70,3 +72,20 @@ def test_config_file_errors(tmp_path):
     cfg = job_config(steps=1, dp=2, pp=1, ds_config=str(path), run_dir=str(tmp_path / "r"))
     with pytest.raises(RuntimeError, match=r"data-parallel pipelines 2 \(= 16\)"):
         run_threads(2, lambda w: Trainer(model, data, cfg, w).fit(), timeout_s=30)
+
+
+def test_clipping_and_precision_map_onto_the_job(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**CONFIG, "gradient_clipping": 0.5, "bf16": {"enabled": True}}))
+    job = job_config(steps=4, grad_clip=2.0, ds_config=str(path))
+    mapped = ds_config.apply(job, world_size=1)
+    assert mapped.optimizer.grad_clip == 0.5 and mapped.precision.dtype == "bf16"
+    no_clip_key = {k: v for k, v in CONFIG.items() if k != "gradient_clipping"}
+    path.write_text(json.dumps(no_clip_key))  # no clipping key: the flag's value stays
+    assert ds_config.apply(job, world_size=1).optimizer.grad_clip == 2.0
+    fp16 = ds_config.settings({**CONFIG, "fp16": {"enabled": True, "hysteresis": 1,
+                                                  "initial_scale_power": 12,
+                                                  "loss_scale_window": 200}}, dp=1)
+    assert fp16.precision.dtype == "fp16" and fp16.precision.init_scale == 2.0 ** 12
+    assert fp16.precision.growth_interval == 200
+    assert ds_config.settings(CONFIG, dp=1).precision is None

@@ -13,22 +13,13 @@ import torch
 from examples.gpt import GPTConfig, build_gpt
 from odyssey.hooks import CommittedStep, EvalResult, TrainerHook
 from odyssey.job_config import job_config
-from odyssey.prepare import main as prepare_main
 from odyssey.report import read_jsonl
 from odyssey.testing.threads import run_threads
 from odyssey.trainer import Trainer
-from tests.conftest import ROOT
 from tests.helpers import run_odyssey
 
 SEQ = 16
 MODEL = GPTConfig(vocab_size=256, seq_len=SEQ, d_model=32, n_heads=2, n_blocks=2)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "odyssey.bin"
-    assert prepare_main([str(ROOT / "odyssey"), "--out", str(out), "--max-mb", "0.3"]) == 0
-    return out
 
 
 class Callbacks(TrainerHook):

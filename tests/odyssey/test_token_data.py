@@ -32,14 +32,6 @@ SEQ = 16
 MODEL = GPTConfig(vocab_size=256, seq_len=SEQ, d_model=32, n_heads=2, n_blocks=2)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A token file of this repository's own odyssey/ sources (byte level)."""
-    out = tmp_path_factory.mktemp("corpus") / "odyssey.bin"
-    assert prepare_main([str(ROOT / "odyssey"), "--out", str(out), "--max-mb", "0.3"]) == 0
-    return out
-
-
 def test_prepare_byte_level_is_the_corpus_bytes(tmp_path):
     (tmp_path / "b.txt").write_text("second file\n")
     (tmp_path / "a.txt").write_text("héllo wörld")  # no final newline: one is added

@@ -2,7 +2,7 @@
 
 import pytest
 
-from planner.cluster.control_plane import NOTIFY, POLL, REFERENCE_RANKS, model_for
+from planner.cluster.control_plane import NODE, NOTIFY, POLL, REFERENCE_RANKS, model_for
 from planner.cluster.sim import TransitionConfig
 
 
@@ -23,3 +23,13 @@ def test_names():
     assert model_for("fixed") is None and model_for("notify") is NOTIFY
     with pytest.raises(ValueError, match="control plane"):
         TransitionConfig(control_plane="gossip")
+
+
+def test_node_plane_grows_with_nodes_and_stays_under_the_knee():
+    assert model_for("node") is NODE
+    assert NODE.extra_s(REFERENCE_RANKS) == (0.0, 0.0, 0.0)
+    # 1024 ranks: fewer ranks per node means more relays and launcher beats
+    assert NODE.utilisation(1024, 8) < NODE.utilisation(1024, 1) < 1
+    assert NODE.utilisation(1024) < NOTIFY.utilisation(1024) / 2
+    assert NODE.extra_s(1024, 8)[0] < NODE.extra_s(1024, 2)[0]  # more relays to wake
+    assert all(n < m for n, m in zip(NODE.extra_s(1024), NOTIFY.extra_s(1024)))

@@ -1,0 +1,176 @@
+"""Fail-slow detection: which ranks compute persistently slower than they should.
+
+Every rank reports with its commit vote how long its forward and backward took per layer
+and microbatch (``timing``: ``start``, ``end``, ``fwd_s``, ``bwd_s``). The leader feeds
+each committed step's timings to a :class:`StragglerDetector`, which compares every rank
+with a reference for the same work:
+
+- its **replicas**, the ranks that hold the same layers in other pipelines (the median of
+  their times in the same step, so the machine's momentary load cancels out);
+- without replicas, its own **baseline**: the median of its first ``window`` steps in the
+  generation (the job's own profile of that stage, measured before anything changed),
+  divided by how far the other ranks drifted from theirs (the median of their time over
+  baseline), so a machine that gets busier as a whole flags nobody.
+
+A rank's factor at a step is its time over the reference. It becomes a straggler once
+the median of its last ``window`` factors reaches ``threshold`` (so one slow step, a
+hiccup, never counts), and stops being one once that median falls below
+``clear_threshold`` (hysteresis: no flapping around the threshold). Torch-free and
+standard library only, so the live runtime and the cluster simulator share it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import median
+
+
+@dataclass(frozen=True)
+class StragglerConfig:
+    """Fail-slow detection on the leader, from the timings in the commit votes."""
+
+    enabled: bool = True
+    """Watch for stragglers (events ``straggler`` / ``straggler_cleared`` in events.jsonl
+    and the report, the status record, the Prometheus gauge)."""
+    threshold: float = 1.8
+    """A rank is a straggler once the median of its last `window` slowdown factors (its
+    compute time over its replicas' median, or over its own baseline) is at least this."""
+    clear_threshold: float = 1.3
+    """A straggler is cleared once that median falls below this (< threshold:
+    hysteresis against flapping)."""
+    window: int = 8
+    """Committed steps the median is taken over; detection takes about this many steps
+    after the slowdown starts, and a one-off slow step never reaches the median."""
+    min_compute_s: float = 1e-5
+    """Per layer and microbatch compute times below this are not compared (too small to
+    time reliably)."""
+
+    def __post_init__(self) -> None:
+        if self.threshold <= 1:
+            raise ValueError(f"straggler.threshold must be > 1, got {self.threshold}")
+        if not 1 <= self.clear_threshold <= self.threshold:
+            raise ValueError(f"straggler.clear_threshold must be in [1, threshold "
+                             f"{self.threshold}], got {self.clear_threshold}")
+        if self.window < 3:
+            raise ValueError(f"straggler.window must be >= 3 (a median that one step cannot "
+                             f"move), got {self.window}")
+        if self.min_compute_s < 0:
+            raise ValueError(f"straggler.min_compute_s must be >= 0, got {self.min_compute_s}")
+
+
+@dataclass(frozen=True)
+class Straggler:
+    """A rank found persistently slow."""
+
+    rank: int
+    factor: float
+    """Median slowdown (e.g. 3.0: three times slower): over its slow steps when found,
+    over the window after that."""
+    since_step: int
+    """First step of the run of slow steps that made it a straggler."""
+    reference: str
+    """What it was compared with: replicas or baseline."""
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "factor": self.factor, "since_step": self.since_step,
+                "reference": self.reference}
+
+
+@dataclass(frozen=True)
+class StragglerChange:
+    """A rank became a straggler (``cleared`` False) or stopped being one, at ``step``."""
+
+    straggler: Straggler
+    step: int
+    cleared: bool
+
+    def event(self) -> dict:
+        """The events.jsonl record."""
+        return {"kind": "straggler_cleared" if self.cleared else "straggler",
+                "step": self.step, **self.straggler.to_dict()}
+
+
+@dataclass
+class _RankState:
+    factors: deque = field(default_factory=deque)  # (step, factor) of the last window steps
+    baseline: list[float] = field(default_factory=list)  # own times, first window steps
+
+
+class StragglerDetector:
+    """Per-rank robust slowdown estimates over committed steps; see the module docstring."""
+
+    def __init__(self, cfg: StragglerConfig | None = None):
+        self.cfg = cfg or StragglerConfig()
+        self.current: dict[int, Straggler] = {}
+        """Ranks that are stragglers now."""
+        self._ranks: dict[int, _RankState] = {}
+        self._generation: int | None = None
+
+    def observe(self, step: int, timings: dict[int, dict], generation: int = 0
+                ) -> list[StragglerChange]:
+        """Take in one committed step's timings ({rank: vote timing}); what changed."""
+        if generation != self._generation:  # new plan: other layers, other replicas
+            self._generation = generation
+            self._ranks = {}
+            self.current = {r: s for r, s in self.current.items() if r in timings}
+        if not self.cfg.enabled:
+            return []
+        w, floor = self.cfg.window, self.cfg.min_compute_s
+        times = {r: t["fwd_s"] + t["bwd_s"] for r, t in timings.items()
+                 if t["fwd_s"] + t["bwd_s"] >= floor}
+        layers: dict[tuple[int, int], list[int]] = {}
+        for r in times:
+            layers.setdefault((timings[r]["start"], timings[r]["end"]), []).append(r)
+        own: dict[int, float] = {}  # time over its own baseline, once it has one
+        for r, t in times.items():
+            state = self._ranks.setdefault(r, _RankState())
+            if len(state.baseline) < w:
+                state.baseline.append(t)
+            else:
+                own[r] = t / median(state.baseline)
+        changes = []
+        for r, t in times.items():
+            peers = [times[p] for p in layers[(timings[r]["start"], timings[r]["end"])]
+                     if p != r]
+            if peers:
+                factor, kind = t / median(peers), "replicas"
+            elif r in own:
+                # the machine's load moves every rank's time: divide by the others' drift
+                others = [f for p, f in own.items() if p != r]
+                factor, kind = own[r] / (median(others) if others else 1.0), "baseline"
+            else:
+                continue
+            state = self._ranks[r]
+            state.factors.append((step, factor))
+            while len(state.factors) > w:
+                state.factors.popleft()
+            change = self._judge(r, state, kind, step)
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    def _judge(self, rank: int, state: _RankState, kind: str, step: int
+               ) -> StragglerChange | None:
+        if len(state.factors) < self.cfg.window:
+            return None
+        factor = median(f for _, f in state.factors)
+        known = self.current.get(rank)
+        if known is None and factor >= self.cfg.threshold:
+            # since: the first step of the run of slow steps ending now
+            run = []
+            for s, f in reversed(state.factors):
+                if f < self.cfg.threshold:
+                    break
+                run.append((s, f))
+            since = run[-1][0] if run else step
+            slow = median(f for _, f in run) if run else factor  # the slowdown itself
+            self.current[rank] = Straggler(rank, slow, since, kind)
+            return StragglerChange(self.current[rank], step, cleared=False)
+        if known is not None and factor < self.cfg.clear_threshold:
+            del self.current[rank]
+            return StragglerChange(Straggler(rank, factor, known.since_step, kind), step,
+                                   cleared=True)
+        if known is not None:  # still slow: keep the estimate current
+            self.current[rank] = Straggler(rank, factor, known.since_step, known.reference)
+        return None

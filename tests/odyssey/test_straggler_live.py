@@ -1,0 +1,46 @@
+"""Stragglers in real jobs (`odyssey run`, real compute, 4 processes on this noisy 2-core
+machine): a failure-free run raises no straggler event with the default thresholds, and
+a rank made 3x slower is found while the job keeps the failure-free trajectory, through a
+SIGKILL and in-place recovery too (nothing lost, replicas identical)."""
+
+import json
+
+import pytest
+
+from odyssey import contract
+from odyssey.report import read_jsonl
+from tests.odyssey.test_fault_tolerance import TINY, check_same_numbers, run_job
+
+pytestmark = pytest.mark.slow  # starts `odyssey run` jobs
+
+ARGS = ["--dp", "2", "--pp", "2", "--num-microbatches", "4", "--microbatch-size", "2", *TINY]
+
+
+def _events(run_dir, kind: str) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / contract.EVENTS_FILE) if e["kind"] == kind]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("dp, pp", [(2, 2), (1, 4)])  # against replicas; against baselines
+def test_no_straggler_in_a_failure_free_run(tmp_path, dp, pp):
+    report, _ = run_job(tmp_path, 4, ["--dp", str(dp), "--pp", str(pp), *ARGS[4:],
+                                      "--steps", "30"])
+    assert _events(tmp_path / "run", "straggler") == []
+    check_same_numbers(report, tmp_path / "run", steps=30)
+
+
+@pytest.mark.timeout(200)
+def test_slow_rank_is_found_and_numbers_hold_through_a_kill(tmp_path):
+    report, proc = run_job(tmp_path, 4, [*ARGS, "--steps", "20", "--inject",
+                                         "slow:rank=3,step=4,factor=3",
+                                         "kill:rank=0,step=14,phase=backward"])
+    run_dir = tmp_path / "run"
+    found = _events(run_dir, "straggler")
+    assert found and found[0]["rank"] == 3 and found[0]["since_step"] >= 4, found
+    assert found[0]["step"] < 14 and found[0]["factor"] > 1.8
+    assert "straggler: rank 3" in proc.stdout
+    assert [e["ranks_lost"] for e in report["events"] if e["kind"] == "recovery"] == [[0]]
+    check_same_numbers(report, run_dir, steps=20)
+    status = json.loads((run_dir / contract.STATUS_FILE).read_text())
+    assert status["generation"] == 1 and status["leader"] == 1  # rank 0 was the leader
+    assert status["recovery_counts"][0]["count"] == 1

@@ -1,0 +1,98 @@
+"""Fail-slow detection (planner/straggler.py) on synthetic vote timings: a persistent
+slowdown is found within the window with its start step, a one-off slow step and noise
+are not, a straggler is cleared with hysteresis, and a rank without replicas is compared
+with its own baseline."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from planner.straggler import StragglerConfig, StragglerDetector
+
+
+def timings(slow: dict[int, float], stages: int = 1, dp: int = 2, base: float = 0.01,
+            noise: float = 0.0, rng: random.Random | None = None) -> dict[int, dict]:
+    """Votes of a dp x stages plan (rank = pipeline * stages + stage, 2 layers a stage)."""
+    out = {}
+    for p in range(dp):
+        for s in range(stages):
+            r = p * stages + s
+            t = base * slow.get(r, 1.0) * (1 + (rng.uniform(-noise, noise) if rng else 0))
+            out[r] = {"start": 2 * s, "end": 2 * s + 2, "fwd_s": t / 3, "bwd_s": 2 * t / 3}
+    return out
+
+
+def test_persistent_slowdown_is_found_within_the_window():
+    cfg = StragglerConfig(window=5)
+    det = StragglerDetector(cfg)
+    found = []
+    for step in range(30):
+        found += det.observe(step, timings({1: 3.0} if step >= 10 else {}))
+    assert len(found) == 1 and not found[0].cleared
+    s = found[0].straggler
+    assert (s.rank, s.since_step, s.reference) == (1, 10, "replicas")
+    assert s.factor == pytest.approx(3.0)
+    assert found[0].step <= 10 + cfg.window  # detection delay within the window
+    assert [x.rank for x in det.current.values()] == [1]
+    assert found[0].event()["kind"] == "straggler"
+
+
+def test_one_slow_step_and_noise_are_not_stragglers():
+    det = StragglerDetector()
+    rng = random.Random(0)
+    for step in range(2000):
+        spike = {step % 4: 6.0} if step % 97 == 0 else {}  # one-off hiccups
+        assert det.observe(step, timings(spike, stages=2, dp=3, noise=0.4, rng=rng)) == []
+
+
+def test_cleared_with_hysteresis():
+    det = StragglerDetector(StragglerConfig(window=4, threshold=1.8, clear_threshold=1.3))
+    changes = []
+    factors = [3.0] * 10 + [1.5] * 10 + [1.0] * 10  # 1.5: between the two thresholds
+    for step, f in enumerate(factors):
+        changes += [(step, c.cleared) for c in det.observe(step, timings({0: f}))]
+    assert [c for _, c in changes] == [False, True]
+    assert changes[1][0] >= 20  # not while it was still 1.5x slow
+
+
+def test_without_replicas_the_rank_is_compared_with_its_baseline():
+    det = StragglerDetector(StragglerConfig(window=4))
+    found = []
+    for step in range(20):
+        found += det.observe(step, timings({1: 2.5} if step >= 8 else {}, stages=2, dp=1))
+    assert len(found) == 1 and found[0].straggler.rank == 1
+    assert found[0].straggler.reference == "baseline" and found[0].straggler.since_step == 8
+
+
+def test_a_new_generation_starts_over_and_drops_ranks_gone():
+    det = StragglerDetector(StragglerConfig(window=3))
+    for step in range(6):
+        det.observe(step, timings({1: 3.0}, dp=3), generation=0)
+    assert set(det.current) == {1}
+    t = timings({}, dp=3)
+    del t[1]
+    assert det.observe(6, t, generation=1) == [] and det.current == {}
+
+
+def test_disabled_detector_says_nothing():
+    det = StragglerDetector(StragglerConfig(enabled=False))
+    assert all(det.observe(s, timings({1: 5.0})) == [] for s in range(20))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"threshold": 1.0}, "threshold must be > 1"),
+    ({"clear_threshold": 2.0}, "clear_threshold must be in"),
+    ({"window": 2}, "window must be >= 3"),
+])
+def test_bad_config_is_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        StragglerConfig(**kw)
+
+
+def test_a_busier_machine_flags_nobody_without_replicas():
+    det = StragglerDetector(StragglerConfig(window=4))
+    for step in range(30):  # pp 4, no replicas: everyone 2.5x slower from step 8
+        assert det.observe(step, timings({r: 2.5 for r in range(4)} if step >= 8 else {},
+                                         stages=4, dp=1)) == []
