@@ -12,10 +12,8 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 
 import pytest
-from torch.distributed import TCPStore
 
 from launch.agent import Agent, AgentConfig
 from launch.node_liveness import (
@@ -31,19 +29,12 @@ from launch.store import SafeStore
 from launch.workers import spawn
 from odyssey import contract
 from odyssey.liveness_files import BeatFile, read_notice
-from tests.conftest import ROOT
+from tests.conftest import ROOT, store_client
 
 
 @pytest.fixture
-def store():
-    master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                      timeout=timedelta(seconds=10))
-    yield master
-    del master
-
-
-def _client(master: TCPStore) -> TCPStore:
-    return TCPStore("127.0.0.1", master.port, is_master=False, timeout=timedelta(seconds=10))
+def store(tcp_store):
+    return tcp_store
 
 
 def _notice(gen: int, reason: str) -> str:
@@ -69,7 +60,7 @@ def test_stalled_heartbeat_files_are_timed_on_the_launchers_clock(tmp_path):
 @pytest.mark.timeout(30)
 def test_relay_writes_each_generations_notice_in_order(store, tmp_path):
     d = str(tmp_path)
-    relay = NoticeRelay(_client(store), d, wait_s=0.1)
+    relay = NoticeRelay(store_client(store), d, wait_s=0.1)
     relay.start()
     try:
         store.set(contract.notice_key(0), _notice(0, "first"))
@@ -88,7 +79,7 @@ def test_relay_writes_each_generations_notice_in_order(store, tmp_path):
 def test_node_plane_publishes_the_notice_of_a_hung_local_rank(store, tmp_path):
     d = str(tmp_path)
     store.set(contract.GENERATION, "0")
-    plane = NodePlane(d, SafeStore(_client(store)), node_rank=3)
+    plane = NodePlane(d, SafeStore(store_client(store)), node_rank=3)
     beat = BeatFile(d, 6, 0.2)
     try:
         assert plane.hung([6]) == []
@@ -118,7 +109,7 @@ def test_launcher_fences_a_local_worker_whose_heartbeat_file_stalls(store, tmp_p
         worker = spawn([sys.executable, "-c", code, d], {**os.environ, "PYTHONPATH": str(ROOT)},
                        5, 0)
         worker.liveness_dir = d
-        agent = Agent([worker], SafeStore(_client(store)), AgentConfig(poll_interval_s=0.02))
+        agent = Agent([worker], SafeStore(store_client(store)), AgentConfig(poll_interval_s=0.02))
         t0 = time.monotonic()
         result = agent.run()
         assert time.monotonic() - t0 < 30

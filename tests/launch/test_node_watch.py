@@ -12,10 +12,8 @@ import json
 import signal
 import sys
 import time
-from datetime import timedelta
 
 import pytest
-from torch.distributed import TCPStore
 
 from launch.agent import Agent, AgentConfig
 from launch.node_watch import NODE_LOST_EXITCODE, NodeWatchConfig, NodeWatcher
@@ -25,18 +23,12 @@ from launch.workers import spawn
 from odyssey import contract
 from odyssey.membership import Fenced, agree
 from odyssey.monitor import FailureMonitor, MonitorConfig
+from tests.conftest import store_client
 
 
 @pytest.fixture
-def store():
-    master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                      timeout=timedelta(seconds=10))
-    yield master
-    del master
-
-
-def _client(master: TCPStore) -> TCPStore:
-    return TCPStore("127.0.0.1", master.port, is_master=False, timeout=timedelta(seconds=10))
+def store(tcp_store):
+    return tcp_store
 
 
 @pytest.mark.timeout(30)
@@ -51,7 +43,7 @@ def test_stale_node_is_declared_once_with_exit_records_for_its_ranks(store):
     store.add(contract.node_beat_key(0), 1)  # node 0 beat once, then went silent
     cfg = NodeWatchConfig(node_timeout_s=0.6, check_interval_s=0.05)
     # Two watchers on their own connections: node 1's launcher and `odyssey store`.
-    watchers = [NodeWatcher(SafeStore(_client(store)), nodes, 4, cfg, who=who)
+    watchers = [NodeWatcher(SafeStore(store_client(store)), nodes, 4, cfg, who=who)
                 for nodes, who in (([0], "node 1"), ([0, 1], "odyssey store"))]
     declared: list[tuple[str, int]] = []
     t0 = time.monotonic()
@@ -80,7 +72,7 @@ def test_stale_node_is_declared_once_with_exit_records_for_its_ranks(store):
 @pytest.mark.timeout(30)
 def test_live_finished_and_unstarted_nodes_are_never_declared(store):
     cfg = NodeWatchConfig(node_timeout_s=0.3, check_interval_s=0.02)
-    watcher = NodeWatcher(SafeStore(_client(store)), [0, 1, 2], 3, cfg)
+    watcher = NodeWatcher(SafeStore(store_client(store)), [0, 1, 2], 3, cfg)
     store.add(contract.node_beat_key(1), 1)
     store.set(contract.node_done_key(1), "1")  # node 1 finished: it stops beating
     # node 2 never beat (still starting): not watched yet
@@ -103,7 +95,7 @@ def test_launcher_declared_lost_kills_its_workers_and_keeps_the_record(store):
     store.set(contract.exit_key(7), lost_record.to_json())
     store.set(contract.node_lost_key(0), json.dumps({"node": 0, "by": "node 1"}))
     worker = spawn([sys.executable, "-c", "import time; time.sleep(60)"], {}, 7, 0)
-    agent = Agent([worker], SafeStore(_client(store)), AgentConfig(
+    agent = Agent([worker], SafeStore(store_client(store)), AgentConfig(
         poll_interval_s=0.02, beat_key=contract.node_beat_key(0), node_rank=0))
     t0 = time.monotonic()
     result = agent.run()

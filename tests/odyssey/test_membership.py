@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
@@ -14,25 +13,18 @@ import torch.distributed as dist
 from odyssey import contract
 from odyssey.membership import AgreementError, JobFinished, agree
 from odyssey.monitor import FailureMonitor, MonitorConfig
+from tests.conftest import store_client
 
 
 @pytest.fixture
-def server():
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=20))
-    yield store
-    del store
-
-
-def _client(server) -> dist.Store:
-    return dist.TCPStore("127.0.0.1", server.port, is_master=False,
-                         timeout=timedelta(seconds=20))
+def server(tcp_store):
+    return tcp_store
 
 
 def _monitor(server, rank: int, plane: str, **kw) -> FailureMonitor:
     cfg = MonitorConfig(control_plane=plane, **kw)
-    return FailureMonitor(_client(server), rank, cfg, store_factory=lambda: _client(server),
-                          token="t")
+    return FailureMonitor(store_client(server), rank, cfg,
+                          store_factory=lambda: store_client(server), token="t")
 
 
 def _exit_record(store: dist.Store, rank: int) -> None:

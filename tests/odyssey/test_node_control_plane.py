@@ -41,11 +41,8 @@ class CountingStore:
 
 
 @pytest.fixture
-def server():
-    master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                      timeout=timedelta(seconds=10))
-    yield master
-    del master
+def server(tcp_store):
+    return tcp_store
 
 
 def _monitor(server: TCPStore, plane: str, tmp_path) -> tuple[FailureMonitor, list]:
