@@ -23,6 +23,7 @@ from types import FrameType
 from launch.node_liveness import NodePlane
 from launch.node_watch import NodeWatcher
 from launch.notice import announce_exits
+from launch.replacements import SLOW_POLL_S, Replacements
 from launch.store import SafeStore
 from launch.workers import Worker, kill_leftovers, signal_group
 from odyssey import contract
@@ -39,14 +40,6 @@ _FENCE_BACKSTOP_S = 1.0
 """How often the launcher looks at its ranks' fence keys even when FENCES_COUNT did not
 move (a fence request written without the bump, e.g. by an older client)."""
 
-_SLOW_POLL_S = 0.1
-"""Period of the launcher's looks at the job status and the replacement requests (a
-tenth of a second later at the end of a job or for a replacement costs nothing; five
-fewer store requests per node per 20 ms loop period)."""
-
-_SPAWN_WRITE_WAIT_S = 5.0
-"""A replacement request counted but not yet written is waited for this long (its writer
-adds to the counter first), then skipped."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +92,7 @@ class Agent:
         self._fenced: dict[int, str] = {}
         self._fences_seen = -1  # FENCES_COUNT at the last look at the fence keys
         self._fences_checked = 0.0
-        self._status_checked = self._spawns_checked = 0.0  # the slow polls' last times
+        self._status_checked = 0.0  # the job status's last look
         self._fencing: dict[int, str] = {}  # SIGKILL sent, death not yet confirmed
         self._signal: signal.Signals | None = None
         self._job_status: str | None = None
@@ -107,10 +100,8 @@ class Agent:
         self._stopping_at: float | None = None  # SIGKILL deadline once stopping
         self._last_beat = 0.0
         self._spawner: Callable[[int, int], Worker] | None = None
-        self._spawns_seen = 0
-        self._spawn_missing_since: float | None = None
         self._gate = CommandGate(config.token, log, f"node {config.node_rank} launcher")
-        self._rejoin_due: list[float] = []
+        self._replacements = Replacements(store, config.token, config.node_rank, self._gate)
         self._watcher: NodeWatcher | None = None
         self._declared_lost = False
         self._forward_at: float | None = None  # stop requested: forward the signal then
@@ -246,7 +237,7 @@ class Agent:
         log.warning("rank %d (pid %d) %s", worker.rank, worker.pid, record.describe())
         if (record.exitcode != 0 and self.config.rejoin_after_s is not None
                 and self._job_status is None):
-            self._rejoin_due.append(time.monotonic() + self.config.rejoin_after_s)
+            self._replacements.request_after(self.config.rejoin_after_s)
         if worker.rank in self._fencing:
             self._confirm_fence(worker.rank, self._fencing.pop(worker.rank))
 
@@ -309,43 +300,11 @@ class Agent:
     def _poll_spawns(self) -> None:
         if self._spawner is None or self._job_status is not None:
             return
-        now = time.monotonic()
-        for due in [d for d in self._rejoin_due if d <= now]:
-            self._rejoin_due.remove(due)
-            i = self.store.add(contract.SPAWN_COUNT, 1) - 1
-            key = contract.spawn_key(i)
-            self.store.set(key, sign(self.config.token, key, json.dumps(
-                {"node": self.config.node_rank, "reason": "--rejoin-after"})))
-        if now - self._spawns_checked < _SLOW_POLL_S:
-            return
-        self._spawns_checked = now
-        count = self.store.add(contract.SPAWN_COUNT, 0)
-        while self._spawns_seen < count:
-            key = contract.spawn_key(self._spawns_seen)
-            if not self.store.check(key):
-                self._spawn_missing_since = self._spawn_missing_since or now
-                if now - self._spawn_missing_since < _SPAWN_WRITE_WAIT_S:
-                    return  # its writer counted it and is about to set it
-                log.warning("replacement request %s never written: skipped", key)
-            self._spawn_missing_since = None
-            self._spawns_seen += 1
-            text = self.store.get_text(key) if self.store.check(key) else None
-            command = self._gate.open(key, text) if text else None
-            if command is None:
-                continue
-            try:
-                request = json.loads(command)
-                node = int(request.get("node", 0))
-            except (ValueError, TypeError, AttributeError):
-                log.warning("ignoring %s: not a replacement request: %r", key, command[:80])
-                continue
-            if node != self.config.node_rank:
-                continue
-            index = self.store.add(contract.NEXT_RANK, 1) - 1
+        for index, reason in self._replacements.poll():
             worker = self._spawner(index, len(self.workers))
             self.add_worker(worker)
             log.warning("started replacement worker rank %d (pid %d): %s", worker.rank,
-                        worker.pid, request.get("reason", "requested"))
+                        worker.pid, reason)
 
     # -- endings -------------------------------------------------------------------
     def _begin_stop(self, sig: signal.Signals) -> None:
@@ -364,7 +323,7 @@ class Agent:
 
     def _poll_job_status(self) -> None:
         now = time.monotonic()
-        if self._job_status is not None or now - self._status_checked < _SLOW_POLL_S:
+        if self._job_status is not None or now - self._status_checked < SLOW_POLL_S:
             return
         self._status_checked = now
         if self.store.check(contract.JOB_STATUS):
@@ -441,35 +400,3 @@ class Agent:
             for worker in self.workers.values():
                 if worker.alive:
                     signal_group(worker, signal.SIGKILL)
-
-
-def kill_all_now(workers: Sequence[Worker]) -> None:
-    """Last-resort cleanup on an unexpected launcher error: SIGKILL and reap everything."""
-    for worker in workers:
-        if worker.proc.poll() is None:
-            signal_group(worker, signal.SIGKILL)
-    for worker in workers:
-        try:
-            worker.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            log.error("rank %d (pid %d) did not die after SIGKILL", worker.rank, worker.pid)
-        kill_leftovers(worker)
-
-
-def exit_status(
-    result: AgentResult, exits: dict[int, contract.ExitRecord], expected: int
-) -> int:
-    """The launcher's exit status.
-
-    * Stopped by a signal: ``128 + signum`` (shell convention).
-    * ``odyssey/job/status`` set: 0 if it is ``done``, else 1. A job that lost ranks and
-      recovered still succeeds: that is the point of keeping survivors.
-    * No status key: 0 if all ``expected`` workers have an exit record and every one
-      exited 0, else 1 (a rank with no record, e.g. on a vanished node, is a failure).
-    """
-    if result.received_signal is not None:
-        return 128 + int(result.received_signal)
-    if result.job_status is not None:
-        return 0 if result.job_status == contract.JOB_DONE else 1
-    clean = len(exits) >= expected and all(r.exitcode == 0 for r in exits.values())
-    return 0 if clean else 1

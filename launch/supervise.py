@@ -16,13 +16,13 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from launch.agent import Agent, AgentConfig, AgentResult, exit_status, kill_all_now
+from launch.agent import Agent, AgentConfig, AgentResult
 from launch.node_watch import NodeWatchConfig, NodeWatcher, publish_job
 from launch.options import LaunchOptions
 from launch.prometheus import MetricsExporter
 from launch.run_files import write_launcher_file
 from launch.store import SafeStore, connect_store
-from launch.workers import JobLayout, Worker
+from launch.workers import JobLayout, Worker, kill_all_now
 from odyssey import contract
 from odyssey.control import token_check
 from odyssey.failure_report import BAD_INPUT, read_reports
@@ -223,3 +223,22 @@ def _write_info(opts: LaunchOptions, backend: Backend, agent: Agent,
         info["exit_code"] = code
     info.update(backend.launcher_info(final=result is not None))
     write_launcher_file(layout.run_dir, layout.node_rank, info)
+
+
+def exit_status(
+    result: AgentResult, exits: dict[int, contract.ExitRecord], expected: int
+) -> int:
+    """The launcher's exit status.
+
+    * Stopped by a signal: ``128 + signum`` (shell convention).
+    * ``odyssey/job/status`` set: 0 if it is ``done``, else 1. A job that lost ranks and
+      recovered still succeeds: that is the point of keeping survivors.
+    * No status key: 0 if all ``expected`` workers have an exit record and every one
+      exited 0, else 1 (a rank with no record, e.g. on a vanished node, is a failure).
+    """
+    if result.received_signal is not None:
+        return 128 + int(result.received_signal)
+    if result.job_status is not None:
+        return 0 if result.job_status == contract.JOB_DONE else 1
+    clean = len(exits) >= expected and all(r.exitcode == 0 for r in exits.values())
+    return 0 if clean else 1

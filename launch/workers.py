@@ -6,6 +6,7 @@ this node's workers as local child processes (the Ray backend runs them in actor
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from typing import Any
 from launch.node_liveness import make_liveness_dir, remove_liveness_dir
 from odyssey import contract
 from odyssey.netaddr import interface_of, is_loopback
+
+log = logging.getLogger("launch")
 
 _SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pdeathsig.py")
 
@@ -236,3 +239,16 @@ class ProcessBackend:
     def release(self) -> None:
         """Remove the liveness directory (the supervision loop reaps every process)."""
         remove_liveness_dir(self.liveness_dir)
+
+
+def kill_all_now(workers: Sequence[Worker]) -> None:
+    """Last-resort cleanup on an unexpected launcher error: SIGKILL and reap everything."""
+    for worker in workers:
+        if worker.proc.poll() is None:
+            signal_group(worker, signal.SIGKILL)
+    for worker in workers:
+        try:
+            worker.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.error("rank %d (pid %d) did not die after SIGKILL", worker.rank, worker.pid)
+        kill_leftovers(worker)

@@ -13,7 +13,9 @@ field it uses (errors name the file, line and field), and draws three panels:
 Each recovery is a shaded span on panels 1-2, from the fault (the event's log time minus
 the redone step and the MTTR) to the moment the survivors run the new plan, annotated
 with who was lost, the plan chosen and the candidates it beat; a resume from a
-checkpoint is a dashed line. matplotlib (Agg) is imported only when rendering.
+checkpoint is a dashed line; a straggler found (or cleared) is a dotted orange line on
+panel 2 naming the rank and its slowdown. matplotlib (Agg) is imported only when
+rendering.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from odyssey import contract
 
 PHASES = ("detect", "agree", "plan", "rebuild", "migrate", "first_step")
+STRAGGLER_KINDS = ("straggler", "straggler_cleared")
 _NUM = (int, float)
 
 
@@ -65,6 +68,10 @@ def validate_event(ev: object, where: str) -> dict:
             _need(phases, p, _NUM, f"{where}.phases")
     elif kind == "resume":
         _need(ev, "checkpoint_step", (int,), where)
+    elif kind in STRAGGLER_KINDS:
+        for key in ("step", "rank", "since_step"):
+            _need(ev, key, (int,), where)
+        _need(ev, "factor", _NUM, where)
     return ev
 
 
@@ -200,6 +207,16 @@ def render(run_dir: str | Path, out: str | Path | None = None, width: float = 12
             ax_loss.annotate(f"resume from step {ev['checkpoint_step']}", (x, 1.0),
                              xycoords=("data", "axes fraction"), xytext=(3, -12),
                              textcoords="offset points", fontsize=8, color="tab:purple")
+
+    slow = [e for e in events if e["kind"] in STRAGGLER_KINDS]
+    for i, ev in enumerate(slow):
+        x = ev["time"] - t0
+        ax_tp.axvline(x, color="tab:orange", ls=":", lw=1.5)
+        text = (f"rank {ev['rank']} cleared" if ev["kind"] == "straggler_cleared" else
+                f"rank {ev['rank']} {ev['factor']:.1f}x slow since step {ev['since_step']}")
+        ax_tp.annotate(text, (x, 0.0), xycoords=("data", "axes fraction"),
+                       xytext=(3, 4 + 11 * (i % 3)), textcoords="offset points",
+                       fontsize=8, color="tab:orange")
 
     if recoveries:
         colors = ("tab:red", "tab:orange", "tab:olive", "tab:cyan", "tab:blue", "tab:gray")

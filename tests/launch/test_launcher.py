@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from launch import cli
-from launch.agent import AgentResult, exit_status
+from launch.agent import AgentResult
+from launch.supervise import exit_status
 from odyssey import contract
 from odyssey.control import read_token, sign
 

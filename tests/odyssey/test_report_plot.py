@@ -132,3 +132,26 @@ def test_missing_run_dir_is_explained(tmp_path, capsys):
 def test_cli_lists_report(capsys):
     assert odyssey(["--help"]) == 0
     assert re.search(r"report\s+Render a run as a PNG", capsys.readouterr().out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_straggler_events_are_drawn_and_checked(run, tmp_path):
+    src, _ = run
+    d = tmp_path / "slow"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "*.png"))
+    t = read_jsonl(d / "metrics.jsonl")[4]["time"]
+    found = {"kind": "straggler", "time": t, "step": 4, "rank": 1, "factor": 3.1,
+             "since_step": 2, "reference": "replicas"}
+    cleared = {**found, "kind": "straggler_cleared", "time": t + 0.5, "step": 6, "factor": 1.1}
+    report = json.loads((d / "report.json").read_text())
+    report["events"] += [found, cleared]
+    (d / "report.json").write_text(json.dumps(report))
+    with open(d / "events.jsonl", "a") as f:
+        f.write(json.dumps(found) + "\n" + json.dumps(cleared) + "\n")
+    assert png_size(render(d, d / "r.png", 8, 6, 50)) == (400, 300)
+    report["events"][-1] = {**cleared, "rank": "one"}
+    (d / "report.json").write_text(json.dumps(report))
+    (d / "events.jsonl").unlink()  # the report's events are then the ones checked
+    with pytest.raises(ReportError, match=r"field 'rank' must be int, got 'one'"):
+        render(d, d / "r.png")
