@@ -65,7 +65,7 @@ def _sha256(path: Path) -> str:
     return _hashes[key]
 
 
-def _check_file(path: Path, expected: dict) -> str | None:
+def check_file(path: Path, expected: dict) -> str | None:
     """None if `path` matches its manifest entry `expected`, else what is wrong with it."""
     if not path.is_file():
         return f"{path}: missing"
@@ -88,8 +88,13 @@ class Verified:
 
 def _manifest(root: Path, step: int) -> tuple[dict | None, list[str]]:
     """The step's manifest from the first root where it parses; problems seen."""
+    return read_manifest(roots(root), step)
+
+
+def read_manifest(dirs: list[Path], step: int) -> tuple[dict | None, list[str]]:
+    """The step's manifest from the first of `dirs` where it parses; problems seen."""
     problems = []
-    for r in roots(root):
+    for r in dirs:
         path = step_dir(r, step) / contract.CHECKPOINT_MANIFEST
         if not path.exists():
             continue
@@ -100,7 +105,7 @@ def _manifest(root: Path, step: int) -> tuple[dict | None, list[str]]:
             return manifest, problems
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             problems.append(f"{path}: unreadable manifest ({e})")
-    return None, problems or [f"{step_dir(root, step)}: no manifest (incomplete)"]
+    return None, problems or [f"{step_dir(dirs[0], step)}: no manifest (incomplete)"]
 
 
 def verify(root: str | os.PathLike, step: int, num_layers: int | None = None
@@ -123,7 +128,7 @@ def verify(root: str | os.PathLike, step: int, num_layers: int | None = None
         tried = []
         for r in roots(root):
             path = step_dir(r, step) / name
-            why = _check_file(path, want)
+            why = check_file(path, want)
             if why is None:
                 found[name] = path
                 break

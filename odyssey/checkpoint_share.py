@@ -23,30 +23,21 @@ import torch.distributed as dist
 
 from odyssey import contract
 from odyssey.checkpoint import write_atomic
-from odyssey.checkpoint_read import Verified, candidate_steps, entry, roots, step_dir
+from odyssey.checkpoint_read import (
+    Verified,
+    candidate_steps,
+    check_file,
+    entry,
+    read_manifest,
+    roots,
+    step_dir,
+)
 from odyssey.store_blob import get_blob, put_blob
 
 
-def _good_manifest(dirs: list[Path], step: int, problems: list[str] | None = None
-                   ) -> str | None:
-    """The text of the step's manifest from the first directory where it parses."""
-    for d in dirs:
-        path = step_dir(d, step) / contract.CHECKPOINT_MANIFEST
-        if not path.exists():
-            continue
-        try:
-            text = path.read_text()
-            m = json.loads(text)
-            if m["step"] == step and isinstance(m["files"], dict):
-                return text
-            raise ValueError("wrong step or no file list")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            if problems is not None:
-                problems.append(f"{path}: unreadable manifest ({e})")
-    return None
-
-
 def _good_bytes(dirs: list[Path], step: int, name: str, want: dict) -> bytes | None:
+    """The bytes of `name` from the first of `dirs` where they match `want` (the very
+    bytes checked are the ones sent or written)."""
     for d in dirs:
         path = step_dir(d, step) / name
         if path.is_file() and path.stat().st_size == want["size"]:
@@ -69,21 +60,19 @@ def inventory(dirs: list[Path], num_layers: int) -> dict[str, dict]:
     steps = sorted({s for d in dirs for s in candidate_steps(d)})
     out = {}
     for step in steps:
-        problems: list[str] = []
-        text = _good_manifest(dirs, step, problems)
-        if text is None:
-            out[str(step)] = {"manifest": None, "files": [], "problems": problems or [
-                f"{step_dir(dirs[0], step)}: no manifest (incomplete)"]}
+        manifest, problems = read_manifest(dirs, step)
+        if manifest is None:
+            out[str(step)] = {"manifest": None, "files": [], "problems": problems}
             continue
-        manifest = json.loads(text)
         if manifest.get("num_layers") != num_layers:
             out[str(step)] = {"manifest": None, "files": [], "problems": [
                 f"{step_dir(dirs[0], step)}: manifest is for {manifest.get('num_layers')} "
                 f"layers, not {num_layers}"]}
             continue
-        have = [n for n, want in sorted(manifest["files"].items())
-                if _good_bytes(dirs, step, n, want) is not None]
-        out[str(step)] = {"manifest": text, "files": have, "problems": []}
+        have = [n for n, want in sorted(manifest["files"].items())  # hashes are cached
+                if any(check_file(step_dir(d, step) / n, want) is None for d in dirs)]
+        out[str(step)] = {"manifest": json.dumps(manifest, indent=1), "files": have,
+                          "problems": []}
     return out
 
 
@@ -154,7 +143,7 @@ def gather(store: dist.Store, attempt: int, rank: int, needs: dict[int, list[int
             skipped.append((step, [f"{name} did not arrive intact from a peer"]))
             return None, skipped
         write_atomic(data, here)
-    if _good_manifest([root], step) is None:
+    if read_manifest([root], step)[0] is None:
         write_atomic(manifest_text.encode(), d / contract.CHECKPOINT_MANIFEST)
     meta = json.loads((d / contract.CHECKPOINT_META).read_text())
     return Verified(step, {n: d / n for n in wanted(rank)}, meta), skipped

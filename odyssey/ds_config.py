@@ -60,8 +60,8 @@ class DSSettings:
     """Microbatches per pipeline per step at launch."""
     optimizer: OptimizerConfig | None
     """AdamW settings, or None when the config has no optimizer section."""
-    grad_clip: float = 0.0
-    """gradient_clipping (0: off)."""
+    grad_clip: float | None = None
+    """gradient_clipping (0: off; None: the config does not set it, the job's flag stands)."""
     precision: PrecisionConfig | None = None
     """bf16/fp16 compute from the config, or None (the job's own precision)."""
 
@@ -206,7 +206,8 @@ def settings(source: str | Path | dict, dp: int) -> DSSettings:
     mbs, gas = batch_layout(config, dp)
     return DSSettings(microbatch_size=mbs, num_microbatches=gas * dp,
                       gradient_accumulation_steps=gas, optimizer=optimizer(config),
-                      grad_clip=float(config.get("gradient_clipping", 0.0) or 0.0),
+                      grad_clip=(float(config["gradient_clipping"] or 0.0)
+                                 if "gradient_clipping" in config else None),
                       precision=precision(config))
 
 
@@ -226,7 +227,7 @@ def apply(job: JobConfig, world_size: int) -> JobConfig:
     if ds.optimizer is not None:
         optim = dataclasses.replace(optim, lr=ds.optimizer.lr, betas=ds.optimizer.betas,
                                     weight_decay=ds.optimizer.weight_decay)
-    if "gradient_clipping" in load(job.training.ds_config):
+    if ds.grad_clip is not None:
         optim = dataclasses.replace(optim, grad_clip=ds.grad_clip)
     return dataclasses.replace(job, training=training, optimizer=optim,
                                precision=ds.precision or job.precision)
