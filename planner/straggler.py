@@ -13,9 +13,10 @@ with a reference for the same work:
   baseline), so a machine that gets busier as a whole flags nobody.
 
 A rank's factor at a step is its time over the reference. It becomes a straggler once
-the median of its last ``window`` factors reaches ``threshold`` (so one slow step, a
-hiccup, never counts), and stops being one once that median falls below
-``clear_threshold`` (hysteresis: no flapping around the threshold). Torch-free and
+``persistence`` of its last ``window`` factors reach ``threshold`` (so hiccups, even
+every other step, never count: a shared machine's scheduler makes those), and stops
+being one once the median of that window falls below ``clear_threshold`` (hysteresis: no
+flapping around the threshold). Torch-free and
 standard library only, so the live runtime and the cluster simulator share it.
 """
 
@@ -34,14 +35,17 @@ class StragglerConfig:
     """Watch for stragglers (events ``straggler`` / ``straggler_cleared`` in events.jsonl
     and the report, the status record, the Prometheus gauge)."""
     threshold: float = 1.8
-    """A rank is a straggler once the median of its last `window` slowdown factors (its
-    compute time over its replicas' median, or over its own baseline) is at least this."""
+    """A rank is a straggler once `persistence` of its last `window` slowdown factors (its
+    compute time over its replicas' median, or over its own baseline) are at least this."""
+    persistence: float = 0.75
+    """The fraction of the window's steps that must be that slow: a straggler is slow
+    step after step, a busy shared machine only now and then."""
     clear_threshold: float = 1.3
     """A straggler is cleared once that median falls below this (< threshold:
     hysteresis against flapping)."""
     window: int = 8
-    """Committed steps the median is taken over; detection takes about this many steps
-    after the slowdown starts, and a one-off slow step never reaches the median."""
+    """Committed steps judged together; detection takes about `persistence` x this many
+    steps after the slowdown starts."""
     min_compute_s: float = 1e-5
     """Per layer and microbatch compute times below this are not compared (too small to
     time reliably)."""
@@ -52,6 +56,9 @@ class StragglerConfig:
         if not 1 <= self.clear_threshold <= self.threshold:
             raise ValueError(f"straggler.clear_threshold must be in [1, threshold "
                              f"{self.threshold}], got {self.clear_threshold}")
+        if not 0.5 < self.persistence <= 1:
+            raise ValueError(f"straggler.persistence must be in (0.5, 1] (most of the "
+                             f"window), got {self.persistence}")
         if self.window < 3:
             raise ValueError(f"straggler.window must be >= 3 (a median that one step cannot "
                              f"move), got {self.window}")
@@ -155,8 +162,9 @@ class StragglerDetector:
         if len(state.factors) < self.cfg.window:
             return None
         factor = median(f for _, f in state.factors)
+        slow_steps = sum(f >= self.cfg.threshold for _, f in state.factors)
         known = self.current.get(rank)
-        if known is None and factor >= self.cfg.threshold:
+        if known is None and slow_steps >= self.cfg.persistence * len(state.factors):
             # since: the first step of the run of slow steps ending now
             run = []
             for s, f in reversed(state.factors):
