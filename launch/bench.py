@@ -18,6 +18,7 @@ from pathlib import Path
 BENCHMARKS = {
     "mttr": "mttr.py",
     "recovery-throughput": "recovery_throughput.py",
+    "straggler-mitigation": "straggler_mitigation.py",
     "emulated-step-time": "emulated_step_time.py",
     "plan-search-speed": "plan_search_speed.py",
     "engine-vs-deepspeed": "engine_vs_deepspeed.py",

@@ -11,8 +11,11 @@ plus PNG plots (throughput over time with events marked; average throughput bars
 
 Policies: adaptive (Odyssey), reroute (ReCycle-like), reroute+bf (with bubble filling),
 reparallelize (Oobleck-like), redundant (Bamboo-like), restart (torchrun + checkpoints
-at the Young/Daly interval), drop-replica (torchft-like). Compute is modelled, nothing
-runs; see docs/cluster-simulator.md for the model and its simplifications.
+at the Young/Daly interval), drop-replica (torchft-like). Fail-slow nodes (a trace's
+`slow` lines, --straggler-gap-hours) slow every policy; adaptive finds them with the
+live straggler detector and re-plans around them (--no-mitigate-stragglers: it keeps
+its plan, to see what that buys). Compute is modelled, nothing runs; see
+docs/cluster-simulator.md for the model and its simplifications.
 """
 
 from __future__ import annotations

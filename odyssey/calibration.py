@@ -6,7 +6,9 @@ plan's step time from it; a correction factor, the median measured/predicted rat
 recent steps (`planner.calibrate`, kind 'step', estimator 'median'), absorbs what the
 model leaves out (Python, polling, contention). This module is the runtime's side: it
 feeds the leader's measured steps in and keeps the factor in the store, so a new leader
-inherits it.
+inherits it. Ranks the straggler detector found slow (`set_slowdowns`) are predicted
+that much slower and left out of the online profile, so neither the profile nor the
+factor absorbs their slowness.
 """
 
 from __future__ import annotations
@@ -50,10 +52,27 @@ class StepTimeModel:
         self.calibration = Calibration(CalibrationConfig(
             estimator="median", window=window, min_factor=0.0, max_factor=math.inf))
         self._predicted_now: float | None = None
+        self.slowdowns: dict[int, float] = {}
+        """Rank -> measured slowdown of the ranks found slow now."""
+
+    def set_slowdowns(self, slow: dict[int, float], plan: Plan | None = None,
+                      measured_s: float | None = None) -> None:
+        """The stragglers now and their factors (empty: none). With the running `plan`
+        and its recent measured step time, the correction factor starts over from that
+        one ratio: the factor learnt before is wrong by the slowdown it did not know."""
+        self.slowdowns = dict(slow)
+        self._predicted_now = None  # the prediction of the running plan changed
+        if plan is None or not measured_s:
+            return
+        self.calibration.kinds.pop("step", None)
+        predicted = self.simulator()(plan)
+        if predicted > 0:
+            self.store.set(contract.CALIBRATION_FACTOR, repr(measured_s / predicted))
 
     def observe_votes(self, votes: dict[int, dict]) -> None:
-        for v in votes.values():
-            self.online.observe(v["timing"])
+        for r, v in votes.items():
+            if r not in self.slowdowns:
+                self.online.observe(v["timing"])
 
     def current_profile(self) -> Profile:
         """The profile predictions use: the given one, or the one measured online."""
@@ -68,7 +87,7 @@ class StepTimeModel:
         """Uncalibrated prediction from the profile (given, or measured online): the
         event simulator, or above `EVENT_UPTO_RANKS` the cluster simulator's closed form
         (a second per plan at a thousand ranks would stall the recovery decision)."""
-        cost = CostModel(self.current_profile())
+        cost = CostModel(self.current_profile(), slowdown=self.slowdowns)
         fast = Predictor(cost, "closed-form", 1.0)
         return lambda plan: (simulate_plan(plan, cost).step_time_s
                              if plan.world_size <= EVENT_UPTO_RANKS else fast(plan))

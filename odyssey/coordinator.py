@@ -31,6 +31,8 @@ from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
 from planner.decision import RecoveryDecision
 from planner.memory import MemoryModel
+from planner.mitigation import MitigationChoice
+from planner.placement import transfers
 from planner.plan import Plan
 from planner.program import Channel, Program
 from planner.recovery import RecoveryConfig, RecoveryContext, build_candidates, choose, score
@@ -94,6 +96,7 @@ class Coordinator:
         self._adopted: tuple[int, list[int]] | None = None  # a joiner's starting point
         self._graveyard: list[Comm] = []  # old groups: destroying them can block
         self._interrupted = 0
+        self._replan: MitigationChoice | None = None  # the leader's pending request
 
     # ---- generations ---------------------------------------------------------------
     def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None) -> Generation:
@@ -130,6 +133,12 @@ class Coordinator:
     def committed(self) -> None:
         """A step committed under the current generation."""
         self._trained_plan = self.current.plan
+
+    def request_replan(self, choice: MitigationChoice, reason: str) -> None:
+        """Leader: switch every member to `choice.chosen`'s plan at the next step boundary
+        (the notice aborts the step in flight; nobody is lost, nothing is redone)."""
+        self._replan = choice
+        self.monitor.publish("replan", reason)
 
     # ---- recovery ------------------------------------------------------------------
     def recover(self, committed_step: int, reason: str) -> tuple[Generation, int]:
@@ -177,6 +186,9 @@ class Coordinator:
         ctx = RecoveryContext(trained, m.members, m.committed_step, self.layer_bytes(),
                               ckpt.latest_step(self.ckpt_dir, trained.num_layers),
                               m.newcomers)
+        replan, self._replan = self._replan, None
+        if replan is not None and m.members == trained.ranks and not m.newcomers:
+            return self._publish(m, ctx, replan)  # else a failure came first: recover
         predict = self.predictor()
         memory = self.memory_model() if self.memory_model is not None else None
         capacity = self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
@@ -191,6 +203,19 @@ class Coordinator:
             candidates=[c.row() for c in sorted(cands, key=lambda c: -c.score)],
             dropped=dropped, ranks_lost=sorted(set(trained.ranks) - set(m.members)),
             newcomers=m.newcomers, interrupted=self._interrupted)
+        self.store.set(contract.plan_key(m.generation), json.dumps(decision.to_dict()))
+        return decision
+
+    def _publish(self, m: Membership, ctx: RecoveryContext, replan: MitigationChoice
+                 ) -> RecoveryDecision:
+        """The leader's own re-plan request becomes the decision (every member is in)."""
+        chosen = dataclasses.replace(replan.chosen, resume_step=m.committed_step + 1,
+                                     transfers=transfers(ctx, replan.chosen.plan))
+        decision = RecoveryDecision(
+            generation=m.generation, chosen=chosen, policy="mitigate",
+            horizon_s=self.recovery.horizon_s, members=m.members,
+            committed_step=m.committed_step, agreed_at=m.decided_at, decided_at=time.time(),
+            candidates=replan.rows(), interrupted=self._interrupted)
         self.store.set(contract.plan_key(m.generation), json.dumps(decision.to_dict()))
         return decision
 

@@ -28,7 +28,23 @@ def summarize(report: dict) -> str:
                          f"{e['rank']} {e['factor']:.1f}x its {e['reference']} (since step "
                          f"{e['since_step']})")
             continue
+        if e["kind"] == "mitigation" and e["chosen"] != "keep":
+            slow = ", ".join(f"rank {r} {f:.1f}x" for r, f in e["stragglers"].items())
+            lines.append(f"mitigation     gen {e['generation']} step {e['step']}: "
+                         f"{slow or 'no straggler left'} -> {e['chosen']} ({e['note']}), "
+                         f"predicted step {e['keep_predicted_step_s'] * 1e3:.0f} -> "
+                         f"{e['predicted_step_s'] * 1e3:.0f} ms")
+            continue
+        if e["kind"] == "mitigation_result":
+            lines.append(f"               measured {e['measured_step_s'] * 1e3:.0f} ms "
+                         f"(predicted {e['predicted_step_s'] * 1e3:.0f} ms) from gen "
+                         f"{e['generation']}")
+            continue
         if e["kind"] != "recovery":
+            continue
+        if e["cause"] == "replan":
+            lines.append(f"re-plan        gen {e['generation']} at step {e['step']}: "
+                         f"{e['chosen']}, switch {e['mttr_s'] * 1e3:.0f} ms")
             continue
         who = e["ranks_lost"] or e["newcomers"]
         ph = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in e["phases"].items())

@@ -138,9 +138,13 @@ class Telemetry(TrainerHook):
             self._plan_kind = event["chosen"]
             if self.tb is not None:
                 self.tb.recovery(event)
-            self.say(f"recovered from {event['ranks_lost'] or event['newcomers']} "
-                     f"({event['cause']}) with {event['chosen']}: MTTR "
-                     f"{event['mttr_s'] * 1e3:.0f} ms", c.step, c.generation)
+            if event["cause"] == "replan":
+                self.say(f"re-planned with {event['chosen']} ({event['chosen_note']}): "
+                         f"switch {event['mttr_s'] * 1e3:.0f} ms", c.step, c.generation)
+            else:
+                self.say(f"recovered from {event['ranks_lost'] or event['newcomers']} "
+                         f"({event['cause']}) with {event['chosen']}: MTTR "
+                         f"{event['mttr_s'] * 1e3:.0f} ms", c.step, c.generation)
         loss = c.loss
         self.log.ledger(c.step, c.generation,
                         sorted(r for v in c.votes.values() for r in v["samples"]))

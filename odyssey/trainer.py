@@ -32,6 +32,7 @@ from odyssey.hooks import CommittedStep, FitResult, Recovery, TrainerHook, overr
 from odyssey.inject import FaultInjector, FaultSpec
 from odyssey.job_config import JobConfig
 from odyssey.membership import JobFinished
+from odyssey.mitigation import StragglerMitigation
 from odyssey.model import LayeredModel
 from odyssey.monitor import FailureMonitor
 from odyssey.prefetch import BatchLoader
@@ -96,7 +97,9 @@ class Trainer:
         self.telemetry = Telemetry(job, self.run_dir, worker.store, worker.rank,
                                    self.plan.global_batch)
         self.stragglers = StragglerWatch(job.straggler, lambda e: self.telemetry.log.event(e),
-                                         self.telemetry.say)
+                                         self.telemetry.say,
+                                         on_change=lambda c, slow: self.mitigation
+                                         .stragglers_changed(c, slow))
         self.status = StatusPublisher(
             worker.store, worker.rank, self.run_dir, mode=job.training.mode,
             steps=job.training.steps, prometheus_addr=job.metrics.prometheus_addr,
@@ -118,6 +121,10 @@ class Trainer:
             lambda msg, step=-1: self._say(msg, step, always=True),
             before_migrate=self.faults.before_migrate,
             memory_model=self.step_model.memory_model)
+        self.mitigation = StragglerMitigation(job.straggler, ft, self.coord, self.step_model,
+                                              lambda e: self.telemetry.log.event(e),
+                                              self.telemetry.say)
+        self.hooks.insert(2, self.mitigation)
         self.gen: Generation | None = None
         self.last_commit_gen = 0
         self._last_gen_recorded = -1

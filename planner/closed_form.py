@@ -73,8 +73,10 @@ def estimate_plan(plan: Plan, cost: CostModel) -> Estimate:
     worst_pipe = 0.0
     ready: dict[int, float] = {}
     for pipe in plan.pipelines:
-        fwd = [cost.forward_s(st.start, st.end, mb) for st in pipe.stages]
-        bwd = [cost.backward_s(st.start, st.end, mb) for st in pipe.stages]
+        fwd = [cost.forward_s(st.start, st.end, mb) * cost.speed_factor(st.rank)
+               for st in pipe.stages]
+        bwd = [cost.backward_s(st.start, st.end, mb) * cost.speed_factor(st.rank)
+               for st in pipe.stages]
         hops = [cost.p2p_s(a.rank, b.rank, cost.boundary_bytes(a.end - 1, mb))
                 for a, b in zip(pipe.stages, pipe.stages[1:])]
         t = pipeline_s(plan.schedule, fwd, bwd, len(pipe.microbatches), hops)

@@ -4,12 +4,14 @@ Compute comes from the profile's per-layer tables (interpolated at the plan's mi
 size, O(1) range sums), p2p and all-reduce from the communication fits of the link
 class the ranks share ('intra' when on one node, else 'inter'), commit and optimizer
 step from profile constants. Every duration is multiplied by the calibration factor of
-its kind, learnt online from measured times (`observe`).
+its kind, learnt online from measured times (`observe`), and a slow rank's compute by
+its measured slowdown (`slowdown`: what the straggler detector found), so predictions
+cover plans that route work around it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from planner.calibrate import Calibration, CalibrationConfig
@@ -36,9 +38,12 @@ class CostConfig:
 class CostModel:
     """Durations and memory from a `Profile`; see the module docstring."""
 
-    def __init__(self, profile: Profile, config: CostConfig | None = None):
+    def __init__(self, profile: Profile, config: CostConfig | None = None,
+                 slowdown: Mapping[int, float] | None = None):
         self.profile = profile.check()
         self.config = config or CostConfig()
+        self.slowdown: dict[int, float] = dict(slowdown or {})
+        """Rank -> factor its forward and backward take longer (absent: 1)."""
         self.memory = MemoryModel(profile, self.config.memory)
         self.calibration = Calibration(self.config.calibration)
         self._compute: dict[int, tuple[list[float], list[float]]] = {}
@@ -79,6 +84,10 @@ class CostModel:
     def backward_s(self, start: int, end: int, mb: int) -> float:
         _, pb = self._prefix(mb)
         return (pb[end] - pb[start]) * self.factor("backward")
+
+    def speed_factor(self, rank: int) -> float:
+        """How many times longer `rank` computes than the profile says (1: not slow)."""
+        return self.slowdown.get(rank, 1.0)
 
     def optimizer_s(self, start: int, end: int) -> float:
         return (self._opt[end] - self._opt[start]) * self.factor("optimizer")
@@ -134,9 +143,9 @@ class CostModel:
         """
         op = ins.op
         if op is Op.FORWARD:
-            return self.forward_s(ins.start, ins.end, mb)
+            return self.forward_s(ins.start, ins.end, mb) * self.speed_factor(rank)
         if op is Op.BACKWARD:
-            return self.backward_s(ins.start, ins.end, mb)
+            return self.backward_s(ins.start, ins.end, mb) * self.speed_factor(rank)
         if op in (Op.SEND_ACT, Op.RECV_GRAD, Op.RECV_ACT, Op.SEND_GRAD):
             if boundary < 0:
                 raise ValueError(f"{ins} on rank {rank}: no stage boundary between "

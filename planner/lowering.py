@@ -78,7 +78,7 @@ def lower_program(program: Program, cost: CostModel,
         for ins in instrs:
             op = ins.op
             if op is Op.FORWARD or op is Op.BACKWARD:
-                key = (op, ins.start, ins.end)
+                key = (op, ins.start, ins.end, cost.speed_factor(rank))
                 if key not in cache:
                     act = mem.microbatch_bytes(ins.start, ins.end, mb)
                     cache[key] = (cost.instruction_s(ins, rank, mb),
@@ -171,7 +171,8 @@ def lower_pipelines(plan: Plan, pipelines: list[tuple[Pipeline, list[int]]],
                 (Op.SEND_GRAD, -1, 0, 0, prev) if prev is not None else None) if t)
             f_x = (recv_act, act, send_act, send_act_d)
             b_x = (recv_grad, -act, send_grad, send_grad_d)
-            f_d, b_d = cost.forward_s(a, e, mb), cost.backward_s(a, e, mb)
+            k = cost.speed_factor(r)
+            f_d, b_d = cost.forward_s(a, e, mb) * k, cost.backward_s(a, e, mb) * k
             # microbatch ids are not carried (-1): the order is right by construction
             fwd, bwd = (MACRO, f_d, f_x, -1, f_tag), (MACRO, b_d, b_x, -1, b_tag)
             n = len(mbs)

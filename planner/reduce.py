@@ -1,7 +1,8 @@
 """Reduce a plan to one representative pipeline per class of identical pipelines.
 
 Two pipelines behave identically in the simulator when they have the same layer
-partition, the same number of microbatches and the same link class on every hop. The
+partition, the same number of microbatches, the same link class on every hop and the
+same slowdown on every stage. The
 reduced program keeps one pipeline per class and replaces each all-reduce's members by
 the representatives holding that layer range, while the cost of the collective is
 taken from the full member list (`overrides`). Every other rank copies its
@@ -61,7 +62,8 @@ def _classes(plan: Plan, cost) -> tuple[list[list[int]], dict[int, int]]:
     """Pipeline indices per class, and every rank -> its representative rank."""
     classes: dict[tuple, list[int]] = {}
     for pi, pipe in enumerate(plan.pipelines):
-        key = (tuple((st.start, st.end) for st in pipe.stages), len(pipe.microbatches),
+        key = (tuple((st.start, st.end, cost.speed_factor(st.rank)) for st in pipe.stages),
+               len(pipe.microbatches),
                tuple(cost.link(a.rank, b.rank) for a, b in zip(pipe.stages, pipe.stages[1:])))
         classes.setdefault(key, []).append(pi)
     representative: dict[int, int] = {}

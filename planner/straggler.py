@@ -46,6 +46,13 @@ class StragglerConfig:
     window: int = 8
     """Committed steps judged together; detection takes about `persistence` x this many
     steps after the slowdown starts."""
+    mitigate: bool = True
+    """Route work around a straggler: re-deal microbatches so its pipeline trains fewer
+    (`planner.mitigation`), when the cost model predicts it pays by `min_gain`, and
+    re-plan back once it is cleared. Off: stragglers are only reported."""
+    min_gain: float = 1.05
+    """A mitigation (or the re-plan back) is taken only when its predicted step time is
+    this many times better than keeping the plan."""
     min_compute_s: float = 1e-5
     """Per layer and microbatch compute times below this are not compared (too small to
     time reliably)."""
@@ -62,6 +69,8 @@ class StragglerConfig:
         if self.window < 3:
             raise ValueError(f"straggler.window must be >= 3 (a median that one step cannot "
                              f"move), got {self.window}")
+        if self.min_gain < 1:
+            raise ValueError(f"straggler.min_gain must be >= 1, got {self.min_gain}")
         if self.min_compute_s < 0:
             raise ValueError(f"straggler.min_compute_s must be >= 0, got {self.min_compute_s}")
 

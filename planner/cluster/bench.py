@@ -7,7 +7,8 @@ the ranks up at t=0 (pipeline-major, so a failure domain holds whole stages of f
 pipelines), and the failure-free reference is the best plan for the whole cluster.
 With `SimConfig.device_memory`, both plans fit that capacity by the memory model the
 recovery candidates are checked with, and `memory_table` adds what memory did: plans
-swapping, swap time, plans over budget.
+swapping, swap time, plans over budget. With fail-slow episodes `straggler_table` adds
+what they cost and what the adaptive policy's mitigation did.
 """
 
 from __future__ import annotations
@@ -22,12 +23,8 @@ from pathlib import Path
 from planner.cluster.membership import ClusterConfig, Membership
 from planner.cluster.policies import SIM_POLICIES
 from planner.cluster.predict import Predictor
-from planner.cluster.sim import (
-    PolicyResult,
-    SimConfig,
-    TransitionConfig,
-    simulate_trace,
-)
+from planner.cluster.results import PolicyResult
+from planner.cluster.sim import SimConfig, TransitionConfig, simulate_trace
 from planner.cluster.traces import (
     TraceEvent,
     initial_nodes,
@@ -227,7 +224,7 @@ def _shape(plan: Plan) -> str:
 
 def table(out: dict, baseline: str = "adaptive") -> str:
     """Markdown table of the results (throughput relative to `baseline`); with a device
-    memory, followed by `memory_table`."""
+    memory, followed by `memory_table`; with slow nodes, by `straggler_table`."""
     res: list[PolicyResult] = out["results"]
     ref = next((r for r in res if r.policy == baseline), None)
     head = ("| policy | avg samples/s | adaptive / policy | time to N (h) | goodput | "
@@ -246,6 +243,24 @@ def table(out: dict, baseline: str = "adaptive") -> str:
         cap = out["setup"]["capacity_bytes"] / GiB
         lines += ["", f"Device memory: {cap:.1f} GiB per GPU after the reserve; plans over "
                       "it without swapping would OOM.", "", memory_table(out, baseline)]
+    if any(r.slowed_s > 0 for r in res):  # the trace has fail-slow episodes
+        lines += ["", straggler_table(out)]
+    return "\n".join(lines)
+
+
+def straggler_table(out: dict) -> str:
+    """Markdown table of what slow nodes cost each run and what mitigating them did
+    (detection by the live detector, re-plans by the live mitigation; adaptive only)."""
+    lines = ["| run | slowed (h) | stragglers found | detection delay mean / max (s) "
+             "| clearing delay mean (s) | mitigations | re-plans back | their stall (s) |",
+             "|" + "---|" * 8]
+    for r in out["results"]:
+        found, gone = r.detection_delay_s, r.clear_delay_s
+        det = f"{sum(found) / len(found):.1f} / {max(found):.1f}" if found else "-"
+        clear = f"{sum(gone) / len(gone):.1f}" if gone else "-"
+        lines.append(f"| {r.policy} | {r.slowed_s / 3600:.2f} | {len(found)} | {det} | "
+                     f"{clear} | {r.mitigations} | {r.replans_back} | "
+                     f"{r.mitigation_stall_s:.1f} |")
     return "\n".join(lines)
 
 
@@ -312,12 +327,12 @@ def plot(out: dict, folder: Path, name: str) -> list[Path]:
         edges, avg = binned(r, bins)
         ax.stairs(avg, [e / hours for e in edges], fill=True, alpha=0.8)
         for t, what in r.events:
-            ax.axvline(t / hours, color="red" if what.startswith("-") else "green",
-                       lw=0.4, alpha=0.5)
+            color = {"-": "red", "~": "orange"}.get(what[:1], "green")
+            ax.axvline(t / hours, color=color, lw=0.4, alpha=0.5)
         ax.set_ylabel(r.policy, rotation=0, ha="right", fontsize=8)
         ax.axhline(out["setup"]["ff_samples_per_s"], color="gray", ls=":", lw=0.8)
     axes[-1, 0].set_xlabel(f"hours (samples/s averaged over 1/{bins} of the run; red: loss, "
-                           "green: arrival; dotted: failure-free)")
+                           "green: arrival, orange: straggler re-plan; dotted: failure-free)")
     fig.suptitle(f"samples/s over time -- {out['setup']['events']}", fontsize=9)
     fig.tight_layout()
     p1 = folder / f"{name}-timeline.png"

@@ -6,7 +6,9 @@ since the last checkpoint is lost. The recovery policies (adaptive, reroute,
 reparallelize, redundant) make the exact choice the live leader makes: candidates from
 `planner.recovery.build_candidates` (screening pipeline counts at cluster scale),
 scored and chosen by `planner.recovery.score` / `choose`. `restart` (torchrun +
-checkpoints) and `drop-replica` (torchft) are modelled here.
+checkpoints) and `drop-replica` (torchft) are modelled here. Around a straggler only
+`adaptive` re-plans (`mitigate`: the live leader's `planner.mitigation`); the others keep
+their plan through a slowdown, as the systems they model do.
 
 With `MemoryLimits`, the candidates are checked against a device capacity by the same
 call the live leader makes (`build_candidates(memory=, capacity_bytes=, drop_unfit=,
@@ -22,6 +24,7 @@ from dataclasses import dataclass, replace
 from planner.closed_form import pipeline_s
 from planner.cost import CostModel
 from planner.memory import SwapPricing
+from planner.mitigation import MitigationChoice, plan_mitigation
 from planner.plan import Pipeline, Plan, PlanError
 from planner.recovery import (
     RecoveryCandidate,
@@ -136,13 +139,30 @@ class Policy:
                 ctx, self.predict, predict_len=self.predict_len, memory=self.cost.memory,
                 capacity_bytes=mem.capacity_bytes, drop_unfit=mem.aware,
                 swap=mem.swap if mem.aware else None)
-        rc = RecoveryConfig(policy=policy, horizon_s=self.horizon_s,
-                            transfer_Bps=self.costs.transfer_Bps,
-                            rebuild_s=self.costs.in_place_s - self.costs.detect_s,
-                            checkpoint_load_Bps=sum(self.layer_bytes)
-                            / max(self.costs.checkpoint_load_s, 1e-9))
+        rc = self.recovery_config(policy)
         score(cands, ctx, rc, self.predict)
         return choose(cands, rc), cands, rc, dropped
+
+    def recovery_config(self, policy: str) -> RecoveryConfig:
+        """The live leader's scoring settings, from the simulator's transition costs."""
+        return RecoveryConfig(policy=policy, horizon_s=self.horizon_s,
+                              transfer_Bps=self.costs.transfer_Bps,
+                              rebuild_s=self.costs.in_place_s - self.costs.detect_s,
+                              checkpoint_load_Bps=sum(self.layer_bytes)
+                              / max(self.costs.checkpoint_load_s, 1e-9))
+
+    @property
+    def mitigates(self) -> bool:
+        """Whether this policy re-plans around stragglers (only Odyssey's does; the
+        systems the others model keep their plan through a slowdown)."""
+        return False
+
+    def mitigate(self, plan: Plan, members: list[int], committed_step: int,
+                 predict: Callable[[Plan], float], min_gain: float) -> MitigationChoice:
+        """The live leader's mitigation (`planner.mitigation.plan_mitigation`): keep
+        `plan` or re-deal its microbatches; `predict` knows the stragglers."""
+        ctx = RecoveryContext(plan, sorted(members), committed_step, list(self.layer_bytes))
+        return plan_mitigation(ctx, predict, self.recovery_config("adaptive"), min_gain)
 
 
 class RecoveryPolicy(Policy):
@@ -151,6 +171,10 @@ class RecoveryPolicy(Policy):
     def __init__(self, kind: str, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.kind = self.name = kind
+
+    @property
+    def mitigates(self) -> bool:
+        return self.kind == "adaptive"
 
     def transition_s(self, c: RecoveryCandidate) -> float:
         """Agreement + planning + rebuild + migration (a newcomer announces itself, so

@@ -35,7 +35,7 @@ class Predictor:
 
     def key(self, plan: Plan) -> tuple:
         node = self.cost.node_of
-        if plan.has_shared_stages:  # which ranks are shared matters: key by rank
+        if plan.has_shared_stages or self.cost.slowdown:  # which ranks: key by rank
             return (plan.microbatch_size, plan.schedule, tuple(
                 (tuple((s.start, s.end, s.rank) for s in p.stages), len(p.microbatches))
                 for p in plan.pipelines))

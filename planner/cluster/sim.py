@@ -13,9 +13,18 @@ membership change. For every policy the loop alternates:
    step boundary; ask the policy (`planner.cluster.policies`) for the next plan and its
    transition; charge the stall, and for a restart roll back to the checkpoint.
 
-Fail-slow events scale the compute of the slow node's ranks; every policy keeps its plan
-through them (none of the modelled systems re-plans for a straggler), so they show
-what a straggler costs each plan shape.
+Fail-slow events scale the compute of the slow node's ranks (`Predictor.slowed`). The
+other policies keep their plan through them (none of the modelled systems re-plans for
+a straggler); the adaptive one, with `SimConfig.mitigate_stragglers`, re-plans as the
+live leader does (`planner.cluster.slow`): the live detector
+(`planner.straggler.StragglerDetector`), fed the timings the simulated steps would
+report from the slowdown on, says after how many steps (at the slowed step time) the
+leader knows; then `planner.mitigation.plan_mitigation`, predicting with the found
+factors in the cost model, picks the plan (its predicted transition is a stall), and
+the same happens when the detector clears the straggler (the way back). A loss or
+arrival meanwhile gets the policy's usual recovery, then mitigation again if a known
+straggler is still in the job. Results count the time slowed, mitigations, re-plans
+back and each episode's detection delay.
 
 With a device memory (`SimConfig.device_memory`), the recovery policies check their
 candidates against it exactly as the live leader does (`planner.cluster.policies.
@@ -30,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 from planner.cluster.control_plane import model_for
 from planner.cluster.membership import ClusterConfig, Membership
@@ -42,93 +51,13 @@ from planner.cluster.policies import (
     make_policy,
 )
 from planner.cluster.predict import Predictor, layer_state_bytes
+from planner.cluster.results import PolicyResult, Segment
 from planner.cluster.sim_config import SimConfig, TransitionConfig
+from planner.cluster.slow import SlowWatch
 from planner.cluster.traces import TraceError, TraceEvent, mean_gap_s
 from planner.cost import CostModel
 from planner.memory import peak_memory
 from planner.plan import Pipeline, Plan, PlanError
-
-
-@dataclass
-class Segment:
-    """A stretch of constant throughput (0 during transitions and checkpoints)."""
-
-    t0: float
-    t1: float
-    samples_per_s: float
-    what: str
-
-
-@dataclass
-class PolicyResult:
-    """One policy over one trace."""
-
-    policy: str
-    duration_s: float
-    samples: float
-    """Samples whose step committed and survived (rollbacks subtracted)."""
-    steps: int
-    transitions: int
-    kinds: dict[str, int]
-    """Reactions by kind (reroute, reparallelize, restart, drop, heal, ...)."""
-    fallbacks: int
-    """Changes where the fixed kind was infeasible and the best candidate ran instead."""
-    lost_work_s: float
-    """Training time thrown away: aborted steps and rollbacks to a checkpoint."""
-    stall_s: float
-    """Time in transitions."""
-    checkpoint_s: float
-    """Time writing checkpoints."""
-    samples_dropped: float
-    """Samples a shrunken batch skipped (drop-replica)."""
-    ff_samples_per_s: float
-    """Failure-free throughput of the initial plan."""
-    post_recovery_ratio: float | None
-    """Time-weighted training throughput after the first change over failure-free
-    throughput scaled to the live GPUs (1.0 = no gap)."""
-    time_to_target_s: float | None
-    target_samples: float
-    capacity_bytes: float = math.inf
-    """Per-GPU device capacity the plans were checked against (inf: unchecked; None in
-    `row()`)."""
-    peak_bytes: float = 0.0
-    """Largest predicted per-GPU peak of any plan run (0: unchecked)."""
-    over_budget: int = 0
-    """Plans run over the capacity without swapping (they would OOM): the initial plan
-    if it is, plus every change after which one ran."""
-    over_budget_s: float = 0.0
-    """Training time spent on such plans."""
-    over_budget_gpu_h: float = 0.0
-    """The same in GPU-hours (time x GPUs in the plan: an OOM stops all of them)."""
-    memory_dropped: int = 0
-    """Changes at which memory dropped a candidate, or none fitted (the kinds then
-    chosen are in `kinds`)."""
-    memory_fallbacks: int = 0
-    """Of `fallbacks`, those where the fixed kind was dropped for memory."""
-    swapping: int = 0
-    """Changes after which the plan swaps activations to fit."""
-    swap_time_s: float = 0.0
-    """Training time swapping added (swap_s x steps run)."""
-    segments: list[Segment] = field(default_factory=list)
-    events: list[tuple[float, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.duration_s
-
-    @property
-    def goodput(self) -> float:
-        return self.samples_per_s / self.ff_samples_per_s
-
-    def row(self) -> dict:
-        d = asdict(self)
-        d.pop("segments")
-        d.pop("events")
-        d.update(samples_per_s=self.samples_per_s, goodput=self.goodput)
-        if d["capacity_bytes"] == math.inf:  # unchecked; JSON has no infinity
-            d["capacity_bytes"] = None
-        return d
 
 
 def simulate_trace(policy_name: str, initial_plan: Plan, cost: CostModel,
@@ -221,6 +150,9 @@ class _Run:
         self.capacity = sc.capacity_bytes()
         self.res.capacity_bytes = self.capacity
         self.over = self.check_memory(plan, 0)
+        # the leader's view of stragglers, for the policy that re-plans around them
+        self.watch = (SlowWatch(sc.straggler, predict)
+                      if sc.mitigate_stragglers and pol.mitigates else None)
 
     def check_memory(self, plan: Plan, swap_ranks: int) -> bool:
         """Whether `plan` runs over the device capacity without swapping (counted)."""
@@ -247,6 +179,8 @@ class _Run:
                 segs[-1].t1 = t1
             else:
                 segs.append(Segment(t0, t1, rate, what))
+        if self.slow and what == "train" and any(self.plan.has_rank(r) for r in self.slow):
+            self.res.slowed_s += t1 - t0
         if self.over and what == "train":
             self.res.over_budget_s += t1 - t0
             self.res.over_budget_gpu_h += (t1 - t0) * self.plan.world_size / 3600
@@ -316,6 +250,8 @@ class _Run:
         i, evs = 0, self.events
         while i < len(evs) and self.t < self.duration:
             at = evs[i].time_s
+            if self.detected_before(at):
+                continue
             batch = []
             while i < len(evs) and evs[i].time_s == at:
                 batch.append(evs[i])
@@ -343,6 +279,7 @@ class _Run:
                     else:
                         self.slow.pop(r, None)
             if not changed:
+                self.rewatch()
                 continue
             if not after:
                 self.res.notes.append(f"t={at:.0f}s: no GPU left; idle until one returns")
@@ -359,11 +296,24 @@ class _Run:
                 continue
             self.react(after, lost or self.idle, at)
             self.idle = False
+            if self.watch is not None:
+                self.watch.forget(after)
+                if self.watch.known:  # a straggler is still there: re-plan around it
+                    self.mitigate()
+                self.rewatch()
+        while self.detected_before(self.duration):  # detections after the last event
+            continue
         if self.t < self.duration:
             self.train_until(self.duration, finish=False)
         self.res.samples, self.res.steps = self.samples, self.steps
         if self.post_den > 0:
             self.res.post_recovery_ratio = self.post_num / self.post_den
+        r = self.res
+        if r.detection_delay_s or r.mitigations:
+            found = r.detection_delay_s
+            mean = f"{sum(found) / len(found):.1f}" if found else "-"
+            r.notes.append(f"stragglers: {len(found)} found (after {mean} s on average), "
+                           f"{r.mitigations} mitigations, {r.replans_back} re-plans back")
         if self.res.over_budget:
             self.res.notes.append(
                 f"ran over budget: would OOM ({self.res.over_budget} plans over "
@@ -401,3 +351,49 @@ class _Run:
         self.changed = True
         self.ref = (self.ff_for(members) if self.ff_for
                     else self.ff * len(members) / self.initial_live)
+
+    # ---- stragglers (the adaptive policy with SimConfig.mitigate_stragglers) ----------
+    def rewatch(self) -> None:
+        """The truth or the plan changed: when will the leader's detector notice."""
+        if self.watch is not None and not self.idle:
+            self.watch.rewatch(self.plan, self.slow, self.t, self.step_s())
+
+    def detected_before(self, t: float) -> bool:
+        """Train until a detection due before `t` and act on it; whether one was."""
+        w = self.watch
+        if w is None or w.pending is None or w.pending.time_s >= min(t, self.duration):
+            return False
+        p, w.pending = w.pending, None
+        if self.idle:  # every rank was lost meanwhile: nothing left to detect
+            return False
+        self.train_until(p.time_s, finish=True)
+        if p.stragglers.keys() - w.known.keys():
+            self.res.detection_delay_s.append(p.delay_s)
+        if w.known.keys() - p.stragglers.keys():
+            self.res.clear_delay_s.append(p.delay_s)
+        w.known = p.stragglers
+        self.mitigate()
+        self.rewatch()
+        return True
+
+    def mitigate(self) -> None:
+        """The live leader's mitigation for the stragglers it knows (or the way back)."""
+        w = self.watch
+        choice = self.pol.mitigate(self.plan, self.plan.ranks, self.steps, w.predictor(),
+                                   self.sc.straggler.min_gain)
+        if not choice.switch:
+            return
+        c = choice.chosen
+        stall = min(c.predicted_transition_s, max(self.duration - self.t, 0.0))
+        self.seg(self.t, self.t + stall, 0.0, f"transition:{c.kind}")
+        self.res.stall_s += stall
+        self.res.mitigation_stall_s += stall
+        self.t += stall
+        if w.known:
+            self.res.mitigations += 1
+        else:
+            self.res.replans_back += 1
+        self.res.events.append((self.t, f"~{c.kind} {c.note}"))
+        self.plan = c.plan
+        self.batch = c.plan.global_batch
+        self.over = self.check_memory(c.plan, 0)

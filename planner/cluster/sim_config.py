@@ -1,6 +1,7 @@
 """What the cluster simulator is configured with: transition costs and the simulation
-(its length, horizon, step-time predictor, and the device memory plans are checked
-against). Flags of `odyssey simulate` are generated from these dataclasses."""
+(its length, horizon, step-time predictor, the device memory plans are checked
+against, straggler detection and mitigation). Flags of `odyssey simulate` are
+generated from these dataclasses."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from planner.cluster.control_plane import model_for
 from planner.cluster.policies import MemoryLimits
 from planner.memory import SwapPricing
 from planner.recovery import RecoveryConfig
+from planner.straggler import StragglerConfig
+from profiler.configtree import section
 from profiler.units import parse_size
 
 
@@ -79,6 +82,15 @@ class SimConfig:
     """Device<->host copy bandwidth of one GPU, for the swap price."""
     swap_overlap: float = SwapPricing.overlap
     """Fraction of a GPU's compute time its swap copies can hide under."""
+    mitigate_stragglers: bool = True
+    """The adaptive policy (Odyssey) finds a trace's slow nodes as the live leader does
+    (`planner.straggler.StragglerDetector` on the timings its steps report, thresholds
+    from `straggler`) and re-plans around them and back (`planner.mitigation`),
+    charging each switch's predicted transition. Off: it keeps its plan through a
+    slowdown, as every other policy does (the systems they model never re-plan for one)."""
+    straggler: StragglerConfig = section(StragglerConfig, exclude=("enabled", "mitigate"))
+    """The detector's window, thresholds and hysteresis, and mitigation's `min_gain`:
+    the live runtime's config section (`--straggler.*`)."""
 
     def __post_init__(self) -> None:
         if self.device_memory != "off":

@@ -1,7 +1,8 @@
 """Stragglers in real jobs (`odyssey run`, real compute, 4 processes on this noisy 2-core
 machine): a failure-free run raises no straggler event with the default thresholds, and
-a rank made 3x slower is found while the job keeps the failure-free trajectory, through a
-SIGKILL and in-place recovery too (nothing lost, replicas identical)."""
+a rank made 3x slower is found and routed around (microbatches re-dealt) while the job
+keeps the failure-free trajectory, through a SIGKILL of the leader and in-place recovery
+too (nothing lost, replicas identical)."""
 
 import json
 
@@ -39,8 +40,29 @@ def test_slow_rank_is_found_and_numbers_hold_through_a_kill(tmp_path):
     assert found and found[0]["rank"] == 3 and found[0]["since_step"] >= 4, found
     assert found[0]["step"] < 14 and found[0]["factor"] > 1.8
     assert "straggler: rank 3" in proc.stdout
-    assert [e["ranks_lost"] for e in report["events"] if e["kind"] == "recovery"] == [[0]]
+    # the leader re-deals microbatches around rank 3 (mitigation), then is killed
+    recoveries = [(e["cause"], e["ranks_lost"], e["chosen"]) for e in report["events"]
+                  if e["kind"] == "recovery"]
+    assert recoveries[0] == ("replan", [], "rebalance"), recoveries
+    assert [(c, lost) for c, lost, _ in recoveries[1:]] == [("failure", [0])], recoveries
     check_same_numbers(report, run_dir, steps=20)
     status = json.loads((run_dir / contract.STATUS_FILE).read_text())
-    assert status["generation"] == 1 and status["leader"] == 1  # rank 0 was the leader
-    assert status["recovery_counts"][0]["count"] == 1
+    assert status["generation"] == 2 and status["leader"] == 1  # rank 0 was the leader
+    assert sorted((c["cause"], c["count"]) for c in status["recovery_counts"]) == [
+        ("failure", 1), ("replan", 1)]
+
+
+@pytest.mark.timeout(200)
+def test_mitigation_is_reconsidered_after_a_failure(tmp_path):
+    # rank 3 slow from step 4 (found, routed around), then rank 2 is killed: the
+    # recovery plan is chosen with rank 3's factor known, and the leader mitigates again
+    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "24", "--inject",
+                                      "slow:rank=3,step=4,factor=3",
+                                      "kill:rank=2,step=14,phase=backward"])
+    run_dir = tmp_path / "run"
+    recoveries = [e for e in report["events"] if e["kind"] == "recovery"]
+    failure = next(e for e in recoveries if e["cause"] == "failure")
+    assert failure["ranks_lost"] == [2]
+    after = [e for e in _events(run_dir, "mitigation") if e["step"] >= failure["resume_step"]]
+    assert after and after[0]["stragglers"].keys() == {"3"}, after
+    check_same_numbers(report, run_dir, steps=24)

@@ -1,0 +1,101 @@
+"""Straggler mitigation, side by side: one rank made 3x slower for good, with and without
+mitigation, and against every microbatch split chosen by hand.
+
+Emulated compute (each layer sleeps its configured time), `odyssey run` with 8 worker
+processes, DP 2 x PP 4, 8 microbatches. Rank 1 (stage 1 of pipeline 0) computes
+`--factor` x slower from step 5 for good. Each run's steady-state throughput is the
+median step time of its last `--tail` steps (metrics.jsonl); the runs follow each other
+in one invocation and are repeated `--repeat` times interleaved, so load shifts hit all
+alike. Hand-picked runs start from a plan file with that split and mitigation off.
+
+    python benchmarks/straggler_mitigation.py [--steps 40] [--out results/straggler.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import launch, step_times  # noqa: E402
+from planner.mitigation import with_counts  # noqa: E402
+from planner.plan import Plan  # noqa: E402
+
+
+def run(label: str, args, mitigate: bool, counts: list[int] | None) -> dict:
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as d:
+        run_dir = Path(d) / "run"
+        flags = ["--mode", "emulated", "--dp", "2", "--pp", "4", "--steps", str(args.steps),
+                 "--num-microbatches", "8", "--microbatch-size", "1", "--log-every", "1000",
+                 "--emu-num-layers", "8", "--emu-forward-ms", str(args.forward_ms),
+                 "--emu-backward-ms", str(2 * args.forward_ms),
+                 "--straggler.mitigate" if mitigate else "--straggler.no-mitigate",
+                 "--inject", f"slow:rank=1,step=5,factor={args.factor:g}"]
+        if counts is not None:  # chosen by hand: this split from the start
+            plan_file = Path(d) / "plan.json"
+            plan_file.write_text(with_counts(Plan.uniform(8, 2, 4, 8, 1), counts).to_json())
+            flags += ["--plan-file", str(plan_file)]
+        report = launch(8, run_dir, flags)
+        tail = step_times(run_dir, args.steps - args.tail)
+        events = report["events"]
+    found = [e for e in events if e["kind"] == "straggler"]
+    chosen = [e for e in events if e["kind"] == "mitigation" and e["chosen"] != "keep"]
+    results = [e for e in events if e["kind"] == "mitigation_result"]
+    step_s = median(tail)
+    return {"label": label, "mitigate": mitigate, "counts": counts, "loadavg_1m": load,
+            "steady_step_s": step_s, "samples_per_s": 8 / step_s,
+            "detected_at_step": found[0]["step"] if found else None,
+            "mitigation": chosen[0]["note"] if chosen else None,
+            "predicted_step_s": results[0]["predicted_step_s"] if results else None,
+            "measured_step_s": results[0]["measured_step_s"] if results else None,
+            "lost": report["samples"]["lost"], "duplicated": report["samples"]["duplicated"],
+            "replicas_identical": report["replicas_identical"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40, help="steps per run")
+    ap.add_argument("--tail", type=int, default=12, help="steps the steady state is taken over")
+    ap.add_argument("--factor", type=float, default=3.0, help="slowdown of rank 1")
+    ap.add_argument("--forward-ms", type=float, default=4.0,
+                    help="emulated forward time per layer and microbatch (backward: 2x)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs, interleaved")
+    ap.add_argument("--out", default="", help="write the rows and summary as JSON here")
+    args = ap.parse_args()
+    plans = [("off", False, None), ("on", True, None)] + [
+        (f"hand {k}/{8 - k}", False, [k, 8 - k]) for k in range(1, 5)]
+    rows = []
+    for _ in range(args.repeat):
+        for label, mitigate, counts in plans:
+            rows.append(run(label, args, mitigate, counts))
+            r = rows[-1]
+            print(f"{label:10} {r['samples_per_s']:7.1f} samples/s  step "
+                  f"{r['steady_step_s'] * 1e3:6.1f} ms  load {r['loadavg_1m']:.1f}  "
+                  f"{r['mitigation'] or ''}", flush=True)
+    by = {label: median(r["samples_per_s"] for r in rows if r["label"] == label)
+          for label, _, _ in plans}
+    hand = max((label for label in by if label.startswith("hand")), key=by.get)
+    on = [r for r in rows if r["label"] == "on"]
+    summary = {"samples_per_s": by, "on_over_off": by["on"] / by["off"],
+               "on_over_best_hand": by["on"] / by[hand], "best_hand": hand,
+               "detected_at_step": [r["detected_at_step"] for r in on],
+               "mitigation": [r["mitigation"] for r in on],
+               "prediction_error": [r["measured_step_s"] / r["predicted_step_s"] - 1
+                                    for r in on if r["predicted_step_s"]],
+               "lost_or_duplicated": sum(r["lost"] + r["duplicated"] for r in rows),
+               "compute": "emulated (sleeping layers), 8 processes on this machine"}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

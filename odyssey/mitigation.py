@@ -1,0 +1,104 @@
+"""The leader's straggler mitigation: stragglers in, a re-planned generation out.
+
+When the straggler watch (odyssey/stragglers.py) finds a rank slow or clears one, the
+step-time model is told the slow ranks' factors (so every prediction, recoveries' too,
+covers them) and `planner.mitigation.plan_mitigation` chooses between keeping the plan
+and re-dealing microbatches. A switch goes through `Coordinator.request_replan`: an
+ordinary generation change with every member in, so the usual guarantees hold (same
+samples, same trajectory, replicas checked).
+
+Events (events.jsonl, so the report lists them): ``mitigation`` at each decision (the
+stragglers, the chosen kind, predicted step times of keeping and of the choice, the
+measured step time before it, every candidate), and ``mitigation_result`` once the new
+plan has run `window` steps (its measured step time against the prediction).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from statistics import median
+
+from odyssey.calibration import StepTimeModel
+from odyssey.coordinator import Coordinator
+from odyssey.hooks import CommittedStep, Recovery, TrainerHook
+from planner.mitigation import plan_mitigation
+from planner.placement import RecoveryContext
+from planner.recovery import RecoveryConfig
+from planner.straggler import StragglerConfig
+
+
+class StragglerMitigation(TrainerHook):
+    """Leader only; see the module docstring."""
+
+    def __init__(self, cfg: StragglerConfig, recovery: RecoveryConfig, coord: Coordinator,
+                 step_model: StepTimeModel, event: Callable[[dict], None],
+                 say: Callable[[str, int, int], None]):
+        self.cfg = cfg
+        self.recovery = recovery
+        self.coord = coord
+        self.step_model = step_model
+        self.event = event
+        self.say = say
+        self._recent: deque[float] = deque(maxlen=cfg.window)  # step times, this generation
+        self._generation = -1
+        self._pending: dict | None = None  # a switch whose measured step time is due
+        self._recheck = False  # a recovery replaced the plan while stragglers are known
+
+    def stragglers_changed(self, c: CommittedStep, slow: dict[int, float]) -> None:
+        """The watch's set of stragglers changed at committed step `c` (leader)."""
+        recent = list(self._recent)[-3:]  # the last steps: at the speed the change found
+        self.step_model.set_slowdowns(slow, c.plan, median(recent) if recent else None)
+        if not self.cfg.mitigate:
+            return
+        ctx = RecoveryContext(c.plan, c.members, c.step, self.step_model.layer_bytes())
+        choice = plan_mitigation(ctx, self.step_model.predictor(), self.recovery,
+                                 self.cfg.min_gain)
+        keep = next(x for x in choice.candidates if x.kind == "keep")
+        chosen = choice.chosen
+        record = {"kind": "mitigation", "step": c.step, "generation": c.generation,
+                  "stragglers": {str(r): f for r, f in sorted(slow.items())},
+                  "chosen": chosen.kind, "note": chosen.note,
+                  "predicted_step_s": chosen.predicted_step_s,
+                  "keep_predicted_step_s": keep.predicted_step_s,
+                  "measured_step_s": median(self._recent) if self._recent else None,
+                  "candidates": choice.rows()}
+        self.event(record)
+        if not choice.switch:
+            return
+        what = (f"rank(s) {sorted(slow)} slow" if slow else "no straggler left")
+        self.say(f"mitigation: {what}; {chosen.kind} ({chosen.note}), predicted step "
+                 f"{keep.predicted_step_s * 1e3:.0f} -> {chosen.predicted_step_s * 1e3:.0f} ms",
+                 c.step, c.generation)
+        self._pending = {"kind": "mitigation_result", "chosen": chosen.kind,
+                         "decided_step": c.step,
+                         "predicted_step_s": chosen.predicted_step_s}
+        self.coord.request_replan(choice, f"straggler mitigation: {chosen.note}")
+
+    def on_recovered(self, recovery: Recovery) -> None:
+        # a failure's recovery plan is chosen with the stragglers' factors but not around
+        # them: once the new plan has run a few steps, mitigate again
+        self._recheck = recovery.decision.policy != "mitigate"
+
+    def on_step_committed(self, c: CommittedStep) -> None:
+        if not c.leader:
+            return
+        if c.generation != self._generation:  # the first step of a plan redoes set-up
+            self._generation = c.generation
+            self._recent.clear()
+            return
+        self._recent.append(c.step_s)
+        if self._recheck and len(self._recent) >= 3:
+            self._recheck = False
+            slow = {r: f for r, f in self.step_model.slowdowns.items() if r in c.members}
+            if slow:
+                self.stragglers_changed(c, slow)
+        p = self._pending
+        if p is not None and c.step > p["decided_step"] and len(self._recent) == \
+                self._recent.maxlen:
+            self._pending = None
+            measured = median(self._recent)
+            self.event({**p, "step": c.step, "generation": c.generation,
+                        "measured_step_s": measured,
+                        "error": measured / p["predicted_step_s"] - 1
+                        if p["predicted_step_s"] > 0 else None})

@@ -1,0 +1,109 @@
+"""Straggler mitigation in a running job (ranks as threads): a rank made slow is found,
+the leader re-deals microbatches around it through an ordinary generation change, and
+re-plans back once it recovers; the trajectory stays the failure-free one."""
+
+from __future__ import annotations
+
+import dataclasses
+from statistics import median
+
+import pytest
+
+from odyssey import contract
+from odyssey.data import RandomRegression
+from odyssey.emulate import EmulationConfig, build_emulated
+from odyssey.hooks import CommittedStep, TrainerHook
+from odyssey.job_config import job_config
+from odyssey.report import read_jsonl
+from odyssey.summary import summarize
+from odyssey.testing.threads import run_threads
+from odyssey.trainer import Trainer
+from planner.straggler import StragglerConfig
+from tests.helpers import max_rel, reference, tiny_model
+
+
+class StepTimes(TrainerHook):
+    def __init__(self):
+        self.times: dict[int, tuple[int, float]] = {}  # step -> (generation, seconds)
+
+    def on_step_committed(self, c: CommittedStep) -> None:
+        if c.leader:
+            self.times[c.step] = (c.generation, c.step_s)
+
+
+def _events(run_dir, *kinds: str) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / contract.EVENTS_FILE) if e["kind"] in kinds]
+
+
+@pytest.mark.slow  # ~8 s of emulated steps
+@pytest.mark.timeout(180)
+def test_slow_rank_is_routed_around_and_the_job_replans_back(tmp_path):
+    # emulated dp 2 x pp 2, 8 microbatches: rank 3 computes 3x slower for steps 5..19
+    cfg = job_config(mode="emulated", dp=2, pp=2, steps=45, num_microbatches=8,
+                     microbatch_size=1, log_every=100, progress="off", run_dir=str(tmp_path),
+                     inject=("slow:rank=3,step=5,factor=3,until=20",))
+    emu = EmulationConfig(num_layers=4, forward_ms=3, backward_ms=6)
+    times = StepTimes()
+
+    def worker(w):
+        hooks = [times] if w.rank == 0 else []
+        return Trainer(build_emulated(emu), RandomRegression(dim=emu.dim), cfg, w,
+                       hooks=hooks).fit()
+
+    leader = run_threads(4, worker, timeout_s=150)[0]
+    report = leader.report
+    assert report["samples"]["lost"] == 0 and report["samples"]["duplicated"] == 0
+    assert report["replicas_identical"] is True
+    found = _events(tmp_path, "straggler")
+    assert [(e["rank"], e["since_step"]) for e in found] == [(3, 5)]
+    assert found[0]["detection_delay_steps"] <= cfg.straggler.window
+    decisions = _events(tmp_path, "mitigation")
+    switches = [e for e in decisions if e["chosen"] == "rebalance"]
+    assert len(switches) == 2, decisions  # around the straggler, then back
+    around, back = switches
+    assert around["stragglers"] and not back["stragglers"]
+    assert around["predicted_step_s"] * 1.3 < around["keep_predicted_step_s"]
+    replans = _events(tmp_path, "recovery")
+    assert [(e["cause"], e["ranks_lost"], e["chosen"]) for e in replans] == [
+        ("replan", [], "rebalance")] * 2
+    assert replans[1]["plan"] == report["initial_plan"]  # back to the failure-free plan
+    # the pipeline holding the slow rank trained fewer microbatches meanwhile
+    mid = replans[0]["plan"]["pipelines"]
+    assert len(mid[1]["microbatches"]) < len(mid[0]["microbatches"])
+    # measured: the rebalanced plan is faster than the slowed one, and the end runs at
+    # the failure-free plan's step time (ratios of one run; emulated compute)
+    g = {s: gen for s, (gen, _) in times.times.items()}
+    t = {s: dt for s, (_, dt) in times.times.items()}
+    slowed = median(t[s] for s in range(6, around["step"] + 1) if g[s] == 0)
+    rebalanced = median(t[s] for s in range(12, 20) if g[s] == 1)
+    before = median(t[s] for s in range(1, 5))
+    after = median(t[s] for s in range(back["step"] + 3, 45))
+    assert rebalanced < slowed / 1.2, (slowed, rebalanced)
+    assert after < before * 1.25, (before, after)
+    results = _events(tmp_path, "mitigation_result")
+    assert len(results) == 2 and all(abs(r["error"]) < 0.5 for r in results), results
+    text = summarize(report)  # what `python -m odyssey.summary` prints
+    assert text.count("re-plan ") == 2 and "rank 3 " in text and "no straggler left" in text
+
+
+@pytest.mark.slow  # real compute, ~10 s
+@pytest.mark.timeout(240)
+def test_real_compute_trajectory_is_exact_through_mitigation(tmp_path):
+    # real compute, dp 2 x pp 2: rank 2 sleeps 5x its op time for steps 3..14
+    cfg = job_config(dp=2, pp=2, steps=30, num_microbatches=4, microbatch_size=2,
+                     log_every=100, progress="off", run_dir=str(tmp_path),
+                     inject=("slow:rank=2,step=3,factor=6,until=15",))
+    cfg = dataclasses.replace(cfg, straggler=StragglerConfig(window=4))
+
+    def worker(w):
+        model, data = tiny_model()
+        return Trainer(model, data, cfg, w).fit()
+
+    leader = run_threads(4, worker, timeout_s=200)[0]
+    replans = _events(tmp_path, "recovery")
+    assert replans and all(e["cause"] == "replan" for e in replans), replans
+    report = leader.report
+    assert report["samples"]["lost"] == 0 and report["samples"]["duplicated"] == 0
+    assert report["replicas_identical"] is True
+    ref, _ = reference(cfg)
+    assert max(max_rel(leader.losses[k], ref[k]) for k in range(cfg.training.steps)) <= 1e-5

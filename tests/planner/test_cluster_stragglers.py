@@ -1,0 +1,127 @@
+"""Trace `slow` lines in the cluster simulator: the adaptive policy finds them with the
+live detector (planner.straggler) and re-plans with the live mitigation
+(planner.mitigation); the other policies keep their plan (planner/cluster/slow.py)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from planner.cluster.bench import straggler_table
+from planner.cluster.predict import Predictor
+from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig, simulate_trace
+from planner.cluster.slow import detect
+from planner.cluster.traces import TraceEvent, initial_nodes
+from planner.cost import CostConfig, CostModel
+from planner.mitigation import with_counts
+from planner.plan import Plan
+from planner.straggler import StragglerConfig
+from profiler.synthetic import emulated_profile
+
+CLUSTER = ClusterConfig(num_nodes=2, gpus_per_node=4, trace_node_gpus=1)
+TRANS = TransitionConfig(checkpoint_interval_s=1e9)  # no checkpoint in the way
+SLOW_AT, BACK_AT, END = 10.0, 70.0, 100.0
+OTHERS = ("reroute", "reroute+bf", "reparallelize", "redundant", "restart", "drop-replica")
+
+
+@pytest.fixture(scope="module")
+def cost() -> CostModel:
+    cfg = SimpleNamespace(num_layers=8, forward_ms=10.0, backward_ms=20.0, dim=64)
+    return CostModel(emulated_profile(cfg), CostConfig(ranks_per_node=4))
+
+
+def dp2_pp4() -> Plan:  # pipelines [0, 1, 2, 3] and [4, 5, 6, 7]
+    return Plan.uniform(8, dp=2, pp=4, num_microbatches=8, microbatch_size=2)
+
+
+def episode(factor: float = 3.0, until: float = BACK_AT) -> list[TraceEvent]:
+    """node2 (rank 2: stage 3 of the first pipeline) slow from SLOW_AT until `until`."""
+    return [*initial_nodes(8), TraceEvent(SLOW_AT, "slow", "node2", factor),
+            TraceEvent(until, "slow", "node2", 1)]
+
+
+def run(policy, cost, events, **sim):
+    return simulate_trace(policy, dp2_pp4(), cost, events, CLUSTER, TRANS,
+                          SimConfig(duration_s=END, horizon_s=600.0, **sim))
+
+
+def test_mitigation_trains_more_and_goes_back(cost):
+    cfg = StragglerConfig()
+    on, off = run("adaptive", cost, episode()), run("adaptive", cost, episode(),
+                                                    mitigate_stragglers=False)
+    assert on.samples > off.samples * 1.05  # measurably more
+    assert off.mitigations == off.replans_back == 0 and not off.detection_delay_s
+    assert on.mitigations == 1 and on.replans_back == 1 and on.transitions == 0
+    base = Predictor(cost, "closed-form", 1.0)
+    slowed = base.slowed(dp2_pp4(), {2: 3.0})
+    # the detector needs `persistence` of its window slow: 6 of 8 steps at the slowed time
+    found = math.ceil(cfg.persistence * cfg.window)
+    assert on.detection_delay_s == [pytest.approx(found * slowed)]
+    # the slow pipeline trains fewer microbatches; back to even once the speed is back
+    (t1, away), (t2, back) = [e for e in on.events if e[0] > 0]
+    assert away == "~rebalance microbatches [4, 4] -> [2, 6]"
+    assert back == "~rebalance microbatches [2, 6] -> [4, 4]"
+    # cleared once the window's median is fast: more than half of it
+    cleared = cfg.window // 2 + 1
+    assert on.clear_delay_s == [pytest.approx(cleared * base(with_counts(dp2_pp4(), [2, 6])))]
+    stall = TRANS.agree_s + TRANS.plan_s + TRANS.rebuild_s  # no state moves
+    assert on.mitigation_stall_s == on.stall_s == pytest.approx(2 * stall)
+    assert SLOW_AT + found * slowed < t1 < SLOW_AT + (found + 1) * slowed + stall
+    assert BACK_AT < t2 < t1 + END
+    last = [s for s in on.segments if s.what == "train"][-1]
+    assert last.t0 >= t2 and last.samples_per_s == pytest.approx(on.ff_samples_per_s)
+    assert on.slowed_s == pytest.approx(BACK_AT - SLOW_AT - stall, abs=2 * slowed)
+    table = straggler_table({"results": [on, off]})
+    assert "| adaptive | 0.02 | 1 |" in table
+
+
+def test_other_policies_unaffected_by_the_flag(cost):
+    for policy in OTHERS:
+        on, off = run(policy, cost, episode()), run(policy, cost, episode(),
+                                                    mitigate_stragglers=False)
+        assert (on.samples, on.steps, on.stall_s, on.events, on.slowed_s) == \
+            (off.samples, off.steps, off.stall_s, off.events, off.slowed_s), policy
+        assert on.mitigations == 0 and not on.detection_delay_s and on.slowed_s > 0
+    # without mitigation, adaptive keeps its plan through the slowdown like them
+    plain = run("adaptive", cost, episode(), mitigate_stragglers=False)
+    assert plain.samples == run("reparallelize", cost, episode()).samples
+
+
+def test_what_the_detector_cannot_see_is_not_mitigated(cost):
+    cfg = StragglerConfig()
+    # under the threshold: never a straggler
+    weak = run("adaptive", cost, episode(factor=1.5))
+    assert weak.mitigations == 0 and not weak.detection_delay_s and weak.slowed_s > 0
+    # shorter than the detection: over before the detector is sure
+    step = Predictor(cost, "closed-form", 1.0).slowed(dp2_pp4(), {2: 3.0})
+    blip = run("adaptive", cost, episode(until=SLOW_AT + 3 * step))
+    assert blip.mitigations == 0 and not blip.detection_delay_s
+    # the thresholds are the live runtime's StragglerConfig
+    strict = run("adaptive", cost, episode(), straggler=StragglerConfig(threshold=3.5))
+    assert strict.mitigations == 0 and not strict.detection_delay_s
+    assert detect(cfg, dp2_pp4(), cost, {}, {2: 3.0}).steps == 6
+    assert detect(cfg, dp2_pp4(), cost, {2: 3.0}, {}).steps == 5
+    assert detect(cfg, dp2_pp4(), cost, {}, {2: 1.5}) is None
+
+
+@pytest.mark.parametrize("lost", ["node5", "node2"])
+def test_recovery_while_slow(cost, lost):
+    """A loss during the slowdown: the recovery is the policy's own; a straggler still
+    there is mitigated again on the new plan at once (the leader already knows it), and
+    a lost straggler is forgotten (its replacement is not slow)."""
+    events = sorted([*episode(), TraceEvent(30.0, "remove", lost)], key=lambda e: e.time_s)
+    on, off = run("adaptive", cost, events), run("adaptive", cost, events,
+                                                 mitigate_stragglers=False)
+    assert on.kinds == off.kinds and on.transitions == off.transitions == 1
+    assert len(on.detection_delay_s) == 1
+    kept = lost != "node2"
+    assert on.mitigations == 1 + kept and on.replans_back == int(kept)
+    after = [what for t, what in on.events if t >= 30.0]
+    assert after[0].startswith("-")  # the recovery first
+    if kept:
+        assert after[1].startswith("~rebalance")
+    else:
+        assert len(after) == 1 and on.slowed_s < 30.0
+    assert on.samples > off.samples

@@ -1,0 +1,96 @@
+"""Straggler mitigation in the planner: the cost model prices a slow rank, the rebalance
+search finds the best microbatch split, and `plan_mitigation` switches only when it pays
+(and back once the straggler is gone)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from planner.closed_form import estimate_plan
+from planner.cost import CostModel
+from planner.mitigation import counts_of, plan_mitigation, rebalanced, with_counts
+from planner.placement import RecoveryContext
+from planner.plan import Plan
+from planner.program import compile_plan
+from planner.recovery import RecoveryConfig
+from planner.simulate import simulate, simulate_plan
+from profiler import emulated_profile, loopback_comm
+
+PROFILE = emulated_profile(SimpleNamespace(num_layers=8, forward_ms=10, backward_ms=20, dim=16),
+                           comm=loopback_comm(0.0, 1e30, 0.0))
+
+
+def predictor(slow: dict[int, float]):
+    cost = CostModel(PROFILE, slowdown=slow)
+    return lambda plan: simulate_plan(plan, cost).step_time_s
+
+
+def test_slow_rank_scales_its_compute_in_every_simulator():
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    fast, slow = CostModel(PROFILE), CostModel(PROFILE, slowdown={1: 3.0})
+    t0 = simulate_plan(plan, fast).step_time_s
+    t1 = simulate_plan(plan, slow).step_time_s
+    assert t1 > 1.5 * t0
+    # the reduced simulation (one pipeline per class) must not merge the slow pipeline
+    assert t1 == pytest.approx(simulate(compile_plan(plan), slow).step_time_s, rel=1e-9)
+    # one pipeline, bottleneck stage 3x: (m + S - 1) x per-stage time x 3 on the slow part
+    single = Plan.uniform(8, 1, 4, 4, 1)
+    est = estimate_plan(single, slow).pipeline_s
+    assert est > estimate_plan(single, fast).pipeline_s * 1.5
+
+
+def test_with_counts_gives_the_uniform_plan_back():
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    skewed = with_counts(plan, [2, 6])
+    assert counts_of(skewed) == [2, 6]
+    assert with_counts(skewed, [4, 4]).to_dict() == plan.to_dict()
+    with pytest.raises(ValueError, match="do not deal"):
+        with_counts(plan, [3, 3])
+
+
+def test_rebalance_finds_the_best_split():
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    predict = predictor({1: 3.0})  # rank 1: stage 1 of pipeline 0
+    best = min(range(1, 8), key=lambda k: predict(with_counts(plan, [k, 8 - k])))
+    assert counts_of(rebalanced(plan, predict)) == [best, 8 - best]
+    assert best < 4
+    # nobody slow: the even split is best
+    assert counts_of(rebalanced(with_counts(plan, [2, 6]), predictor({}))) == [4, 4]
+
+
+def test_mitigation_switches_when_it_pays_and_goes_back():
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    cfg = RecoveryConfig()
+    ctx = RecoveryContext(plan, plan.ranks, 9, [1.0] * 8)
+    choice = plan_mitigation(ctx, predictor({1: 3.0}), cfg, min_gain=1.05)
+    assert choice.switch and choice.chosen.kind == "rebalance"
+    assert choice.chosen.transfers == [] and choice.chosen.resume_step == 10
+    keep = next(c for c in choice.candidates if c.kind == "keep")
+    assert keep.predicted_step_s > 1.3 * choice.chosen.predicted_step_s
+    # back: the rebalanced plan without a straggler returns to the even split
+    moved = choice.chosen.plan
+    back = plan_mitigation(RecoveryContext(moved, moved.ranks, 30, [1.0] * 8),
+                           predictor({}), cfg, min_gain=1.05)
+    assert back.switch and back.chosen.plan.to_dict() == plan.to_dict()
+    # nobody slow on the even plan: keep it
+    assert not plan_mitigation(ctx, predictor({}), cfg, min_gain=1.05).switch
+
+
+def test_small_gains_are_not_worth_a_switch():
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    ctx = RecoveryContext(plan, plan.ranks, 9, [1.0] * 8)
+    mild = plan_mitigation(ctx, predictor({1: 1.2}), RecoveryConfig(), min_gain=1.05)
+    gain = mild.candidates[0].predicted_step_s / min(
+        c.predicted_step_s for c in mild.candidates)
+    assert gain < 1.3
+    strict = plan_mitigation(ctx, predictor({1: 1.2}), RecoveryConfig(), min_gain=gain + 0.01)
+    assert not strict.switch and strict.chosen.kind == "keep"
+
+
+def test_one_pipeline_has_nothing_to_rebalance():
+    plan = Plan.uniform(8, 1, 4, 8, 1)
+    ctx = RecoveryContext(plan, plan.ranks, 3, [1.0] * 8)
+    choice = plan_mitigation(ctx, predictor({2: 3.0}), RecoveryConfig(), min_gain=1.05)
+    assert not choice.switch and [c.kind for c in choice.candidates] == ["keep"]
