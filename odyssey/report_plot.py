@@ -13,7 +13,8 @@ field it uses (errors name the file, line and field), and draws three panels:
 Each recovery is a shaded span on panels 1-2, from the fault (the event's log time minus
 the redone step and the MTTR) to the moment the survivors run the new plan, annotated
 with who was lost, the plan chosen and the candidates it beat; a resume from a
-checkpoint is a dashed line; a straggler found (or cleared) is a dotted orange line on
+checkpoint is a dashed line; a re-plan around a straggler (a recovery with cause
+"replan") is shaded orange instead of red; a straggler found (or cleared) is a dotted orange line on
 panel 2 naming the rank and its slowdown. matplotlib (Agg) is imported only when
 rendering.
 """
@@ -189,13 +190,16 @@ def render(run_dir: str | Path, out: str | Path | None = None, width: float = 12
         who = ev["ranks_lost"] or ev["newcomers"]
         what = "lost" if ev["ranks_lost"] else "joined"
         label = f"gen {ev['generation']}: rank(s) {who} {what} -> {ev['chosen']}"
+        colour = "tab:red"
+        if ev.get("cause") == "replan":  # the leader's own switch around a straggler
+            label, colour = f"gen {ev['generation']}: re-plan -> {ev['chosen']}", "tab:orange"
         others = sorted({c.get("kind") for c in ev.get("candidates") or []
                          if isinstance(c, dict) and c.get("kind") != ev["chosen"]} - {None})
         if others:
             label += f" (over {', '.join(others)})"
         for ax in (ax_loss, ax_tp):
-            ax.axvspan(start, max(end, start + 1e-3), color="tab:red", alpha=0.25, lw=0)
-            ax.axvline(start, color="tab:red", lw=1)
+            ax.axvspan(start, max(end, start + 1e-3), color=colour, alpha=0.25, lw=0)
+            ax.axvline(start, color=colour, lw=1)
         ax_tp.annotate(label, (start, 1.0), xycoords=("data", "axes fraction"),
                        xytext=(3, -12 - 11 * (i % 3)), textcoords="offset points",
                        fontsize=8, color="tab:red")

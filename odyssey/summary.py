@@ -24,7 +24,8 @@ def summarize(report: dict) -> str:
                          f"(attempt {e.get('attempt', 0)})")
             continue
         if e["kind"] in ("straggler", "straggler_cleared"):
-            lines.append(f"{e['kind']:<15}gen {e.get('generation', 0)} step {e['step']}: rank "
+            kind = "cleared" if e["kind"] == "straggler_cleared" else "straggler"
+            lines.append(f"{kind:<15}gen {e.get('generation', 0)} step {e['step']}: rank "
                          f"{e['rank']} {e['factor']:.1f}x its {e['reference']} (since step "
                          f"{e['since_step']})")
             continue
