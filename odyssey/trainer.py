@@ -121,7 +121,10 @@ class Trainer:
             lambda msg, step=-1: self._say(msg, step, always=True),
             before_migrate=self.faults.before_migrate,
             memory_model=self.step_model.memory_model)
-        self.mitigation = StragglerMitigation(job.straggler, ft, self.coord, self.step_model,
+        # under torchrun a re-plan would be a restart: find stragglers, never re-plan
+        self.mitigation = StragglerMitigation(replace(job.straggler, mitigate=job.straggler
+                                                      .mitigate and self.in_place),
+                                              ft, self.coord, self.step_model,
                                               lambda e: self.telemetry.log.event(e),
                                               self.telemetry.say)
         self.hooks.insert(2, self.mitigation)

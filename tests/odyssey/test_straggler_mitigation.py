@@ -107,3 +107,23 @@ def test_real_compute_trajectory_is_exact_through_mitigation(tmp_path):
     assert report["replicas_identical"] is True
     ref, _ = reference(cfg)
     assert max(max_rel(leader.losses[k], ref[k]) for k in range(cfg.training.steps)) <= 1e-5
+
+
+@pytest.mark.slow  # ~4 s of emulated steps
+@pytest.mark.timeout(120)
+def test_under_torchrun_stragglers_are_reported_not_replanned(tmp_path):
+    # a re-plan is an in-place generation change: with a restarting launcher the notice
+    # would abort every rank, so the straggler is found and nothing else happens
+    cfg = job_config(mode="emulated", dp=2, pp=2, steps=20, num_microbatches=4,
+                     microbatch_size=1, log_every=100, progress="off", run_dir=str(tmp_path),
+                     inject=("slow:rank=3,step=3,factor=3",))
+    emu = EmulationConfig(num_layers=4, forward_ms=3, backward_ms=6)
+
+    def worker(w):
+        w = dataclasses.replace(w, launcher="torchrun")
+        return Trainer(build_emulated(emu), RandomRegression(dim=emu.dim), cfg, w).fit()
+
+    leader = run_threads(4, worker, timeout_s=100)[0]
+    assert [e["rank"] for e in _events(tmp_path, "straggler")] == [3]
+    assert _events(tmp_path, "recovery") == [] and leader.report["generation"] == 0
+    assert all(e["chosen"] == "keep" for e in _events(tmp_path, "mitigation"))
