@@ -64,7 +64,7 @@ class StepTimeModel:
         self._predicted_now = None  # the prediction of the running plan changed
         if plan is None or not measured_s:
             return
-        self.calibration.kinds.pop("step", None)
+        self.calibration.reset("step")
         predicted = self.simulator()(plan)
         if predicted > 0:
             self.store.set(contract.CALIBRATION_FACTOR, repr(measured_s / predicted))

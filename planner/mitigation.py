@@ -28,8 +28,6 @@ from planner.placement import RecoveryContext, transfers
 from planner.plan import Pipeline, Plan
 from planner.recovery import RecoveryCandidate, RecoveryConfig, score
 
-KINDS = ("keep", "rebalance")
-
 
 def with_counts(plan: Plan, counts: list[int]) -> Plan:
     """`plan`'s stages with pipeline i training counts[i] microbatches (ids dealt as

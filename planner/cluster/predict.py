@@ -9,6 +9,7 @@ with per-rank slowdowns for fail-slow nodes and a cheap screen of pipeline count
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from planner.closed_form import estimate_plan, pipeline_s
 from planner.cost import CostModel
@@ -32,6 +33,7 @@ class Predictor:
         of `shared_stage_bound`, which is tight once steady state dominates."""
         self.cache: dict[tuple, float] = {}
         self.calls = 0
+        self._slowed: dict[tuple, Predictor] = {}  # see `with_slowdown`
 
     def key(self, plan: Plan) -> tuple:
         node = self.cost.node_of
@@ -82,22 +84,23 @@ class Predictor:
         self.cache[key] = out
         return out
 
-    def slowed(self, plan: Plan, slow: dict[int, float]) -> float:
-        """Step time when some ranks compute `slow[r]` x slower: the slowest pipeline's
-        scaled closed form replaces the unscaled one (all-reduce exposure kept)."""
-        base = self(plan)
-        if not any(r in slow for r in plan.ranks):
-            return base
-        mb, worst, worst_slow = plan.microbatch_size, 0.0, 0.0
-        for p in plan.pipelines:
-            f = [self.cost.forward_s(s.start, s.end, mb) for s in p.stages]
-            b = [self.cost.backward_s(s.start, s.end, mb) for s in p.stages]
-            k = [slow.get(s.rank, 1.0) for s in p.stages]
-            m = len(p.microbatches)
-            worst = max(worst, pipeline_s(plan.schedule, f, b, m))
-            worst_slow = max(worst_slow, pipeline_s(plan.schedule, [x * y for x, y in zip(f, k)],
-                                                    [x * y for x, y in zip(b, k)], m))
-        return base + (worst_slow - worst) * self.factor
+    def with_slowdown(self, slow: Mapping[int, float]) -> Predictor:
+        """This predictor with ranks computing slow[r] x slower (the cost model's
+        `slowdown`, so every predictor path prices them), one per slow set."""
+        slow = {r: f for r, f in slow.items() if f != 1.0}
+        if not slow:
+            return self
+        key = tuple(sorted(slow.items()))
+        if key not in self._slowed:
+            cost = CostModel(self.cost.profile, self.cost.config, slowdown=slow)
+            p = Predictor(cost, self.how, self.factor, self.memory_limit)
+            p.event_upto = self.event_upto
+            self._slowed[key] = p
+        return self._slowed[key]
+
+    def slowed(self, plan: Plan, slow: Mapping[int, float]) -> float:
+        """Step time of `plan` when some ranks compute `slow[r]` x slower."""
+        return self.with_slowdown({r: f for r, f in slow.items() if plan.has_rank(r)})(plan)
 
 
 def shared_stage_bound(plan: Plan, cost: CostModel) -> float:
@@ -115,7 +118,8 @@ def shared_stage_bound(plan: Plan, cost: CostModel) -> float:
     for p in plan.pipelines:
         front = 0.0
         for a, st in enumerate(p.stages):
-            fb = cost.forward_s(st.start, st.end, mb) + cost.backward_s(st.start, st.end, mb)
+            fb = (cost.forward_s(st.start, st.end, mb) + cost.backward_s(st.start, st.end, mb)
+                  ) * cost.speed_factor(st.rank)
             busy[st.rank] = busy.get(st.rank, 0.0) + fb * len(p.microbatches)
             lead[st.rank] = max(lead.get(st.rank, 0.0), front)
             if a + 1 < len(p.stages):

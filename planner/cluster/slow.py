@@ -121,7 +121,6 @@ class SlowWatch:
     known: dict[int, float] = field(default_factory=dict)
     """Stragglers the leader knows ({rank: factor}), what mitigation plans around."""
     pending: Pending | None = None
-    _predictors: dict[tuple, Predictor] = field(default_factory=dict)
 
     def rewatch(self, plan: Plan, truth: dict[int, float], now_s: float,
                 step_s: float) -> None:
@@ -139,11 +138,4 @@ class SlowWatch:
 
     def predictor(self) -> Predictor:
         """Step times with the known stragglers' factors in the cost model."""
-        if not self.known:
-            return self.base
-        key = tuple(sorted(self.known.items()))
-        if key not in self._predictors:
-            b = self.base
-            cost = CostModel(b.cost.profile, b.cost.config, slowdown=self.known)
-            self._predictors[key] = Predictor(cost, b.how, b.factor, b.memory_limit)
-        return self._predictors[key]
+        return self.base.with_slowdown(self.known)

@@ -35,28 +35,37 @@ def _events(run_dir, *kinds: str) -> list[dict]:
     return [e for e in read_jsonl(run_dir / contract.EVENTS_FILE) if e["kind"] in kinds]
 
 
+EMU = EmulationConfig(num_layers=4, forward_ms=3, backward_ms=6)
+
+
+def _run_emulated(tmp_path, steps: int, microbatches: int, inject: str,
+                  leader_hooks=(), launcher: str | None = None):
+    """Emulated dp 2 x pp 2 with ranks as threads; the leader's FitResult."""
+    cfg = job_config(mode="emulated", dp=2, pp=2, steps=steps, num_microbatches=microbatches,
+                     microbatch_size=1, log_every=100, progress="off", run_dir=str(tmp_path),
+                     inject=(inject,))
+
+    def worker(w):
+        if launcher is not None:
+            w = dataclasses.replace(w, launcher=launcher)
+        return Trainer(build_emulated(EMU), RandomRegression(dim=EMU.dim), cfg, w,
+                       hooks=list(leader_hooks) if w.rank == 0 else []).fit()
+
+    return run_threads(4, worker, timeout_s=150)[0]
+
+
 @pytest.mark.slow  # ~8 s of emulated steps
 @pytest.mark.timeout(180)
 def test_slow_rank_is_routed_around_and_the_job_replans_back(tmp_path):
     # emulated dp 2 x pp 2, 8 microbatches: rank 3 computes 3x slower for steps 5..19
-    cfg = job_config(mode="emulated", dp=2, pp=2, steps=45, num_microbatches=8,
-                     microbatch_size=1, log_every=100, progress="off", run_dir=str(tmp_path),
-                     inject=("slow:rank=3,step=5,factor=3,until=20",))
-    emu = EmulationConfig(num_layers=4, forward_ms=3, backward_ms=6)
     times = StepTimes()
-
-    def worker(w):
-        hooks = [times] if w.rank == 0 else []
-        return Trainer(build_emulated(emu), RandomRegression(dim=emu.dim), cfg, w,
-                       hooks=hooks).fit()
-
-    leader = run_threads(4, worker, timeout_s=150)[0]
+    leader = _run_emulated(tmp_path, 45, 8, "slow:rank=3,step=5,factor=3,until=20", [times])
     report = leader.report
     assert report["samples"]["lost"] == 0 and report["samples"]["duplicated"] == 0
     assert report["replicas_identical"] is True
     found = _events(tmp_path, "straggler")
     assert [(e["rank"], e["since_step"]) for e in found] == [(3, 5)]
-    assert found[0]["detection_delay_steps"] <= cfg.straggler.window
+    assert found[0]["detection_delay_steps"] <= StragglerConfig().window
     decisions = _events(tmp_path, "mitigation")
     switches = [e for e in decisions if e["chosen"] == "rebalance"]
     assert len(switches) == 2, decisions  # around the straggler, then back
@@ -114,16 +123,8 @@ def test_real_compute_trajectory_is_exact_through_mitigation(tmp_path):
 def test_under_torchrun_stragglers_are_reported_not_replanned(tmp_path):
     # a re-plan is an in-place generation change: with a restarting launcher the notice
     # would abort every rank, so the straggler is found and nothing else happens
-    cfg = job_config(mode="emulated", dp=2, pp=2, steps=20, num_microbatches=4,
-                     microbatch_size=1, log_every=100, progress="off", run_dir=str(tmp_path),
-                     inject=("slow:rank=3,step=3,factor=3",))
-    emu = EmulationConfig(num_layers=4, forward_ms=3, backward_ms=6)
-
-    def worker(w):
-        w = dataclasses.replace(w, launcher="torchrun")
-        return Trainer(build_emulated(emu), RandomRegression(dim=emu.dim), cfg, w).fit()
-
-    leader = run_threads(4, worker, timeout_s=100)[0]
+    leader = _run_emulated(tmp_path, 20, 4, "slow:rank=3,step=3,factor=3",
+                           launcher="torchrun")
     assert [e["rank"] for e in _events(tmp_path, "straggler")] == [3]
     assert _events(tmp_path, "recovery") == [] and leader.report["generation"] == 0
     assert all(e["chosen"] == "keep" for e in _events(tmp_path, "mitigation"))
