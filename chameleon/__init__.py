@@ -10,10 +10,11 @@ Engine integration: `SwapManager(model, SwapConfig(...))` and `step_context()` /
 from chameleon.config import SwapConfig
 from chameleon.manager import StepReport, SwapManager, is_oom, manager_for, swap
 from chameleon.policy import Action, BudgetError, Policy, PolicyConfig, generate_policy
+from chameleon.residency import copy_bandwidth
 from profiler.units import format_size, parse_size
 
 __all__ = [
     "Action", "BudgetError", "Policy", "PolicyConfig", "StepReport", "SwapConfig",
-    "SwapManager", "format_size", "generate_policy", "is_oom", "manager_for", "parse_size",
-    "swap",
+    "SwapManager", "copy_bandwidth", "format_size", "generate_policy", "is_oom", "manager_for",
+    "parse_size", "swap",
 ]

@@ -226,6 +226,7 @@ class SwapManager:
             "bw_in_Bps": self.executor.bw.get("in"),
             "policy": self.policy.summary() if self.policy is not None else None,
             "last": self.last.stats.as_dict() if self.last is not None else None,
+            "peak_resident": max((h.stats.peak_resident for h in self.history), default=0),
         }
 
     def close(self) -> None:

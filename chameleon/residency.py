@@ -101,10 +101,8 @@ class Residency:
                  n_slots: int) -> None:
         self.cfg, self.device, self.mon, self.n_slots = config, device, monitor, n_slots
         self.budget = config.budget_bytes()
-        tier = config.tier
-        if tier == "auto":
-            tier = "pinned" if device.type == "cuda" else "disk"
-        self.arena = HostArena(tier, parse_size(config.host_arena_bytes), config.disk_dir)
+        self.arena = HostArena(host_tier(config, device), parse_size(config.host_arena_bytes),
+                               config.disk_dir)
         self.lanes = make_lanes(config.lanes, device)
         self.bw = BandwidthMeter()
         self.lock = threading.RLock()
@@ -152,27 +150,9 @@ class Residency:
             self.mon.add_stall(dt)
 
     def calibrate(self) -> None:
-        """Seed the bandwidth meter (best of two copies each way after a warm-up copy);
-        afterwards it learns from every copy."""
-        n = int(self.cfg.calibrate_bytes)
-        if n <= 0:
-            return
-        src = torch.ones(n, dtype=torch.uint8, device=self.device)
-        dst = torch.empty_like(src)
-        blk = self.arena.alloc(n)
-        best: dict[str, Ticket] = {}
-        for i in range(3):
-            t = self.lanes.out(src, blk)
-            t.wait()
-            t2 = self.lanes.inn(blk, dst, None)
-            t2.wait()
-            for tk in (t, t2):
-                s, old = tk.seconds(), best.get(tk.direction)
-                if i and s is not None and (old is None or s < (old.seconds() or 1e9)):
-                    best[tk.direction] = tk
-        for tk in best.values():
-            self.bw.observe(tk)
-        self.arena.free(blk)
+        """Seed the bandwidth meter; afterwards it learns from every copy."""
+        calibrate_copies(self.lanes, self.arena, self.device, int(self.cfg.calibrate_bytes),
+                         self.bw)
 
     def _register(self, e: Entry, trigger: StageId | None, reactive: bool) -> None:
         if trigger is None and reactive:
@@ -353,3 +333,47 @@ class Residency:
 
     def close(self) -> None:
         self.lanes.close()
+
+
+def host_tier(config: SwapConfig, device: torch.device) -> str:
+    """The host tier `config` means on `device` ("auto": pinned on CUDA, else disk)."""
+    if config.tier != "auto":
+        return config.tier
+    return "pinned" if device.type == "cuda" else "disk"
+
+
+def calibrate_copies(lanes: Any, arena: HostArena, device: torch.device, nbytes: int,
+                     meter: BandwidthMeter) -> None:
+    """Seed `meter` with the best of two `nbytes` copies each way after a warm-up copy."""
+    if nbytes <= 0:
+        return
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    blk = arena.alloc(nbytes)
+    best: dict[str, Ticket] = {}
+    for i in range(3):
+        t = lanes.out(src, blk)
+        t.wait()
+        t2 = lanes.inn(blk, dst, None)
+        t2.wait()
+        for tk in (t, t2):
+            s, old = tk.seconds(), best.get(tk.direction)
+            if i and s is not None and (old is None or s < (old.seconds() or 1e9)):
+                best[tk.direction] = tk
+    for tk in best.values():
+        meter.observe(tk)
+    arena.free(blk)
+
+
+def copy_bandwidth(config: SwapConfig, device: torch.device) -> dict[str, float]:
+    """Bytes/s each way ("out" to host, "in" back) of the copies Chameleon would run for
+    `config` on `device`: its start-up calibration, run on its own (what the planner
+    prices swapping with before any rank swaps)."""
+    arena = HostArena(host_tier(config, device), int(config.calibrate_bytes), config.disk_dir)
+    lanes = make_lanes(config.lanes, device)
+    meter = BandwidthMeter()
+    try:
+        calibrate_copies(lanes, arena, device, int(config.calibrate_bytes), meter)
+    finally:
+        lanes.close()
+    return dict(meter.Bps)

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "mttr": "mttr.py",
     "recovery-throughput": "recovery_throughput.py",
     "straggler-mitigation": "straggler_mitigation.py",
+    "swap-recovery": "swap_recovery.py",
     "store-wait-stall": "store_wait_stall.py",
     "emulated-step-time": "emulated_step_time.py",
     "plan-search-speed": "plan_search_speed.py",

@@ -30,7 +30,7 @@ from odyssey.membership import Membership, agree
 from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
 from planner.decision import RecoveryDecision
-from planner.memory import MemoryModel
+from planner.memory import MemoryModel, SwapPricing
 from planner.mitigation import MitigationChoice
 from planner.placement import transfers
 from planner.plan import Plan
@@ -91,12 +91,25 @@ class Coordinator:
         self.say = say
         self._before_migrate = before_migrate
         self.memory_model = memory_model  # None: candidates' memory is not predicted
+        self.swap_pricing = self._swap_pricing()
         self.current: Generation | None = None
         self._trained_plan: Plan | None = None  # of the last generation that committed
         self._adopted: tuple[int, list[int]] | None = None  # a joiner's starting point
         self._graveyard: list[Comm] = []  # old groups: destroying them can block
         self._interrupted = 0
         self._replan: MitigationChoice | None = None  # the leader's pending request
+
+    def _swap_pricing(self) -> SwapPricing | None:
+        """How the leader prices swapping to fit (None: it does not): only with a finite
+        capacity and the engine able to swap; the copy bandwidth is measured here once
+        (Chameleon's calibration copy, a few ms) so the decision does not wait for it."""
+        rec = self.recovery
+        if self.memory_model is None or not (rec.memory_aware and rec.swap_to_fit):
+            return None
+        if rec.capacity_bytes(device_memory_bytes(self.engine.device)) == float("inf"):
+            return None
+        bw = self.engine.host_copy_Bps()
+        return None if bw is None else SwapPricing(host_Bps=bw, overlap=rec.swap_overlap)
 
     # ---- generations ---------------------------------------------------------------
     def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None) -> Generation:
@@ -193,7 +206,8 @@ class Coordinator:
         memory = self.memory_model() if self.memory_model is not None else None
         capacity = self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
         cands, dropped = build_candidates(ctx, predict, memory=memory, capacity_bytes=capacity,
-                                          drop_unfit=self.recovery.memory_aware)
+                                          drop_unfit=self.recovery.memory_aware,
+                                          swap=self.swap_pricing)
         score(cands, ctx, self.recovery, predict)
         chosen = choose(cands, self.recovery)
         decision = RecoveryDecision(
@@ -245,6 +259,7 @@ class Coordinator:
         gen = self._open(m.generation, cand.plan, extra)
         gen.decision = decision
         t_rebuilt = time.time()
+        self.engine.set_swap_budget(cand.swap_budgets.get(self.rank))  # on, or off again
         self.engine.install(gen.program, gen.comm, gen.commit, keep=True)
         if self._before_migrate is not None:
             self._before_migrate(cand.resume_step)

@@ -19,13 +19,12 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from chameleon import SwapConfig, SwapManager
+from chameleon import SwapConfig, SwapManager, copy_bandwidth
 from odyssey.comm import Comm, Pending, StepAborted
 from odyssey.commit import COMMIT, CommitProtocol
 from odyssey.data import Sampler
@@ -45,6 +44,8 @@ from odyssey.precision import LossScale, PrecisionConfig
 from odyssey.step_result import OpTiming, StepResult, step_metrics
 from planner.plan import Plan, runs_of
 from planner.program import Instruction, Op, Program, compile_plan, tied_groups
+from profiler.op_monitor import param_storages
+from profiler.saved_bytes import SavedBytesMeter
 
 __all__ = ["Engine", "NoParamsOptimizer", "OpTiming", "OptimizerConfig", "StepResult",
            "make_optimizer", "step_metrics"]
@@ -87,9 +88,12 @@ class Engine:
         self._before_op = before_op
         self._after_op = after_op
         self._op_hooks: list[Callable[[OpTiming], None]] = []
-        self._swap_cfg: SwapConfig | None = None  # None: no activation swapping
+        self._swap_cfg: SwapConfig | None = None  # always on (the job's swap.mode auto)
+        self._swap_template: SwapConfig | None = None  # for a plan's budget (swap to fit)
+        self._plan_budget: int | None = None  # the running plan's budget for this rank
         self._swap: SwapManager | None = None
         self._stage_module: nn.ModuleList | None = None
+        self._meter = SavedBytesMeter()  # saved bytes per layer, while Chameleon is off
 
     # ---- configuration -------------------------------------------------------------
     def compile(self, plan: Plan) -> Program:
@@ -116,25 +120,64 @@ class Engine:
         on; its `layers` become this rank's stage)."""
         self._swap_cfg = cfg
 
+    def swap_to_fit(self, template: SwapConfig) -> None:
+        """When a plan gives this rank a swap budget (`set_swap_budget`), run Chameleon
+        with `template`'s settings and that budget."""
+        self._swap_template = template
+
+    def host_copy_Bps(self) -> float | None:
+        """Copy bandwidth to host memory and back (harmonic mean of the two directions)
+        as Chameleon's lanes achieve it here with the `swap_to_fit` settings; None
+        without them."""
+        if self._swap_template is None:
+            return None
+        bw = copy_bandwidth(self._swap_template, self.device)
+        if not bw:
+            return None
+        return len(bw) / sum(1.0 / v for v in bw.values())
+
+    def set_swap_budget(self, budget_bytes: float | None) -> None:
+        """Saved-activation bytes this rank may keep resident under the plan `install`
+        adopts next (None: the plan fits without swapping). With `swap_to_fit`, Chameleon
+        turns on for that plan and off again for a later one that fits."""
+        self._plan_budget = None if budget_bytes is None else max(1, int(budget_bytes))
+
     def add_op_hook(self, hook: Callable[[OpTiming], None]) -> None:
         """Call `hook` after every instruction this rank executes (telemetry, profiling;
         with no hook the loop takes no extra timings)."""
         self._op_hooks.append(hook)
 
+    def _effective_swap(self) -> SwapConfig | None:
+        """The always-on config (within the plan's budget when that is lower), else the
+        template at the plan's budget, else None."""
+        budget = self._plan_budget
+        if self._swap_cfg is not None:
+            if budget is not None and budget < self._swap_cfg.budget_bytes():
+                return replace(self._swap_cfg, budget=budget)
+            return self._swap_cfg
+        if budget is not None and self._swap_template is not None:
+            return replace(self._swap_template, budget=budget)
+        return None
+
     def _setup_swap(self) -> None:
-        """(Re)create Chameleon's manager over this rank's stage (its layers changed)."""
-        if self._swap_cfg is None:
-            return
+        """(Re)create Chameleon's manager over this rank's stage (its layers changed), or
+        close it when the new plan needs no swapping."""
         if self._swap is not None:
             self._swap.close()
+            self._swap = None
+        cfg = self._effective_swap()
+        if cfg is None:
+            return
         layers = [self.held.module(i) for i in self.stage_layers]
         self._stage_module = nn.ModuleList(layers)
-        self._swap = SwapManager(self._stage_module, replace(self._swap_cfg, layers=layers),
-                                self.device)
+        self._swap = SwapManager(self._stage_module, replace(cfg, layers=layers), self.device)
 
     def swap_report(self) -> dict | None:
-        """Chameleon's report (None when swapping is off)."""
-        return self._swap.report() if self._swap is not None else None
+        """Chameleon's report (None when swapping is off), and whether a plan's budget
+        turned it on."""
+        if self._swap is None:
+            return None
+        return {**self._swap.report(), "plan_budget": self._plan_budget}
 
     def prune(self) -> None:
         """Drop layers outside the current program's stage."""
@@ -161,7 +204,11 @@ class Engine:
         t0 = time.perf_counter()
         st = _StepState(step)
         op_s = st.op_seconds
-        swapping = self._swap.step_context() if self._swap is not None else nullcontext()
+        if self._swap is not None:
+            swapping = self._swap.step_context()
+        else:  # Chameleon's own hooks would hide the meter's: it measures only without
+            modules = [self.held.module(i) for i in self.stage_layers]
+            swapping = self._meter.step(set().union(*map(param_storages, modules)))
         try:
             with swapping:
                 for ins in self.program.for_rank(self.worker_id):
@@ -234,15 +281,19 @@ class Engine:
             x = st.inputs.pop(mb).requires_grad_(True)
         h = x
         last = self.model.num_layers - 1
+        meter = self._meter
+        meter.start()
         with self.precision.autocast(self.device):
             for i in range(ins.start, ins.end):
                 h = self.held.module(i)(h)
                 if i < last:
                     h = self.precision.boundary(h)
+                    meter.mark(i)
             st.stage_inputs[mb] = x
             if ins.end == self.model.num_layers:
                 ids, _, y = self._batch(st, mb)
                 per_sample = self.model.loss_fn(h, y)
+                meter.mark(last)  # the last layer's bytes include what the loss saves
         if ins.end == self.model.num_layers:
             total = per_sample.sum()
             st.loss_sum += float(total.detach())
@@ -306,10 +357,15 @@ class Engine:
         params = [sum(p.numel() for p in self.held.module(i).parameters())
                   for i in stage.layers]
         payload = {"loss_sum": st.loss_sum, "samples": _ranges(st.sample_ids),
-                   "timing": stage_timing(st.op_seconds, stage.start, stage.end, n_mb, params),
+                   "timing": stage_timing(st.op_seconds, stage.start, stage.end, n_mb, params,
+                                          None if self._swap is not None
+                                          else self._meter.per_microbatch(stage.layers)),
                    "sumsq": 0.0 if overflow else self._counted_sumsq(plan, stage.layers)}
         if overflow:
             payload["overflow"] = True
+        if self._swap is not None:  # what Chameleon kept resident, against its budget
+            payload["swap"] = {"budget": self._swap.work_budget,
+                               "peak": self._swap.executor.stats.peak_resident}
         need_totals = self.optim_cfg.grad_clip > 0 or self.precision.scaled
         decision, totals = self.commit.vote(self.worker_id, st.step, payload, need_totals)
         if decision != COMMIT:

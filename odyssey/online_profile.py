@@ -1,7 +1,9 @@
 """A profile measured by the running job itself, from the timings in commit votes.
 
 Each rank reports, with its vote, how long its forward and backward took per
-microbatch and layer, and its layers' parameter counts. The leader folds these into
+microbatch and layer, its layers' parameter counts, and the bytes each layer saved for
+backward per microbatch (`profiler.saved_bytes`; not reported while Chameleon swaps on
+that rank). The leader folds these into
 EWMAs per layer, so when it must plan a recovery it has a current, real-machine profile
 without stopping to measure (online calibration of the cost model).
 """
@@ -13,11 +15,15 @@ from profiler.synthetic import loopback_comm
 
 
 def stage_timing(op_seconds: dict[str, float], start: int, end: int, microbatches: int,
-                 param_counts: list[int]) -> dict:
-    """The timing part of a vote: per-layer, per-microbatch forward/backward seconds."""
+                 param_counts: list[int], saved_bytes: list[float] | None = None) -> dict:
+    """The timing part of a vote: per-layer, per-microbatch forward/backward seconds,
+    and (when measured) per-layer saved bytes per microbatch."""
     n = max(1, (end - start) * microbatches)
-    return {"start": start, "end": end, "fwd_s": op_seconds.get("forward", 0.0) / n,
-            "bwd_s": op_seconds.get("backward", 0.0) / n, "params": param_counts}
+    out = {"start": start, "end": end, "fwd_s": op_seconds.get("forward", 0.0) / n,
+           "bwd_s": op_seconds.get("backward", 0.0) / n, "params": param_counts}
+    if saved_bytes is not None:
+        out["saved"] = saved_bytes
+    return out
 
 
 class OnlineProfile:
@@ -29,6 +35,8 @@ class OnlineProfile:
         self.fwd: list[float | None] = [None] * num_layers
         self.bwd: list[float | None] = [None] * num_layers
         self.params: list[int] = [0] * num_layers
+        self.saved: list[float | None] = [None] * num_layers
+        """Bytes saved for backward per microbatch (the latest report: it is a size)."""
 
     def observe(self, timing: dict) -> None:
         for j, i in enumerate(range(timing["start"], timing["end"])):
@@ -37,17 +45,23 @@ class OnlineProfile:
                 table[i] = value if old is None else (1 - self.alpha) * old + self.alpha * value
             if j < len(timing["params"]):
                 self.params[i] = int(timing["params"][j])
+            if j < len(timing.get("saved", ())):
+                self.saved[i] = float(timing["saved"][j])
 
     def to_profile(self, model_name: str, microbatch_size: int, activation_bytes: float
                    ) -> Profile:
         """Layers never observed (no step committed yet) get 1 ms forward, 2 ms backward:
-        only relative costs matter for the choice then."""
+        only relative costs matter for the choice then. A layer's activation bytes are
+        its measured saved bytes, else `activation_bytes` (the boundary activation);
+        its output bytes are always the boundary."""
         layers = [
             LayerProfile(index=i, name="layer", param_count=self.params[i],
                          param_bytes=4 * self.params[i],
                          forward_s=[1e-3 if self.fwd[i] is None else self.fwd[i]],
                          backward_s=[2e-3 if self.bwd[i] is None else self.bwd[i]],
-                         activation_bytes=[activation_bytes], output_bytes=[activation_bytes])
+                         activation_bytes=[activation_bytes if self.saved[i] is None
+                                           else self.saved[i]],
+                         output_bytes=[activation_bytes])
             for i in range(self.num_layers)
         ]
         return Profile(kind="measured", device={"name": "this job (online, from commit votes)"},

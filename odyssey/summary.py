@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from profiler.units import format_size
+
 
 def summarize(report: dict) -> str:
     s, loss = report["samples"], report["loss"]
@@ -40,6 +42,13 @@ def summarize(report: dict) -> str:
             lines.append(f"               measured {e['measured_step_s'] * 1e3:.0f} ms "
                          f"(predicted {e['predicted_step_s'] * 1e3:.0f} ms) from gen "
                          f"{e['generation']}")
+            continue
+        if e["kind"] == "recovery_result":
+            swaps = "".join(f", rank {r} swapped to {format_size(v['peak_resident'])} of "
+                            f"{format_size(v['budget'])}" for r, v in e["swapping"].items())
+            lines.append(f"               measured {e['measured_step_s'] * 1e3:.0f} ms "
+                         f"(predicted {e['predicted_step_s'] * 1e3:.0f} ms) over "
+                         f"{e['steps']} steps of gen {e['generation']}{swaps}")
             continue
         if e["kind"] != "recovery":
             continue

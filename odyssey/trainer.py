@@ -35,6 +35,7 @@ from odyssey.membership import JobFinished
 from odyssey.mitigation import StragglerMitigation
 from odyssey.model import LayeredModel
 from odyssey.monitor import FailureMonitor
+from odyssey.outcome import RecoveryOutcome
 from odyssey.prefetch import BatchLoader
 from odyssey.run_checkpoints import RunCheckpoints
 from odyssey.status import StatusPublisher
@@ -88,6 +89,7 @@ class Trainer:
                              after_op=self.faults.after_op)
         if job.swap.mode == "auto":
             self.engine.enable_swap(job.swap.chameleon())
+        self.engine.swap_to_fit(job.swap.chameleon())  # when a recovery plan needs it
         self.run_dir = Path(job.training.run_dir or worker.run_dir or "runs/latest")
         self.checkpoints = RunCheckpoints(job.checkpoint, self.run_dir, worker,
                                           model.num_layers,
@@ -128,6 +130,7 @@ class Trainer:
                                               lambda e: self.telemetry.log.event(e),
                                               self.telemetry.say)
         self.hooks.insert(2, self.mitigation)
+        self.hooks.insert(3, RecoveryOutcome(lambda e: self.telemetry.log.event(e)))
         self.gen: Generation | None = None
         self.last_commit_gen = 0
         self._last_gen_recorded = -1

@@ -116,8 +116,12 @@ class MemoryModel:
 
     def microbatch_bytes(self, start: int, end: int, mb: int) -> float:
         """Activation bytes one in-flight microbatch pins on a stage holding [start, end)."""
-        saved, out = self.activation_tables(mb)
-        return sum(saved[start:end]) + out[end - 1]
+        return self.saved_bytes(start, end, mb) + self.activation_tables(mb)[1][end - 1]
+
+    def saved_bytes(self, start: int, end: int, mb: int) -> float:
+        """Of those, what autograd saves for backward (what swapping can move; the output
+        buffer stays for the send)."""
+        return sum(self.activation_tables(mb)[0][start:end])
 
     def stage(self, start: int, end: int, mb: int, inflight: int) -> RankMemory:
         """Peak memory of a stage holding [start, end) with `inflight` microbatches alive."""
@@ -204,7 +208,8 @@ class SwapNeed:
     """What swapping costs a plan per step, and where."""
 
     budgets: dict[int, float]
-    """Activation bytes each swapping rank may keep resident (capacity - static)."""
+    """Saved-activation bytes each swapping rank may keep resident (capacity - static -
+    its output buffers in flight): the budget Chameleon is given on that rank."""
     copied_bytes: dict[int, float]
     """Bytes each swapping rank copies per step (out and back)."""
     exposed_s: float
@@ -214,41 +219,70 @@ class SwapNeed:
 def swap_need(plan: Plan, model: MemoryModel, capacity_bytes: float,
               pricing: SwapPricing) -> SwapNeed | None:
     """The swap that fits `plan` under `capacity_bytes`, or None when even swapping every
-    activation but the microbatch being computed cannot (static + one microbatch over).
+    saved activation but one layer's cannot (`swap_floor` over the capacity).
 
-    Model: a rank over budget keeps `budget = capacity - static` activation bytes
-    resident, so a fraction `f = 1 - budget / activations-at-peak` of every microbatch's
-    activations goes to host and back: `2 f` x (activation bytes it produces per step)
-    cross the host link at `host_Bps`, hidden under `overlap` x its compute time per step
-    (forward + backward of its microbatches, from the profile); the rest is exposed. The
-    step grows by the largest exposed time (a stalled rank stalls its pipeline, and the
-    all-reduce waits for it)."""
+    Model: only what autograd saves can move (the stage output buffers stay for their
+    sends), so a rank over budget keeps `budget = capacity - static - outputs in flight`
+    saved bytes resident, and a fraction `f = 1 - budget / saved-at-peak` of every
+    microbatch's saved bytes goes to host and back: `2 f` x (saved bytes it produces per
+    step) cross the host link at `host_Bps`, hidden under `overlap` x its compute time
+    per step (forward + backward of its microbatches, from the profile); the rest is
+    exposed. The step grows by the largest exposed time (a stalled rank stalls its
+    pipeline, and the all-reduce waits for it)."""
     mem = plan_memory(plan, model)
-    mb = plan.microbatch_size
-    fwd, bwd = model.profile.column("forward_s", mb), model.profile.column("backward_s", mb)
-    produced: dict[int, float] = {}
-    compute: dict[int, float] = {}
-    largest: dict[int, float] = {}
-    for pipe in plan.pipelines:
-        for st in pipe.stages:
-            a = model.microbatch_bytes(st.start, st.end, mb)
-            n = len(pipe.microbatches)
-            produced[st.rank] = produced.get(st.rank, 0.0) + n * a
-            compute[st.rank] = compute.get(st.rank, 0.0) + n * (
-                sum(fwd[st.start:st.end]) + sum(bwd[st.start:st.end]))
-            largest[st.rank] = max(largest.get(st.rank, 0.0), a)
+    terms = _swap_terms(plan, model)
     budgets, copied, exposed = {}, {}, 0.0
     for r, m in mem.items():
         if m.total <= capacity_bytes:
             continue
-        budget = capacity_bytes - m.static
-        if budget < largest[r]:
+        t = terms[r]
+        budget = capacity_bytes - m.static - (m.activations - t.saved_peak)
+        if budget < t.largest or t.saved_peak <= 0:
             return None
-        frac = 1.0 - budget / m.activations
-        copied[r] = 2.0 * frac * produced[r]
+        frac = 1.0 - budget / t.saved_peak
+        copied[r] = 2.0 * frac * t.produced
         budgets[r] = budget
-        exposed = max(exposed, copied[r] / pricing.host_Bps - pricing.overlap * compute[r])
+        exposed = max(exposed, copied[r] / pricing.host_Bps - pricing.overlap * t.compute_s)
     return SwapNeed(budgets, copied, max(0.0, exposed))
+
+
+def swap_floor(plan: Plan, model: MemoryModel) -> float:
+    """The least per-rank capacity `plan` fits in with swapping: static memory, output
+    buffers in flight and one layer's saved bytes of one microbatch (Chameleon swaps
+    within a microbatch, layer by layer), on the fullest rank."""
+    mem = plan_memory(plan, model)
+    terms = _swap_terms(plan, model)
+    return max((m.static + m.activations - terms[r].saved_peak + terms[r].largest
+                for r, m in mem.items()), default=0.0)
+
+
+@dataclass
+class _RankSwapTerms:
+    produced: float = 0.0
+    """Saved bytes the rank produces per step (all its microbatches)."""
+    saved_peak: float = 0.0
+    """Saved bytes alive at its peak (microbatches in flight)."""
+    compute_s: float = 0.0
+    """Its forward + backward time per step."""
+    largest: float = 0.0
+    """One layer's saved bytes of one microbatch (its largest layer)."""
+
+
+def _swap_terms(plan: Plan, model: MemoryModel) -> dict[int, _RankSwapTerms]:
+    mb = plan.microbatch_size
+    fwd, bwd = model.profile.column("forward_s", mb), model.profile.column("backward_s", mb)
+    per_layer = model.activation_tables(mb)[0]
+    out: dict[int, _RankSwapTerms] = {}
+    for pipe in plan.pipelines:
+        p, n = len(pipe.stages), len(pipe.microbatches)
+        for s, st in enumerate(pipe.stages):
+            a = model.saved_bytes(st.start, st.end, mb)
+            t = out.setdefault(st.rank, _RankSwapTerms())
+            t.produced += n * a
+            t.saved_peak += inflight_microbatches(plan.schedule, p, s, n) * a
+            t.compute_s += n * (sum(fwd[st.start:st.end]) + sum(bwd[st.start:st.end]))
+            t.largest = max(t.largest, *per_layer[st.start:st.end])
+    return out
 
 
 def _prefix(values: list[float]) -> list[float]:

@@ -28,7 +28,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from planner.memory import MemoryModel, PeakMemory, SwapNeed, SwapPricing, peak_memory, swap_need
+from planner.memory import (
+    MemoryModel,
+    PeakMemory,
+    SwapNeed,
+    SwapPricing,
+    peak_memory,
+    swap_floor,
+    swap_need,
+)
 from planner.placement import (
     PredictLength,
     RecoveryContext,
@@ -69,11 +77,20 @@ class RecoveryConfig:
     memory_aware: bool = True
     """Drop candidates whose predicted peak exceeds the capacity (off: they only carry
     fits=false and may still be chosen, as before memory was checked)."""
+    swap_to_fit: bool = True
+    """With `memory_aware`: price a candidate over the capacity with swapping its saved
+    activations to host memory (`planner.memory.swap_need`, at the copy bandwidth
+    Chameleon measures on the leader) and keep it when that fits; the ranks that need it
+    run Chameleon at the computed budget while that plan runs."""
+    swap_overlap: float = 1.0
+    """Fraction of a rank's compute time Chameleon's copies hide under, in that price."""
 
     def __post_init__(self) -> None:
         if self.device_memory not in ("", "off"):
             _size("device_memory", self.device_memory)
         _size("memory_reserve", self.memory_reserve)
+        if not 0.0 <= self.swap_overlap <= 1.0:
+            raise ValueError(f"swap_overlap must be within [0, 1], got {self.swap_overlap}")
 
     def capacity_bytes(self, device_total: float | None = None) -> float:
         """Per-rank capacity candidates are checked against (inf: unchecked);
@@ -113,7 +130,10 @@ class RecoveryCandidate:
     swap_s: float = 0.0
     """Step time swapping adds (in `predicted_step_s`; 0: no swapping)."""
     swap_budgets: dict[int, float] = field(default_factory=dict)
-    """Resident activation bytes of each rank that must swap to fit (empty: none)."""
+    """Saved-activation bytes each rank that must swap to fit may keep resident: its
+    Chameleon budget while this plan runs (empty: none swaps)."""
+    floor_bytes: float = 0.0
+    """Least per-rank capacity it fits in with swapping (0: swapping not priced)."""
 
     def row(self) -> dict:
         return {"kind": self.kind, "predicted_transition_s": self.predicted_transition_s,
@@ -124,7 +144,7 @@ class RecoveryCandidate:
                 "pipelines": [len(p.stages) for p in self.plan.pipelines],
                 "peak_bytes": self.peak_bytes, "peak_rank": self.peak_rank,
                 "fits": self.fits, "swap_s": self.swap_s,
-                "swap_ranks": len(self.swap_budgets)}
+                "swap_ranks": len(self.swap_budgets), "floor_bytes": self.floor_bytes}
 
     def to_dict(self) -> dict:
         d = self.row()
@@ -144,7 +164,8 @@ class RecoveryCandidate:
                    predicted_step_s=d["predicted_step_s"], score=d["score"], note=d["note"],
                    peak_bytes=d.get("peak_bytes", 0.0), peak_rank=d.get("peak_rank", -1),
                    fits=d.get("fits", True), swap_s=d.get("swap_s", 0.0),
-                   swap_budgets={int(r): b for r, b in d.get("swap_budgets", {}).items()})
+                   swap_budgets={int(r): b for r, b in d.get("swap_budgets", {}).items()},
+                   floor_bytes=d.get("floor_bytes", 0.0))
 
 
 # ---- candidate builders -------------------------------------------------------------
@@ -280,15 +301,18 @@ def check_memory(cands: list[RecoveryCandidate], dropped: dict[str, str],
     [pipeline lengths]" (others of the kind fit). When none fits, all are kept and
     `dropped["memory"]` says so: the choice then runs over budget, which the event shows,
     rather than the job stopping on a prediction."""
-    peaks: dict[int, tuple[PeakMemory, SwapNeed | None]] = {}  # restart shares plans
+    peaks: dict[int, tuple[PeakMemory, SwapNeed | None, float]] = {}  # restart shares
     for c in cands:
-        pk, need = peaks.get(id(c.plan), (None, None))
+        pk, need, floor = peaks.get(id(c.plan), (None, None, 0.0))
         if pk is None:
             pk = peak_memory(c.plan, memory)
-            if swap is not None and not pk.fits(capacity_bytes):
-                need = swap_need(c.plan, memory, capacity_bytes, swap)
-            peaks[id(c.plan)] = (pk, need)
+            if swap is not None:
+                floor = swap_floor(c.plan, memory)
+                if not pk.fits(capacity_bytes):
+                    need = swap_need(c.plan, memory, capacity_bytes, swap)
+            peaks[id(c.plan)] = (pk, need, floor)
         c.peak_bytes, c.peak_rank, c.fits = pk.max_bytes, pk.rank, pk.fits(capacity_bytes)
+        c.floor_bytes = floor
         if need is not None:
             c.swap_s, c.swap_budgets = need.exposed_s, dict(need.budgets)
     unfit = [c for c in cands if not c.fits and not c.swap_budgets]
@@ -308,7 +332,8 @@ def check_memory(cands: list[RecoveryCandidate], dropped: dict[str, str],
             f"{c.kind} {[len(p.stages) for p in c.plan.pipelines]}")
         dropped.setdefault(key, f"peak {format_size(c.peak_bytes)} on rank {c.peak_rank} "
                                 f"> device memory {cap}"
-                                + (", even with swapping" if swap is not None else ""))
+                                + (f", even with swapping (needs {format_size(c.floor_bytes)})"
+                                   if swap is not None else ""))
     return kept
 
 

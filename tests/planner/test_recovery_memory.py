@@ -146,12 +146,17 @@ def test_leader_screen_above_exact_upto_builds_few_plans_and_skips_unfit_counts(
 def test_swap_prices_a_plan_that_fits_only_by_swapping():
     adopted = redundant(ctx([1])).plan  # rank 0 holds layers 0..3 for 4 microbatches
     mem = plan_memory(adopted, MEM)[0]
-    one_mb = MEM.microbatch_bytes(0, 4, 2)
+    one_mb = MEM.saved_bytes(0, 4, 2)  # only what autograd saves can move
+    saved = 3 * one_mb  # first of 3 stages under 1F1B: 3 microbatches in flight
+    outs = mem.activations - saved  # their output buffers stay for the sends
+    assert outs == pytest.approx(3 * MEM.activation_tables(2)[1][3])
     slow = SwapPricing(host_Bps=1e3, overlap=0.5)  # slow enough to show through compute
-    assert swap_need(adopted, MEM, mem.static + one_mb - 1, slow) is None  # cannot fit
-    cap = mem.static + mem.activations / 2  # half the activations resident
+    floor = mem.static + outs + max(MEM.activation_tables(2)[0][0:4])  # one layer's stay
+    assert swap_need(adopted, MEM, floor - 1, slow) is None  # cannot fit
+    assert swap_need(adopted, MEM, floor, slow) is not None
+    cap = mem.static + outs + saved / 2  # half the saved bytes resident
     need = swap_need(adopted, MEM, cap, slow)
-    assert set(need.budgets) >= {0} and need.budgets[0] == pytest.approx(cap - mem.static)
+    assert set(need.budgets) >= {0} and need.budgets[0] == pytest.approx(saved / 2)
     produced = 4 * one_mb  # rank 0 computes the pipeline's 4 microbatches
     assert need.copied_bytes[0] == pytest.approx(2 * 0.5 * produced)
     compute = 4 * (4 * 10e-3 + 4 * 20e-3)
@@ -169,6 +174,6 @@ def test_swap_prices_a_plan_that_fits_only_by_swapping():
     assert back.swap_budgets == red.swap_budgets and back.swap_s == red.swap_s
     assert red.row()["swap_ranks"] == len(red.swap_budgets)
     # a capacity swapping cannot reach is dropped, saying so
-    tight = mem.static + one_mb - 1
+    tight = floor - 1
     _, dropped = build_candidates(c, predict, memory=MEM, capacity_bytes=tight, swap=slow)
     assert "even with swapping" in dropped["redundant"]
