@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from odyssey.calibration import EVENT_UPTO_RANKS  # noqa: E402
 from planner.cluster.predict import Predictor, layer_state_bytes  # noqa: E402
 from planner.cost import CostConfig, CostModel  # noqa: E402
+from planner.memory import SwapPricing  # noqa: E402
 from planner.plan import Plan  # noqa: E402
 from planner.recovery import (  # noqa: E402
     RecoveryConfig,
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recovery-worlds", default="32,1024")
     ap.add_argument("--recovery-predictors", default="leader,cluster",
                     help="leader (the live leader's predictor) and/or cluster")
+    ap.add_argument("--swap-GBps", type=float, default=12.0,
+                    help="price swapping for candidates over the capacity at this host "
+                         "bandwidth, as the live leader does with a finite capacity "
+                         "(0: no swap pricing)")
     args = ap.parse_args(argv)
 
     mbs = tuple(int(x) for x in args.microbatch_sizes.split(","))
@@ -130,8 +135,10 @@ def recovery_speed(args: argparse.Namespace, prof, rows: list) -> bool:
     """One recovery decision per world and predictor (see the module docstring)."""
     cost = CostModel(prof, CostConfig(ranks_per_node=args.ranks_per_node))
     capacity = args.memory_gb * GiB
+    swap = f"swap priced at {args.swap_GBps:g} GB/s" if args.swap_GBps > 0 else "no swap"
     print(f"\nrecovery decision: one rank lost from dp x 8 stages, 4 x dp microbatches, "
-          f"capacity {format_size(capacity)}; load average {os.getloadavg()[0]:.1f}")
+          f"capacity {format_size(capacity)}, {swap}; load average "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"{'ranks':>6} {'predictor':>9} {'cands':>5} {'dropped':>7} {'build s':>8} "
           f"{'score s':>8} {'median s':>9} {'cpu s':>6} {'target':>7} {'ok':>3}  chosen")
     ok_all = True
@@ -149,8 +156,10 @@ def recovery_speed(args: argparse.Namespace, prof, rows: list) -> bool:
                     pr = Predictor(cost, "closed-form", 1.0, capacity)
                     predict, by_len = pr, pr.by_length
                 t0, c0 = time.perf_counter(), time.process_time()
-                cands, dropped = build_candidates(ctx, predict, predict_len=by_len,
-                                                  memory=cost.memory, capacity_bytes=capacity)
+                cands, dropped = build_candidates(
+                    ctx, predict, predict_len=by_len, memory=cost.memory,
+                    capacity_bytes=capacity,
+                    swap=SwapPricing(args.swap_GBps * 1e9) if args.swap_GBps > 0 else None)
                 build.append(time.perf_counter() - t0)
                 score(cands, ctx, RecoveryConfig(), predict)
                 chosen = choose(cands, RecoveryConfig())

@@ -9,8 +9,8 @@ Engine integration: `SwapManager(model, SwapConfig(...))` and `step_context()` /
 
 from chameleon.config import SwapConfig
 from chameleon.manager import StepReport, SwapManager, is_oom, manager_for, swap
-from chameleon.policy import Action, BudgetError, Policy, PolicyConfig, generate_policy
 from chameleon.residency import copy_bandwidth
+from planner.swap_policy import Action, BudgetError, Policy, PolicyConfig, generate_policy
 from profiler.units import format_size, parse_size
 
 __all__ = [

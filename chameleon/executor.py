@@ -19,10 +19,10 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from chameleon.config import SwapConfig
-from chameleon.policy import Policy
 from chameleon.recompute import recompute, saved_input
 from chameleon.residency import Entry, Residency, StepStats
-from chameleon.simulate import KEEP, RECOMPUTE, SWAP
+from planner.swap_policy import Policy
+from planner.swap_timeline import KEEP, RECOMPUTE, SWAP
 from profiler.op_monitor import OpMonitor, recompute_op
 
 __all__ = ["Executor", "StepStats"]

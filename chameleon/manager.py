@@ -23,7 +23,7 @@ from torch import nn
 
 from chameleon.config import SwapConfig
 from chameleon.executor import Executor, StepStats
-from chameleon.policy import BudgetError, Policy, PolicyConfig, generate_policy
+from planner.swap_policy import BudgetError, Policy, PolicyConfig, generate_policy
 from profiler.op_monitor import OpMonitor, StageId, StageTracker, StepProfile, param_storages
 
 

@@ -27,7 +27,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from chameleon.config import SwapConfig
 from chameleon.host import Block, HostArena
 from chameleon.lanes import BandwidthMeter, Ticket, make_lanes
-from chameleon.simulate import KEEP, SWAP
+from planner.swap_timeline import KEEP, SWAP
 from profiler.op_monitor import OpMonitor, StageId
 from profiler.units import parse_size
 

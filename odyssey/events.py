@@ -103,6 +103,9 @@ def recovery_event(store: dist.Store, generation: int, decision: RecoveryDecisio
         "lost_steps": chosen.lost_steps,
         "moved_bytes": sum(t.nbytes for t in chosen.transfers),
         "predicted_transition_s": chosen.predicted_transition_s,
+        # what the prediction covers, measured: groups rebuilt and state moved (or loaded)
+        "measured_transition_s": phases["rebuild"] + phases["migrate"],
+        "transfer_rounds": len({t.round for t in chosen.transfers}),
         "predicted_step_s": chosen.predicted_step_s,
         "mttr_s": started - t_fault,
         "phases": phases,

@@ -62,6 +62,11 @@ def summarize(report: dict) -> str:
                      f"step {e['step']}" + (f" ({e['phase']})" if e.get("phase") else "")
                      + f" -> {e['chosen']} (policy {e['policy']}), MTTR "
                      f"{e['mttr_s'] * 1e3:.0f} ms [{ph} ms]")
+        if "measured_transition_s" in e:
+            lines.append(f"               transition predicted "
+                         f"{e['predicted_transition_s'] * 1e3:.0f} ms "
+                         f"({e['transfer_rounds']} transfer rounds), measured "
+                         f"{e['measured_transition_s'] * 1e3:.0f} ms (rebuild + migrate)")
         for c in e["candidates"][:6]:
             lines.append(f"                 {c['kind']:>14}: transition "
                          f"{c['predicted_transition_s'] * 1e3:7.1f} ms, step "

@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.plan import Plan
+from planner.program import Instruction, Op, stage_compute_order
+from planner.swap_pricing import RankSwap, floor_bytes, price, rank_step
 from profiler.profile import Profile
+from profiler.step_profile import StepProfile
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class MemoryModel:
         self._params = _prefix([lp.param_bytes for lp in profile.layers])
         self._count = _prefix([lp.param_count for lp in profile.layers])
         self._act: dict[int, tuple[list[float], list[float]]] = {}
+        self.swap_cache: dict[tuple, object] = {}
+        """Chameleon steps, floors and prices by step shape (`RankSteps`), shared by every
+        plan priced with this model: shapes recur across candidates and recoveries."""
 
     def static_layer_bytes(self) -> list[float]:
         """Parameters + gradients + optimizer state per layer."""
@@ -197,10 +203,11 @@ class SwapPricing:
 
     host_Bps: float = 12e9
     """Device<->host copy bandwidth of one rank (PCIe 4 x16: ~25 GB/s peak, ~12 GB/s
-    sustained per direction)."""
+    sustained per direction); the live leader measures it (Chameleon's calibration)."""
     overlap: float = 1.0
-    """Fraction of a rank's compute time its copies can hide under (Chameleon prefetches
-    on copy lanes beside compute); what does not fit under it stalls the rank."""
+    """Fraction of the copy time Chameleon's timeline hides under compute that really
+    hides (copy lanes run beside compute; below 1 for copies that slow compute down,
+    0: every copy second is exposed)."""
 
 
 @dataclass(frozen=True)
@@ -213,75 +220,123 @@ class SwapNeed:
     copied_bytes: dict[int, float]
     """Bytes each swapping rank copies per step (out and back)."""
     exposed_s: float
-    """Step time added: the largest per-rank copy time not hidden under compute."""
+    """Step time added: the largest per-rank stall Chameleon's timeline predicts (plus
+    what `SwapPricing.overlap` < 1 exposes of its hidden copy time)."""
 
 
 def swap_need(plan: Plan, model: MemoryModel, capacity_bytes: float,
-              pricing: SwapPricing) -> SwapNeed | None:
+              pricing: SwapPricing, steps: RankSteps | None = None) -> SwapNeed | None:
     """The swap that fits `plan` under `capacity_bytes`, or None when even swapping every
-    saved activation but one layer's cannot (`swap_floor` over the capacity).
+    saved activation Chameleon can cannot (`swap_floor` over the capacity).
 
-    Model: only what autograd saves can move (the stage output buffers stay for their
-    sends), so a rank over budget keeps `budget = capacity - static - outputs in flight`
-    saved bytes resident, and a fraction `f = 1 - budget / saved-at-peak` of every
-    microbatch's saved bytes goes to host and back: `2 f` x (saved bytes it produces per
-    step) cross the host link at `host_Bps`, hidden under `overlap` x its compute time
-    per step (forward + backward of its microbatches, from the profile); the rest is
-    exposed. The step grows by the largest exposed time (a stalled rank stalls its
-    pipeline, and the all-reduce waits for it)."""
+    Only what autograd saves can move (the stage output buffers stay for their sends), so
+    a rank over budget keeps `budget = capacity - static - outputs in flight` saved bytes
+    resident; Chameleon's own policy and timeline over that rank's step
+    (`planner.swap_pricing`) say what it copies and how long the rank stalls. The step
+    grows by the largest stall (a stalled rank stalls its pipeline, and the all-reduce
+    waits for it). `steps`: the plan's `RankSteps`, when the caller has them."""
     mem = plan_memory(plan, model)
-    terms = _swap_terms(plan, model)
+    over = [r for r, m in mem.items() if m.total > capacity_bytes]
+    if not over:
+        return SwapNeed({}, {}, 0.0)
+    steps = steps or RankSteps(plan, model)
     budgets, copied, exposed = {}, {}, 0.0
-    for r, m in mem.items():
-        if m.total <= capacity_bytes:
-            continue
-        t = terms[r]
-        budget = capacity_bytes - m.static - (m.activations - t.saved_peak)
-        if budget < t.largest or t.saved_peak <= 0:
+    for r in over:
+        m = mem[r]
+        budget = capacity_bytes - m.static - (m.activations - steps.saved_peak(r))
+        if budget < steps.floor(r):
             return None
-        frac = 1.0 - budget / t.saved_peak
-        copied[r] = 2.0 * frac * t.produced
-        budgets[r] = budget
-        exposed = max(exposed, copied[r] / pricing.host_Bps - pricing.overlap * t.compute_s)
-    return SwapNeed(budgets, copied, max(0.0, exposed))
+        priced = steps.price(r, budget, pricing.host_Bps)
+        budgets[r], copied[r] = budget, priced.copied_bytes
+        exposed = max(exposed, priced.exposed_s(pricing.overlap))
+    return SwapNeed(budgets, copied, exposed)
 
 
-def swap_floor(plan: Plan, model: MemoryModel) -> float:
-    """The least per-rank capacity `plan` fits in with swapping: static memory, output
-    buffers in flight and one layer's saved bytes of one microbatch (Chameleon swaps
-    within a microbatch, layer by layer), on the fullest rank."""
+def swap_floor(plan: Plan, model: MemoryModel, steps: RankSteps | None = None) -> float:
+    """The least per-rank capacity `plan` fits in with swapping, on the fullest rank:
+    static memory, output buffers in flight and Chameleon's minimum budget for the
+    rank's step (`RankSteps.floor`: it swaps within a microbatch, layer by layer)."""
     mem = plan_memory(plan, model)
-    terms = _swap_terms(plan, model)
-    return max((m.static + m.activations - terms[r].saved_peak + terms[r].largest
-                for r, m in mem.items()), default=0.0)
+    steps = steps or RankSteps(plan, model)
+    return max((min(m.total, m.static + m.activations - steps.saved_peak(r) + steps.floor(r))
+                for r, m in mem.items()), default=0.0)  # a rank that fits needs no swapping
 
 
-@dataclass
-class _RankSwapTerms:
-    produced: float = 0.0
-    """Saved bytes the rank produces per step (all its microbatches)."""
-    saved_peak: float = 0.0
-    """Saved bytes alive at its peak (microbatches in flight)."""
-    compute_s: float = 0.0
-    """Its forward + backward time per step."""
-    largest: float = 0.0
-    """One layer's saved bytes of one microbatch (its largest layer)."""
+class RankSteps:
+    """Each rank's step of one plan as Chameleon's timeline sees it
+    (`planner.swap_pricing.rank_step`), built lazily, once per distinct step shape.
+
+    A rank serving one pipeline runs its stage's schedule. A rank serving several (a
+    rerouted shared stage) is given its pipelines' stage schedules interleaved op by op:
+    close to the list-scheduled order the runtime follows, without simulating the whole
+    plan for every candidate (`planner.schedule.list_schedule` is the costly part of a
+    reroute candidate at scale)."""
+
+    def __init__(self, plan: Plan, model: MemoryModel):
+        mb = plan.microbatch_size
+        self.plan, self.model = plan, model
+        self.saved = model.activation_tables(mb)[0]
+        self.fwd = model.profile.column("forward_s", mb)
+        self.bwd = model.profile.column("backward_s", mb)
+        self._cache = model.swap_cache
+        self._where: dict[int, list[tuple[int, int]]] = {}  # rank -> [(pipeline, stage)]
+        self._inflight: dict[int, float] = {}
+        for pi, pipe in enumerate(plan.pipelines):
+            p, n = len(pipe.stages), len(pipe.microbatches)
+            for s, st in enumerate(pipe.stages):
+                r = st.rank
+                k = inflight_microbatches(plan.schedule, p, s, n)
+                self._where.setdefault(r, []).append((pi, s))
+                self._inflight[r] = self._inflight.get(r, 0.0) + k * model.saved_bytes(
+                    st.start, st.end, mb)
+
+    def saved_peak(self, rank: int) -> float:
+        """Saved bytes alive at the rank's peak by the schedule formula."""
+        return self._inflight.get(rank, 0.0)
+
+    def step(self, rank: int) -> tuple[tuple, StepProfile]:
+        """(shape key, the rank's step)."""
+        plan = self.plan
+        parts = []
+        for pi, s in self._where.get(rank, []):
+            pipe = plan.pipelines[pi]
+            st = pipe.stages[s]
+            parts.append((s, len(pipe.stages), len(pipe.microbatches), st.start, st.end))
+        key = ("step", plan.microbatch_size, plan.schedule, *parts)
+        step = self._cache.get(key)
+        if step is None:
+            orders = [stage_compute_order(plan.pipelines[pi].stages, s,
+                                          plan.pipelines[pi].microbatches, plan.schedule)
+                      for pi, s in self._where.get(rank, [])]
+            step = self._cache[key] = rank_step(_interleave(orders), self.saved, self.fwd,
+                                                self.bwd)
+        return key, step
+
+    def floor(self, rank: int) -> float:
+        """Chameleon's minimum budget for the rank's step (`minimum_budget`, what its
+        `BudgetError.minimum` reports): every record swapped, fetched just in time."""
+        key, step = self.step(rank)
+        fk = ("floor", key)
+        if fk not in self._cache:
+            self._cache[fk] = floor_bytes(step)
+        return self._cache[fk]
+
+    def price(self, rank: int, budget: float, host_Bps: float) -> RankSwap:
+        key, step = self.step(rank)
+        pk = ("price", key, int(budget), host_Bps)
+        if pk not in self._cache:
+            self._cache[pk] = price(step, budget, host_Bps)
+        return self._cache[pk]
 
 
-def _swap_terms(plan: Plan, model: MemoryModel) -> dict[int, _RankSwapTerms]:
-    mb = plan.microbatch_size
-    fwd, bwd = model.profile.column("forward_s", mb), model.profile.column("backward_s", mb)
-    per_layer = model.activation_tables(mb)[0]
-    out: dict[int, _RankSwapTerms] = {}
-    for pipe in plan.pipelines:
-        p, n = len(pipe.stages), len(pipe.microbatches)
-        for s, st in enumerate(pipe.stages):
-            a = model.saved_bytes(st.start, st.end, mb)
-            t = out.setdefault(st.rank, _RankSwapTerms())
-            t.produced += n * a
-            t.saved_peak += inflight_microbatches(plan.schedule, p, s, n) * a
-            t.compute_s += n * (sum(fwd[st.start:st.end]) + sum(bwd[st.start:st.end]))
-            t.largest = max(t.largest, *per_layer[st.start:st.end])
+def _interleave(orders: list[list[Instruction]]) -> list[Instruction]:
+    """Compute ops of several stage schedules, one from each in turn."""
+    if len(orders) == 1:
+        return orders[0]
+    ops = [[i for i in o if i.op in (Op.FORWARD, Op.BACKWARD)] for o in orders]
+    out: list[Instruction] = []
+    for k in range(max(map(len, ops), default=0)):
+        out += [o[k] for o in ops if k < len(o)]
     return out
 
 

@@ -153,7 +153,10 @@ def _backward_ops(stages: list[Stage], s: int, mb: int) -> list[Instruction]:
     return ops
 
 
-def _stage_schedule(stages: list[Stage], s: int, mbs: list[int], schedule: str):
+def stage_compute_order(stages: list[Stage], s: int, mbs: list[int], schedule: str
+                        ) -> list[Instruction]:
+    """Stage `s` of a pipeline's forwards and backwards (with their sends and receives) in
+    the order `schedule` runs them, when the rank serves that pipeline only."""
     if schedule == "gpipe":
         ops = []
         for m in mbs:
@@ -173,6 +176,27 @@ def _stage_schedule(stages: list[Stage], s: int, mbs: list[int], schedule: str):
     for i in range(n - warmup, n):
         ops += _backward_ops(stages, s, mbs[i])
     return ops
+
+
+def compute_orders(plan: Plan) -> dict[int, list[Instruction]]:
+    """Each rank's forwards and backwards (with their sends and receives) for one step, in
+    the order it runs them: the schedule's formula, or for shared stages a feasible
+    interleaving found by `planner.schedule.list_schedule`."""
+    compute: dict[int, list[Instruction]] = {}
+    if plan.has_shared_stages:
+        pos = {(pi, r): si for pi, p in enumerate(plan.pipelines) for si, r in enumerate(p.ranks)}
+        for r, ops in list_schedule(plan).items():
+            compute[r] = []
+            for kind, pi, m in ops:
+                stages = plan.pipelines[pi].stages
+                expand = _forward_ops if kind == "F" else _backward_ops
+                compute[r] += expand(stages, pos[(pi, r)], m)
+    else:
+        for pipe in plan.pipelines:
+            for s, st in enumerate(pipe.stages):
+                compute[st.rank] = stage_compute_order(pipe.stages, s, pipe.microbatches,
+                                                       plan.schedule)
+    return compute
 
 
 def tied_groups(plan: Plan, tied: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
@@ -196,21 +220,7 @@ def compile_plan(plan: Plan, tied: Sequence[Sequence[int]] = ()) -> Program:
     plan.validate()
     program = Program(plan)
     groups = plan.layer_groups()
-    compute: dict[int, list[Instruction]] = {}
-    if plan.has_shared_stages:
-        pos = {(pi, r): si for pi, p in enumerate(plan.pipelines) for si, r in enumerate(p.ranks)}
-        for r, ops in list_schedule(plan).items():
-            compute[r] = []
-            for kind, pi, m in ops:
-                stages = plan.pipelines[pi].stages
-                expand = _forward_ops if kind == "F" else _backward_ops
-                compute[r] += expand(stages, pos[(pi, r)], m)
-    else:
-        for pipe in plan.pipelines:
-            for s, st in enumerate(pipe.stages):
-                compute[st.rank] = _stage_schedule(pipe.stages, s, pipe.microbatches,
-                                                   plan.schedule)
-    for r, ops in compute.items():
+    for r, ops in compute_orders(plan).items():
         st = plan.stage(r)
         for (a, b), members in sorted(groups, key=lambda g: -g[0][0]):
             if r in members and len(members) > 1:

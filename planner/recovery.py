@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from planner.memory import (
     MemoryModel,
     PeakMemory,
+    RankSteps,
     SwapNeed,
     SwapPricing,
     peak_memory,
@@ -307,9 +308,10 @@ def check_memory(cands: list[RecoveryCandidate], dropped: dict[str, str],
         if pk is None:
             pk = peak_memory(c.plan, memory)
             if swap is not None:
-                floor = swap_floor(c.plan, memory)
+                steps = RankSteps(c.plan, memory)
+                floor = swap_floor(c.plan, memory, steps)
                 if not pk.fits(capacity_bytes):
-                    need = swap_need(c.plan, memory, capacity_bytes, swap)
+                    need = swap_need(c.plan, memory, capacity_bytes, swap, steps)
             peaks[id(c.plan)] = (pk, need, floor)
         c.peak_bytes, c.peak_rank, c.fits = pk.max_bytes, pk.rank, pk.fits(capacity_bytes)
         c.floor_bytes = floor

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from chameleon import BudgetError, PolicyConfig, format_size, generate_policy, parse_size
-from chameleon.policy import minimum_budget, schedule_prefetch
 from chameleon.reference_models import TinyConfig, TinyGPT, batch
-from chameleon.simulate import KEEP, SWAP, simulate
+from planner.swap_policy import minimum_budget, schedule_prefetch
+from planner.swap_timeline import KEEP, SWAP, simulate
 from profiler.op_monitor import OpMonitor, SavedRecord, StepProfile, TensorKey
 
 torch.set_num_threads(1)

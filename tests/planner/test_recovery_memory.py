@@ -8,8 +8,16 @@ from odyssey.emulate import EmulationConfig
 from planner import Plan
 from planner.cost import CostModel
 from planner.decision import RecoveryDecision
-from planner.memory import SwapPricing, peak_memory, plan_memory, swap_need
+from planner.memory import (
+    RankSteps,
+    SwapPricing,
+    peak_memory,
+    plan_memory,
+    swap_floor,
+    swap_need,
+)
 from planner.placement import fresh_plan, fresh_plans
+from planner.program import compute_orders
 from planner.recovery import (
     RecoveryConfig,
     RecoveryContext,
@@ -20,6 +28,8 @@ from planner.recovery import (
     score,
 )
 from planner.simulate import simulate_plan
+from planner.swap_policy import generate_policy, minimum_budget
+from planner.swap_pricing import PRICING_POLICY, rank_step
 from profiler.synthetic import emulated_profile
 
 COST = CostModel(emulated_profile(EmulationConfig(num_layers=8, forward_ms=10,
@@ -158,10 +168,22 @@ def test_swap_prices_a_plan_that_fits_only_by_swapping():
     need = swap_need(adopted, MEM, cap, slow)
     assert set(need.budgets) >= {0} and need.budgets[0] == pytest.approx(saved / 2)
     produced = 4 * one_mb  # rank 0 computes the pipeline's 4 microbatches
-    assert need.copied_bytes[0] == pytest.approx(2 * 0.5 * produced)
+    # Chameleon's policy moves at least the excess out and back, at most all it produces
+    assert 2 * (saved - need.budgets[0]) <= need.copied_bytes[0] <= 2 * produced
     compute = 4 * (4 * 10e-3 + 4 * 20e-3)
-    assert need.exposed_s >= need.copied_bytes[0] / 1e3 - 0.5 * compute - 1e-12
-    assert swap_need(adopted, MEM, cap, SwapPricing(host_Bps=1e12)).exposed_s == 0.0
+    # two copy lanes at 1 kB/s beside the compute: the stall is at least the rest
+    assert need.exposed_s >= need.copied_bytes[0] / 2 / 1e3 - compute - 1e-12
+    assert swap_need(adopted, MEM, cap, SwapPricing(host_Bps=1e12)).exposed_s < 1e-6
+    # the price is the timeline Chameleon follows: its policy at that budget, simulated;
+    # overlap 0.5 exposes half of the copy time it hid
+    step = rank_step(compute_orders(adopted)[0], MEM.activation_tables(2)[0],
+                     [10e-3] * 8, [20e-3] * 8)
+    pol = generate_policy(step, int(need.budgets[0]), 1e3, 1e3, PRICING_POLICY).predicted
+    hidden = max(pol.out_bytes, pol.in_bytes) / 1e3 - pol.stall_s
+    assert need.copied_bytes[0] == pol.out_bytes + pol.in_bytes
+    assert need.exposed_s >= pol.stall_s + 0.5 * hidden - 1e-12  # the worst rank's
+    fast = generate_policy(step, int(need.budgets[0]), 1e12, 1e12, PRICING_POLICY)
+    assert fast.predicted.peak_bytes <= need.budgets[0]  # copies keep up: within budget
     # a candidate: kept with its swap, priced in its step time, and the budgets travel
     c = ctx([1])
     cands, dropped = build_candidates(c, predict, memory=MEM, capacity_bytes=cap, swap=slow)
@@ -177,3 +199,20 @@ def test_swap_prices_a_plan_that_fits_only_by_swapping():
     tight = floor - 1
     _, dropped = build_candidates(c, predict, memory=MEM, capacity_bytes=tight, swap=slow)
     assert "even with swapping" in dropped["redundant"]
+
+
+def test_the_swap_floor_is_where_chameleons_minimum_budget_makes_a_plan_infeasible():
+    c = ctx([1])
+    plans = [redundant(c).plan, reroute(c).plan, fresh_plan(c, [4, 3]),
+             Plan.uniform(8, 2, 4, 8, 2, schedule="gpipe")]
+    pricing = SwapPricing(host_Bps=1e9)
+    for plan in plans:
+        steps = RankSteps(plan, MEM)
+        for r in plan.ranks:
+            _, step = steps.step(r)
+            assert steps.floor(r) == minimum_budget(step, PRICING_POLICY)
+            assert steps.floor(r) >= max(rec.nbytes for rec in step.records)
+        floor = swap_floor(plan, MEM, steps)
+        assert swap_need(plan, MEM, floor - 1, pricing) is None, plan
+        need = swap_need(plan, MEM, floor, pricing)
+        assert need is not None and need.budgets, plan

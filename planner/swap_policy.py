@@ -15,8 +15,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field, replace
 
-from chameleon.simulate import KEEP, RECOMPUTE, SWAP, SimResult, need_times, simulate
-from profiler.op_monitor import StageId, StepProfile, TensorKey
+from planner.swap_timeline import KEEP, RECOMPUTE, SWAP, SimResult, need_times, simulate
+from profiler.step_profile import StageId, StepProfile, TensorKey
 from profiler.units import format_size
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from profiler.op_monitor import StageId, StepProfile
+from profiler.step_profile import StageId, StepProfile
 
 KEEP, SWAP, RECOMPUTE = "keep", "swap", "recompute"
 
