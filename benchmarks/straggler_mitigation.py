@@ -1,12 +1,15 @@
 """Straggler mitigation, side by side: one rank made 3x slower for good, with and without
-mitigation, and against every microbatch split chosen by hand.
+mitigation, and against every mitigation chosen by hand: each microbatch split, and the
+re-partitioned slow pipeline (rank 1 keeps one layer) with each split.
 
 Emulated compute (each layer sleeps its configured time), `odyssey run` with 8 worker
 processes, DP 2 x PP 4, 8 microbatches. Rank 1 (stage 1 of pipeline 0) computes
 `--factor` x slower from step 5 for good. Each run's steady-state throughput is the
 median step time of its last `--tail` steps (metrics.jsonl); the runs follow each other
 in one invocation and are repeated `--repeat` times interleaved, so load shifts hit all
-alike. Hand-picked runs start from a plan file with that split and mitigation off.
+alike. Hand-picked runs start from a plan file with that split (and layout) and
+mitigation off; the re-partitioned layout is the speed-weighted partition the planner
+would compute for rank 1 at `--factor` (`planner.mitigation.repartitioned`).
 
     python benchmarks/straggler_mitigation.py [--steps 40] [--out results/straggler.json]
 """
@@ -20,15 +23,32 @@ import sys
 import tempfile
 from pathlib import Path
 from statistics import median
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import launch, step_times  # noqa: E402
-from planner.mitigation import with_counts  # noqa: E402
+from planner.cost import CostModel  # noqa: E402
+from planner.mitigation import layouts_of, repartitioned, with_counts  # noqa: E402
 from planner.plan import Plan  # noqa: E402
+from profiler.synthetic import emulated_profile  # noqa: E402
+
+SLOW_RANK = 1
 
 
-def run(label: str, args, mitigate: bool, counts: list[int] | None) -> dict:
+def hand_plan(args, counts: list[int], split: bool) -> Plan:
+    """The uniform 2 x 4 plan with `counts` microbatches per pipeline; with `split`, the
+    slow pipeline re-partitioned for rank 1's factor."""
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    if split:
+        emu = SimpleNamespace(num_layers=8, forward_ms=args.forward_ms,
+                              backward_ms=2 * args.forward_ms, dim=16)
+        plan = repartitioned(plan, CostModel(emulated_profile(emu),
+                                             slowdown={SLOW_RANK: args.factor}))
+    return with_counts(plan, counts)
+
+
+def run(label: str, args, mitigate: bool, plan: Plan | None) -> dict:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d) / "run"
@@ -37,10 +57,10 @@ def run(label: str, args, mitigate: bool, counts: list[int] | None) -> dict:
                  "--emu-num-layers", "8", "--emu-forward-ms", str(args.forward_ms),
                  "--emu-backward-ms", str(2 * args.forward_ms),
                  "--straggler.mitigate" if mitigate else "--straggler.no-mitigate",
-                 "--inject", f"slow:rank=1,step=5,factor={args.factor:g}"]
-        if counts is not None:  # chosen by hand: this split from the start
+                 "--inject", f"slow:rank={SLOW_RANK},step=5,factor={args.factor:g}"]
+        if plan is not None:  # chosen by hand: this plan from the start
             plan_file = Path(d) / "plan.json"
-            plan_file.write_text(with_counts(Plan.uniform(8, 2, 4, 8, 1), counts).to_json())
+            plan_file.write_text(plan.to_json())
             flags += ["--plan-file", str(plan_file)]
         report = launch(8, run_dir, flags)
         tail = step_times(run_dir, args.steps - args.tail)
@@ -49,10 +69,13 @@ def run(label: str, args, mitigate: bool, counts: list[int] | None) -> dict:
     chosen = [e for e in events if e["kind"] == "mitigation" and e["chosen"] != "keep"]
     results = [e for e in events if e["kind"] == "mitigation_result"]
     step_s = median(tail)
-    return {"label": label, "mitigate": mitigate, "counts": counts, "loadavg_1m": load,
+    return {"label": label, "mitigate": mitigate,
+            "counts": [len(p.microbatches) for p in plan.pipelines] if plan else None,
+            "stages": layouts_of(plan) if plan else None, "loadavg_1m": load,
             "steady_step_s": step_s, "samples_per_s": 8 / step_s,
             "detected_at_step": found[0]["step"] if found else None,
             "mitigation": chosen[0]["note"] if chosen else None,
+            "mitigation_kind": chosen[0]["chosen"] if chosen else None,
             "predicted_step_s": results[0]["predicted_step_s"] if results else None,
             "measured_step_s": results[0]["measured_step_s"] if results else None,
             "lost": report["samples"]["lost"], "duplicated": report["samples"]["duplicated"],
@@ -70,13 +93,16 @@ def main() -> None:
     ap.add_argument("--out", default="", help="write the rows and summary as JSON here")
     args = ap.parse_args()
     plans = [("off", False, None), ("on", True, None)] + [
-        (f"hand {k}/{8 - k}", False, [k, 8 - k]) for k in range(1, 5)]
+        (f"hand {k}/{8 - k}", False, hand_plan(args, [k, 8 - k], False))
+        for k in range(1, 5)] + [
+        (f"hand split {k}/{8 - k}", False, hand_plan(args, [k, 8 - k], True))
+        for k in range(2, 5)]
     rows = []
     for _ in range(args.repeat):
-        for label, mitigate, counts in plans:
-            rows.append(run(label, args, mitigate, counts))
+        for label, mitigate, plan in plans:
+            rows.append(run(label, args, mitigate, plan))
             r = rows[-1]
-            print(f"{label:10} {r['samples_per_s']:7.1f} samples/s  step "
+            print(f"{label:15} {r['samples_per_s']:7.1f} samples/s  step "
                   f"{r['steady_step_s'] * 1e3:6.1f} ms  load {r['loadavg_1m']:.1f}  "
                   f"{r['mitigation'] or ''}", flush=True)
     by = {label: median(r["samples_per_s"] for r in rows if r["label"] == label)
@@ -86,7 +112,9 @@ def main() -> None:
     summary = {"samples_per_s": by, "on_over_off": by["on"] / by["off"],
                "on_over_best_hand": by["on"] / by[hand], "best_hand": hand,
                "detected_at_step": [r["detected_at_step"] for r in on],
+               "chosen": [r["mitigation_kind"] for r in on],
                "mitigation": [r["mitigation"] for r in on],
+               "split_stages": layouts_of(hand_plan(args, [4, 4], True)),
                "prediction_error": [r["measured_step_s"] / r["predicted_step_s"] - 1
                                     for r in on if r["predicted_step_s"]],
                "lost_or_duplicated": sum(r["lost"] + r["duplicated"] for r in rows),

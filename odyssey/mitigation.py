@@ -2,10 +2,13 @@
 
 When the straggler watch (odyssey/stragglers.py) finds a rank slow or clears one, the
 step-time model is told the slow ranks' factors (so every prediction, recoveries' too,
-covers them) and `planner.mitigation.plan_mitigation` chooses between keeping the plan
-and re-dealing microbatches. A switch goes through `Coordinator.request_replan`: an
-ordinary generation change with every member in, so the usual guarantees hold (same
-samples, same trajectory, replicas checked).
+covers them) and `planner.mitigation.plan_mitigation` chooses between keeping the plan,
+re-dealing microbatches and re-partitioning the slow pipeline's layers (with the
+microbatches re-dealt too or not). The plan before the first switch is kept as `home`:
+once nobody is slow, re-split pipelines take its layouts back. A switch goes through
+`Coordinator.request_replan`: an ordinary generation change with every member in, so the
+usual guarantees hold (same samples, same trajectory, replicas checked); layers that move
+migrate from their holders in that change like a recovery's.
 
 Events (events.jsonl, so the report lists them): ``mitigation`` at each decision (the
 stragglers, the chosen kind, predicted step times of keeping and of the choice, the
@@ -20,10 +23,12 @@ from collections.abc import Callable
 from statistics import median
 
 from odyssey.calibration import StepTimeModel
-from odyssey.coordinator import Coordinator
+from odyssey.coordinator import Coordinator, device_memory_bytes
 from odyssey.hooks import CommittedStep, Recovery, TrainerHook
+from planner.cost import CostModel
 from planner.mitigation import plan_mitigation
 from planner.placement import RecoveryContext
+from planner.plan import Plan
 from planner.recovery import RecoveryConfig
 from planner.straggler import StragglerConfig
 
@@ -44,6 +49,7 @@ class StragglerMitigation(TrainerHook):
         self._generation = -1
         self._pending: dict | None = None  # a switch whose measured step time is due
         self._recheck = False  # a recovery replaced the plan while stragglers are known
+        self._home: Plan | None = None  # the plan before mitigation, to go back to
 
     def stragglers_changed(self, c: CommittedStep, slow: dict[int, float]) -> None:
         """The watch's set of stragglers changed at committed step `c` (leader)."""
@@ -52,8 +58,11 @@ class StragglerMitigation(TrainerHook):
         if not self.cfg.mitigate:
             return
         ctx = RecoveryContext(c.plan, c.members, c.step, self.step_model.layer_bytes())
+        cost = CostModel(self.step_model.current_profile(), slowdown=slow)
+        capacity = self.recovery.capacity_bytes(device_memory_bytes(self.coord.engine.device))
         choice = plan_mitigation(ctx, self.step_model.predictor(), self.recovery,
-                                 self.cfg.min_gain)
+                                 self.cfg.min_gain, cost=cost, home=self._home,
+                                 memory_limit=capacity)
         keep = next(x for x in choice.candidates if x.kind == "keep")
         chosen = choice.chosen
         record = {"kind": "mitigation", "step": c.step, "generation": c.generation,
@@ -70,6 +79,10 @@ class StragglerMitigation(TrainerHook):
         self.say(f"mitigation: {what}; {chosen.kind} ({chosen.note}), predicted step "
                  f"{keep.predicted_step_s * 1e3:.0f} -> {chosen.predicted_step_s * 1e3:.0f} ms",
                  c.step, c.generation)
+        if not slow:
+            self._home = None  # on the way back
+        elif self._home is None:
+            self._home = c.plan
         self._pending = {"kind": "mitigation_result", "chosen": chosen.kind,
                          "decided_step": c.step,
                          "predicted_step_s": chosen.predicted_step_s}
@@ -79,6 +92,8 @@ class StragglerMitigation(TrainerHook):
         # a failure's recovery plan is chosen with the stragglers' factors but not around
         # them: once the new plan has run a few steps, mitigate again
         self._recheck = recovery.decision.policy != "mitigate"
+        if self._recheck:
+            self._home = None  # the failure's plan replaced the one mitigation started from
 
     def on_step_committed(self, c: CommittedStep) -> None:
         if not c.leader:

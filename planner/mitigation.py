@@ -11,6 +11,13 @@ Candidates are `RecoveryCandidate`s, scored over the horizon like recoveries
   pipeline with a slow stage trains fewer and the others more. No state moves, the
   global batch and its samples stay the same. With no slow rank left, the best
   rebalance is the even split: the way back to the failure-free plan.
+- repartition: inside each pipeline holding a slow rank, the layers re-split by
+  predicted time with that rank's factor (`planner.partition.Partitioner` weighted by
+  each stage's speed: contiguous stages, the slow one gets fewer layers); every other
+  pipeline keeps its stages, except that one re-split earlier and no longer slow goes
+  back to its layout in `home` (the plan before mitigation). Its layers move to their
+  new holders (`planner.placement.transfers`), a transition priced like a recovery's.
+- repartition+rebalance: that, with the microbatches re-dealt on top.
 
 A switch is taken only when it beats keeping the plan by `StragglerConfig.min_gain` in
 predicted step time and by score (its switch cost included): hysteresis, so noise in
@@ -20,12 +27,15 @@ simulator call the same functions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from planner.partition import assign_microbatches, split_microbatches
+from planner.cost import CostModel
+from planner.memory import inflight_microbatches
+from planner.partition import Partitioner, assign_microbatches, split_microbatches
 from planner.placement import RecoveryContext, transfers
-from planner.plan import Pipeline, Plan
+from planner.plan import Pipeline, Plan, PlanError, Stage
 from planner.recovery import RecoveryCandidate, RecoveryConfig, score
 
 
@@ -86,6 +96,42 @@ def rebalanced(plan: Plan, predict: Callable[[Plan], float], max_moves: int = 64
     return best
 
 
+def layouts_of(plan: Plan) -> list[list[int]]:
+    """Each pipeline's stage boundaries [0, b1, ..., num_layers]."""
+    return [[p.stages[0].start] + [st.end for st in p.stages] for p in plan.pipelines]
+
+
+def repartitioned(plan: Plan, cost: CostModel, home: Plan | None = None,
+                  memory_limit: float = math.inf) -> Plan:
+    """`plan` with each pipeline holding a slow rank (`cost.speed_factor` > 1) re-split
+    so its slowest stage, factor included, is as fast as it can be; a pipeline with no
+    slow rank keeps its stages, or takes back its layout in `home` (same ranks in the
+    same order: the way back once a straggler is cleared). Microbatches are unchanged.
+    A pipeline with no partition under `memory_limit` keeps its stages."""
+    mb, m = plan.microbatch_size, plan.num_microbatches
+    fwd, bwd = cost.layer_times(mb)
+    saved, out = cost.memory.activation_tables(mb)
+    part = Partitioner([f + b for f, b in zip(fwd, bwd)], cost.memory.static_layer_bytes(),
+                       saved, out, cost.memory.config.reserve_bytes)
+    back = {tuple(p.ranks): p.stages for p in home.pipelines} if home is not None else {}
+    pipes = []
+    for p in plan.pipelines:
+        ranks, stages = p.ranks, list(p.stages)
+        speed = [cost.speed_factor(r) for r in ranks]
+        if max(speed) > 1.0:
+            inflight = [inflight_microbatches(plan.schedule, len(ranks), s, m)
+                        for s in range(len(ranks))]
+            bounds = part.solve_weighted(len(ranks), inflight, memory_limit, speed,
+                                         near=[stages[0].start] + [st.end for st in stages])
+            if bounds is not None:
+                stages = [Stage(r, a, b) for r, a, b in zip(ranks, bounds, bounds[1:])]
+        elif tuple(ranks) in back:
+            stages = list(back[tuple(ranks)])
+        pipes.append(Pipeline(stages, list(p.microbatches)))
+    return Plan(plan.num_layers, plan.num_microbatches, plan.microbatch_size, pipes,
+                plan.schedule).validate()
+
+
 @dataclass
 class MitigationChoice:
     """What `plan_mitigation` found: the candidate to run and every one it scored."""
@@ -103,10 +149,14 @@ class MitigationChoice:
 
 
 def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
-                    recovery: RecoveryConfig, min_gain: float) -> MitigationChoice:
-    """Keep `ctx.old_plan` or rebalance it; `predict` must already know the slow ranks.
+                    recovery: RecoveryConfig, min_gain: float, cost: CostModel | None = None,
+                    home: Plan | None = None, memory_limit: float = math.inf
+                    ) -> MitigationChoice:
+    """Keep `ctx.old_plan`, rebalance it, or (with `cost`) re-partition it; `predict`
+    and `cost` must already know the slow ranks (`CostModel.slowdown`).
 
-    `ctx.members` are the current plan's ranks (nobody is lost)."""
+    `ctx.members` are the current plan's ranks (nobody is lost); `home`: the plan
+    before mitigation, whose layouts re-split pipelines go back to once no longer slow."""
     plan, resume = ctx.old_plan, ctx.committed_step + 1
     keep = RecoveryCandidate("keep", plan, resume_step=resume,
                              note=f"microbatches {counts_of(plan)}")
@@ -117,10 +167,45 @@ def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
                                        resume_step=resume,
                                        note=f"microbatches {counts_of(plan)} -> "
                                             f"{counts_of(new)}"))
+    if cost is not None:
+        cands += _repartitions(ctx, predict, cost, home, memory_limit)
     score(cands, ctx, recovery, predict)
     keep.predicted_transition_s = 0.0  # no switch, no cost
     keep.score = recovery.horizon_s / keep.predicted_step_s * plan.global_batch
     best = max(cands, key=lambda c: c.score)
+    if home is not None and cost is not None and not any(
+            cost.speed_factor(r) > 1 for r in plan.ranks):
+        # nobody slow: back to the plan before mitigation unless another beats it clearly
+        # (layouts the noisy online profile cannot tell apart must not stay)
+        back = next((c for c in cands if c.plan.to_dict() == home.to_dict()), None)
+        if back is not None and back.predicted_step_s < best.predicted_step_s * min_gain:
+            best = back
     if best is not keep and keep.predicted_step_s < best.predicted_step_s * min_gain:
         best = keep  # not worth a switch: hysteresis against flapping
     return MitigationChoice(best, cands)
+
+
+def _repartitions(ctx: RecoveryContext, predict: Callable[[Plan], float], cost: CostModel,
+                  home: Plan | None, memory_limit: float) -> list[RecoveryCandidate]:
+    """repartition and repartition+rebalance, when the layout changes."""
+    plan, resume = ctx.old_plan, ctx.committed_step + 1
+    if home is not None and home.ranks != plan.ranks:
+        home = None  # a failure changed the ranks since: nothing to go back to
+    split = repartitioned(plan, cost, home, memory_limit)
+    if layouts_of(split) == layouts_of(plan):
+        return []
+    out = []
+    note = f"stages {layouts_of(plan)} -> {layouts_of(split)}"
+    for kind, cand in (("repartition", split),
+                       ("repartition+rebalance", rebalanced(split, predict))):
+        if kind != "repartition" and counts_of(cand) == counts_of(split):
+            continue
+        try:
+            moves = transfers(ctx, cand)
+        except PlanError:  # a layer with no holder to fetch from: cannot happen in place
+            continue
+        extra = "" if kind == "repartition" else (
+            f", microbatches {counts_of(plan)} -> {counts_of(cand)}")
+        out.append(RecoveryCandidate(kind, cand, transfers=moves, resume_step=resume,
+                                     note=note + extra))
+    return out

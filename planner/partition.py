@@ -14,6 +14,7 @@ partition (time and memory grow with the range), so the search is exact.
 from __future__ import annotations
 
 import heapq
+import math
 from bisect import bisect_right
 from collections.abc import Sequence
 
@@ -77,11 +78,15 @@ class Partitioner:
             a = e
         return bounds if a == n else None
 
-    def solve(self, p: int, inflight: Sequence[int], mem_limit: float) -> list[int] | None:
+    def solve(self, p: int, inflight: Sequence[int], mem_limit: float,
+              speed: Sequence[float] | None = None) -> list[int] | None:
         """Stage boundaries [0, b1, ..., n] minimising the bottleneck, or None if no
-        partition into p stages fits `mem_limit`."""
+        partition into p stages fits `mem_limit`. With `speed`, stage s computes speed[s]
+        x slower (a straggler): see `solve_weighted`."""
         if not 1 <= p <= self.n:
             return None
+        if speed is not None and any(f != 1.0 for f in speed):
+            return self.solve_weighted(p, inflight, mem_limit, speed)
         total = self.t[-1]
         if self._greedy(p, inflight, total, mem_limit) is None:
             return None
@@ -95,6 +100,57 @@ class Partitioner:
             else:
                 hi = mid
         return self._greedy(p, inflight, cands[lo], mem_limit)
+
+    def solve_weighted(self, p: int, inflight: Sequence[int], mem_limit: float,
+                       speed: Sequence[float], near: Sequence[int] | None = None
+                       ) -> list[int] | None:
+        """`solve` when stage s's time is speed[s] x its layers': dynamic programs over
+        (stage, boundary), O(p n^2). The greedy check is not exact here: a long early
+        stage can leave a slow later one a first layer it cannot take. Among the
+        partitions with the least bottleneck, the one whose boundaries are closest to
+        `near` (the current ones: fewest layers move)."""
+        if len(speed) != p or min(speed) <= 0:
+            raise ValueError(f"speed needs {p} positive factors, got {list(speed)}")
+        if near is not None and len(near) != p + 1:
+            raise ValueError(f"near needs {p + 1} boundaries, got {list(near)}")
+        t = self.t
+
+        def stage_s(s: int, a: int, e: int) -> float:  # inf: over the memory limit
+            return (speed[s] * (t[e] - t[a]) if self.memory(a, e, inflight[s]) <= mem_limit
+                    else math.inf)
+
+        best = self._layout_dp(p, lambda s, a, e, v: max(v, stage_s(s, a, e)))
+        if best is None:
+            return None
+        if near is None:
+            return best[1]
+        cap = best[0] * (1 + 1e-9)
+        closest = self._layout_dp(p, lambda s, a, e, v: v + abs(e - near[s + 1])
+                                  if stage_s(s, a, e) <= cap else math.inf)
+        return closest[1] if closest is not None else best[1]
+
+    def _layout_dp(self, p: int, step) -> tuple[float, list[int]] | None:
+        """Least value of p contiguous non-empty stages, where step(s, a, e, v) is the
+        value after stage s holds [a, e) on top of value v (inf: not allowed)."""
+        n = self.n
+        best = [0.0] + [math.inf] * n  # best[e]: the stages so far ending at e
+        cut: list[list[int]] = []
+        for s in range(p):
+            nxt, arg = [math.inf] * (n + 1), [-1] * (n + 1)
+            for e in range(s + 1, n - (p - s - 1) + 1):
+                for a in range(s, e):
+                    if best[a] < math.inf:
+                        v = step(s, a, e, best[a])
+                        if v < nxt[e]:
+                            nxt[e], arg[e] = v, a
+            best = nxt
+            cut.append(arg)
+        if best[n] == math.inf:
+            return None
+        bounds = [n]
+        for s in range(p - 1, -1, -1):
+            bounds.append(cut[s][bounds[-1]])
+        return best[n], bounds[::-1]
 
     def min_memory(self, p: int, inflight: Sequence[int]) -> float:
         """Smallest per-rank memory limit for which some p-stage partition fits."""

@@ -10,7 +10,13 @@ with a reference for the same work:
 - without replicas, its own **baseline**: the median of its first ``window`` steps in the
   generation (the job's own profile of that stage, measured before anything changed),
   divided by how far the other ranks drifted from theirs (the median of their time over
-  baseline), so a machine that gets busier as a whole flags nobody.
+  baseline), so a machine that gets busier as a whole flags nobody. A rank that was a
+  straggler when the generation began (a mitigation re-partitioned its layers, so no
+  replica holds the same ones; or a failure's recovery plan) measured that baseline at
+  its known factor: its time over the baseline is multiplied by that factor, so it stays
+  measured at its true slowdown while slow and is cleared once it recovers. Times are
+  per layer and microbatch, so a rank holding fewer layers or microbatches after a
+  mitigation compares like with like.
 
 A rank's factor at a step is its time over the reference. It becomes a straggler once
 ``persistence`` of its last ``window`` factors reach ``threshold`` (so hiccups, even
@@ -47,9 +53,10 @@ class StragglerConfig:
     """Committed steps judged together; detection takes about `persistence` x this many
     steps after the slowdown starts."""
     mitigate: bool = True
-    """Route work around a straggler: re-deal microbatches so its pipeline trains fewer
-    (`planner.mitigation`), when the cost model predicts it pays by `min_gain`, and
-    re-plan back once it is cleared. Off: stragglers are only reported."""
+    """Route work around a straggler: re-deal microbatches so its pipeline trains fewer,
+    or move layers off it to its pipeline's other stages, or both (`planner.mitigation`),
+    when the cost model predicts it pays by `min_gain`, and re-plan back once it is
+    cleared. Off: stragglers are only reported."""
     min_gain: float = 1.05
     """A mitigation (or the re-plan back) is taken only when its predicted step time is
     this many times better than keeping the plan."""
@@ -111,6 +118,7 @@ class StragglerChange:
 class _RankState:
     factors: deque = field(default_factory=deque)  # (step, factor) of the last window steps
     baseline: list[float] = field(default_factory=list)  # own times, first window steps
+    carry: float = 1.0  # its straggler factor when the generation began: the baseline's
 
 
 class StragglerDetector:
@@ -122,6 +130,11 @@ class StragglerDetector:
         """Ranks that are stragglers now."""
         self._ranks: dict[int, _RankState] = {}
         self._generation: int | None = None
+
+    def assume(self, factors: dict[int, float], since_step: int = 0) -> None:
+        """Start out knowing these stragglers ({rank: factor}), e.g. a simulated leader's
+        view when its plan began."""
+        self.current = {r: Straggler(r, f, since_step, "assumed") for r, f in factors.items()}
 
     def observe(self, step: int, timings: dict[int, dict], generation: int = 0
                 ) -> list[StragglerChange]:
@@ -140,7 +153,10 @@ class StragglerDetector:
             layers.setdefault((timings[r]["start"], timings[r]["end"]), []).append(r)
         own: dict[int, float] = {}  # time over its own baseline, once it has one
         for r, t in times.items():
-            state = self._ranks.setdefault(r, _RankState())
+            state = self._ranks.get(r)
+            if state is None:
+                known = self.current.get(r)
+                state = self._ranks[r] = _RankState(carry=known.factor if known else 1.0)
             if len(state.baseline) < w:
                 state.baseline.append(t)
             else:
@@ -153,8 +169,10 @@ class StragglerDetector:
                 factor, kind = t / median(peers), "replicas"
             elif r in own:
                 # the machine's load moves every rank's time: divide by the others' drift
-                others = [f for p, f in own.items() if p != r]
-                factor, kind = own[r] / (median(others) if others else 1.0), "baseline"
+                # (not the stragglers': one that recovers drops below its baseline)
+                others = [f for p, f in own.items() if p != r and p not in self.current]
+                drift = median(others) if others else 1.0
+                factor, kind = own[r] * self._ranks[r].carry / drift, "baseline"
             else:
                 continue
             state = self._ranks[r]
@@ -186,6 +204,10 @@ class StragglerDetector:
             return StragglerChange(self.current[rank], step, cleared=False)
         if known is not None and factor < self.cfg.clear_threshold:
             del self.current[rank]
+            # a baseline measured while slow: rescale it to the speed it is back at, so
+            # its time no longer looks fast to the others' drift
+            state.baseline = [b / state.carry for b in state.baseline]
+            state.carry = 1.0
             return StragglerChange(Straggler(rank, factor, known.since_step, kind), step,
                                    cleared=True)
         if known is not None:  # still slow: keep the estimate current

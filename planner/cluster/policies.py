@@ -158,11 +158,14 @@ class Policy:
         return False
 
     def mitigate(self, plan: Plan, members: list[int], committed_step: int,
-                 predict: Callable[[Plan], float], min_gain: float) -> MitigationChoice:
+                 predict: Callable[[Plan], float], min_gain: float,
+                 cost: CostModel | None = None, home: Plan | None = None) -> MitigationChoice:
         """The live leader's mitigation (`planner.mitigation.plan_mitigation`): keep
-        `plan` or re-deal its microbatches; `predict` knows the stragglers."""
+        `plan`, re-deal its microbatches or (with `cost`) re-partition it; `predict` and
+        `cost` know the stragglers, `home` is the plan before mitigation."""
         ctx = RecoveryContext(plan, sorted(members), committed_step, list(self.layer_bytes))
-        return plan_mitigation(ctx, predict, self.recovery_config("adaptive"), min_gain)
+        return plan_mitigation(ctx, predict, self.recovery_config("adaptive"), min_gain,
+                               cost=cost, home=home)
 
 
 class RecoveryPolicy(Policy):

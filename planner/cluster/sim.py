@@ -379,8 +379,9 @@ class _Run:
     def mitigate(self) -> None:
         """The live leader's mitigation for the stragglers it knows (or the way back)."""
         w = self.watch
-        choice = self.pol.mitigate(self.plan, self.plan.ranks, self.steps, w.predictor(),
-                                   self.sc.straggler.min_gain)
+        predict = w.predictor()
+        choice = self.pol.mitigate(self.plan, self.plan.ranks, self.steps, predict,
+                                   self.sc.straggler.min_gain, cost=predict.cost, home=w.home)
         if not choice.switch:
             return
         c = choice.chosen
@@ -394,6 +395,7 @@ class _Run:
         else:
             self.res.replans_back += 1
         self.res.events.append((self.t, f"~{c.kind} {c.note}"))
+        w.switched(self.plan)
         self.plan = c.plan
         self.batch = c.plan.global_batch
         self.over = self.check_memory(c.plan, 0)

@@ -6,10 +6,11 @@ class the live leader runs) concludes from the per-step timings the ranks would 
 in their commit votes: `stage_timings` builds them from the cost model (per layer and
 microbatch forward/backward seconds of each rank's stage, times its true factor).
 
-`detect` runs that detector from a change of the truth: warmed with two windows (one
-with nobody slow: the generation's baseline; one with the stragglers the leader knew,
-so it knows them again), then fed the steps
-after the change one by one until the detector's straggler set changes (at most
+`detect` runs that detector from a change of the truth: it starts, as the live leader's
+does at a generation change, knowing the stragglers the leader knew (`known`), is warmed
+with two windows at those speeds (a rank without replicas, e.g. one whose layers a
+re-partition moved, measures its baseline there at its known factor), then is fed the
+steps after the change one by one until the detector's straggler set changes (at most
 `MAX_WINDOWS` windows: a slowdown under the threshold is never found, as live). The
 steps it took, times the step time after the change, are the detection (or clearing)
 delay. Only the ranks concerned are fed: the slow ones (known or true) and up to
@@ -17,7 +18,8 @@ delay. Only the ranks concerned are fed: the slow ones (known or true) and up to
 costs a few dozen `observe` calls on a handful of ranks, at any cluster size.
 
 `SlowWatch` holds one run's leader view: the stragglers it knows, the detection in
-progress (`Pending`), and the step-time predictors that know the stragglers (a
+progress (`Pending`), the plan before mitigation (`home`, where re-split pipelines go
+back to), and the step-time predictors that know the stragglers (a
 `Predictor` over a `CostModel` with that `slowdown`, the way the live leader tells its
 model), which `planner.mitigation.plan_mitigation` is called with.
 """
@@ -88,12 +90,11 @@ def detect(cfg: StragglerConfig, plan: Plan, cost: CostModel, known: dict[int, f
     ranks = watched_ranks(plan, set(known) | set(truth))
     if not ranks:
         return None
-    fresh, before, after = (stage_timings(plan, cost, slow, ranks)
-                            for slow in ({}, known, truth))
+    before, after = (stage_timings(plan, cost, slow, ranks) for slow in (known, truth))
     det, w = StragglerDetector(cfg), cfg.window
-    # the generation's first window (its baseline), then the stragglers it found since
-    for s in range(-2 * w, 0):
-        det.observe(s, fresh if s < -w else before)
+    det.assume(known)  # what the leader knew when this plan began
+    for s in range(-2 * w, 0):  # the generation's first window (its baseline), and one more
+        det.observe(s, before)
     seen = set(det.current)
     for s in range(1, MAX_WINDOWS * w + 1):
         det.observe(s, after)
@@ -121,6 +122,8 @@ class SlowWatch:
     known: dict[int, float] = field(default_factory=dict)
     """Stragglers the leader knows ({rank: factor}), what mitigation plans around."""
     pending: Pending | None = None
+    home: Plan | None = None
+    """The plan before the first mitigation (None: not mitigating)."""
 
     def rewatch(self, plan: Plan, truth: dict[int, float], now_s: float,
                 step_s: float) -> None:
@@ -132,9 +135,19 @@ class SlowWatch:
                                      d.stragglers))
 
     def forget(self, members: list[int]) -> None:
-        """Drop stragglers no longer in the job (lost: a replacement is not slow)."""
+        """Drop stragglers no longer in the job (lost: a replacement is not slow); the
+        membership changed, so a recovery plan replaced the one mitigation started from."""
         alive = set(members)
         self.known = {r: f for r, f in self.known.items() if r in alive}
+        self.home = None
+
+    def switched(self, before: Plan) -> None:
+        """A mitigation replaced `before`: remember the plan to go back to, or, once
+        nobody is slow (the way back), forget it."""
+        if not self.known:
+            self.home = None
+        elif self.home is None:
+            self.home = before
 
     def predictor(self) -> Predictor:
         """Step times with the known stragglers' factors in the cost model."""

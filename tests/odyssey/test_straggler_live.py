@@ -1,8 +1,9 @@
 """Stragglers in real jobs (`odyssey run`, real compute, 4 processes on this noisy 2-core
 machine): a failure-free run raises no straggler event with the default thresholds, and
-a rank made 3x slower is found and routed around (microbatches re-dealt) while the job
-keeps the failure-free trajectory, through a SIGKILL of the leader and in-place recovery
-too (nothing lost, replicas identical)."""
+a rank made 3x slower is found and routed around (microbatches re-dealt, layers moved off
+it) while the job keeps the failure-free trajectory, through a SIGKILL of the leader and
+in-place recovery too, and re-plans back once it recovers (nothing lost, replicas
+identical)."""
 
 import json
 
@@ -15,6 +16,7 @@ from tests.odyssey.test_fault_tolerance import TINY, check_same_numbers, run_job
 pytestmark = pytest.mark.slow  # starts `odyssey run` jobs
 
 ARGS = ["--dp", "2", "--pp", "2", "--num-microbatches", "4", "--microbatch-size", "2", *TINY]
+MITIGATIONS = ("rebalance", "repartition", "repartition+rebalance")
 
 
 def _events(run_dir, kind: str) -> list[dict]:
@@ -40,10 +42,10 @@ def test_slow_rank_is_found_and_numbers_hold_through_a_kill(tmp_path):
     assert found and found[0]["rank"] == 3 and found[0]["since_step"] >= 4, found
     assert found[0]["step"] < 14 and found[0]["factor"] > 1.8
     assert "straggler: rank 3" in proc.stdout
-    # the leader re-deals microbatches around rank 3 (mitigation), then is killed
+    # the leader routes work around rank 3 (mitigation), then is killed
     recoveries = [(e["cause"], e["ranks_lost"], e["chosen"]) for e in report["events"]
                   if e["kind"] == "recovery"]
-    assert recoveries[0] == ("replan", [], "rebalance"), recoveries
+    assert recoveries[0][:2] == ("replan", []) and recoveries[0][2] in MITIGATIONS, recoveries
     assert [(c, lost) for c, lost, _ in recoveries[1:]] == [("failure", [0])], recoveries
     check_same_numbers(report, run_dir, steps=20)
     status = json.loads((run_dir / contract.STATUS_FILE).read_text())
@@ -66,3 +68,26 @@ def test_mitigation_is_reconsidered_after_a_failure(tmp_path):
     after = [e for e in _events(run_dir, "mitigation") if e["step"] >= failure["resume_step"]]
     assert after and after[0]["stragglers"].keys() == {"3"}, after
     check_same_numbers(report, run_dir, steps=24)
+
+
+@pytest.mark.timeout(200)
+def test_layers_move_off_a_slow_rank_and_back(tmp_path):
+    # rank 3 (layers 2..3 of pipeline 1) 6x slower for steps 4..25: the leader moves a
+    # layer off it (re-partition, migrated in the generation change), still sees it slow
+    # without a replica holding its layers, and moves the layer back once it recovers
+    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "40", "--inject",
+                                      "slow:rank=3,step=4,factor=6,until=26"])
+    run_dir = tmp_path / "run"
+    replans = [e for e in report["events"] if e["kind"] == "recovery"]
+    found = [e for e in report["events"] if e["kind"].startswith("straggler")]
+    assert [(e["cause"], e["ranks_lost"]) for e in replans] == [("replan", [])] * 2, found
+    around, back = replans
+    assert around["chosen"].startswith("repartition"), around
+    slow_stage = next(st for p in around["plan"]["pipelines"] for st in p["stages"]
+                      if st["rank"] == 3)
+    assert slow_stage["end"] - slow_stage["start"] == 1  # its other layer moved to rank 2
+    assert back["resume_step"] > 26 and back["plan"] == report["initial_plan"]
+    cleared = _events(run_dir, "straggler_cleared")
+    assert [(e["rank"], e["reference"]) for e in cleared] == [(3, "baseline")], cleared
+    assert cleared[0]["step"] >= 26  # not while it was slow
+    check_same_numbers(report, run_dir, steps=40)

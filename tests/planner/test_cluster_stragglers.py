@@ -15,7 +15,7 @@ from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig, simu
 from planner.cluster.slow import detect
 from planner.cluster.traces import TraceEvent, initial_nodes
 from planner.cost import CostConfig, CostModel
-from planner.mitigation import with_counts
+from planner.mitigation import repartitioned, with_counts
 from planner.plan import Plan
 from planner.straggler import StragglerConfig
 from profiler.synthetic import emulated_profile
@@ -59,15 +59,24 @@ def test_mitigation_trains_more_and_goes_back(cost):
     # the detector needs `persistence` of its window slow: 6 of 8 steps at the slowed time
     found = math.ceil(cfg.persistence * cfg.window)
     assert on.detection_delay_s == [pytest.approx(found * slowed)]
-    # the slow pipeline trains fewer microbatches; back to even once the speed is back
+    # the slow rank keeps one layer (its neighbours take the rest) and its pipeline
+    # trains fewer microbatches; its layers move back once the speed is back
     (t1, away), (t2, back) = [e for e in on.events if e[0] > 0]
-    assert away == "~rebalance microbatches [4, 4] -> [2, 6]"
-    assert back == "~rebalance microbatches [2, 6] -> [4, 4]"
-    # cleared once the window's median is fast: more than half of it
+    even, split = "[0, 2, 4, 6, 8]", "[0, 2, 4, 5, 8]"
+    assert away == (f"~repartition+rebalance stages [{even}, {even}] -> [{split}, {even}], "
+                    f"microbatches [4, 4] -> [3, 5]")
+    assert back == (f"~repartition+rebalance stages [{split}, {even}] -> [{even}, {even}], "
+                    f"microbatches [3, 5] -> [4, 4]")
+    # better than the best microbatch split alone, as predicted
+    rebalanced = base(with_counts(dp2_pp4(), [2, 6]))
+    # cleared once the window's median is fast: more than half of it (the slow rank
+    # holds other layers than its replica now: compared with its own baseline)
     cleared = cfg.window // 2 + 1
-    assert on.clear_delay_s == [pytest.approx(cleared * base(with_counts(dp2_pp4(), [2, 6])))]
-    stall = TRANS.agree_s + TRANS.plan_s + TRANS.rebuild_s  # no state moves
-    assert on.mitigation_stall_s == on.stall_s == pytest.approx(2 * stall)
+    mitigated = with_counts(repartitioned(dp2_pp4(), base.with_slowdown({2: 3.0}).cost), [3, 5])
+    assert base(mitigated) < rebalanced
+    assert on.clear_delay_s == [pytest.approx(cleared * base(mitigated))]
+    stall = TRANS.agree_s + TRANS.plan_s + TRANS.rebuild_s  # and a layer moves, twice
+    assert 2 * stall < on.mitigation_stall_s == on.stall_s < 2 * stall + 1e-3
     assert SLOW_AT + found * slowed < t1 < SLOW_AT + (found + 1) * slowed + stall
     assert BACK_AT < t2 < t1 + END
     last = [s for s in on.segments if s.what == "train"][-1]
@@ -114,7 +123,9 @@ def test_recovery_while_slow(cost, lost):
     events = sorted([*episode(), TraceEvent(30.0, "remove", lost)], key=lambda e: e.time_s)
     on, off = run("adaptive", cost, events), run("adaptive", cost, events,
                                                  mitigate_stragglers=False)
-    assert on.kinds == off.kinds and on.transitions == off.transitions == 1
+    assert on.transitions == off.transitions == 1
+    if lost != "node2":  # else the slow rank's re-partitioned layers give other options
+        assert on.kinds == off.kinds
     assert len(on.detection_delay_s) == 1
     kept = lost != "node2"
     assert on.mitigations == 1 + kept and on.replans_back == int(kept)

@@ -1,16 +1,27 @@
 """Straggler mitigation in the planner: the cost model prices a slow rank, the rebalance
-search finds the best microbatch split, and `plan_mitigation` switches only when it pays
+search finds the best microbatch split, the speed-weighted partitioner moves layers off
+the slow rank, and `plan_mitigation` switches only when it pays, its transition included
 (and back once the straggler is gone)."""
 
 from __future__ import annotations
 
+import math
+from itertools import combinations
 from types import SimpleNamespace
 
 import pytest
 
 from planner.closed_form import estimate_plan
 from planner.cost import CostModel
-from planner.mitigation import counts_of, plan_mitigation, rebalanced, with_counts
+from planner.mitigation import (
+    counts_of,
+    layouts_of,
+    plan_mitigation,
+    rebalanced,
+    repartitioned,
+    with_counts,
+)
+from planner.partition import Partitioner
 from planner.placement import RecoveryContext
 from planner.plan import Plan
 from planner.program import compile_plan
@@ -94,3 +105,73 @@ def test_one_pipeline_has_nothing_to_rebalance():
     ctx = RecoveryContext(plan, plan.ranks, 3, [1.0] * 8)
     choice = plan_mitigation(ctx, predictor({2: 3.0}), RecoveryConfig(), min_gain=1.05)
     assert not choice.switch and [c.kind for c in choice.candidates] == ["keep"]
+
+
+def test_speed_weighted_partition_is_optimal():
+    times = [1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 2.0, 1.0]
+    part = Partitioner(times, [0.0] * 8, [0.0] * 8, [0.0] * 8)
+    speed = [1.0, 3.0, 1.0, 1.5]
+
+    def bottleneck(b):
+        return max(f * sum(times[x:y]) for f, x, y in zip(speed, b, b[1:]))
+
+    best = min(bottleneck([0, *cut, 8]) for cut in combinations(range(1, 8), 3))
+    bounds = part.solve(4, [1] * 4, math.inf, speed)
+    assert bounds[0] == 0 and bounds[-1] == 8 and bottleneck(bounds) == pytest.approx(best)
+    assert part.solve(4, [1] * 4, math.inf) == part.solve(4, [1] * 4, math.inf, [1.0] * 4)
+
+
+def test_repartition_moves_layers_off_the_slow_rank_only_in_its_pipeline():
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    split = repartitioned(plan, CostModel(PROFILE, slowdown={1: 3.0}))
+    # rank 1 keeps one layer, rank 2 takes the other: the least bottleneck with the
+    # fewest layers moved
+    assert layouts_of(split) == [[0, 2, 3, 6, 8], [0, 2, 4, 6, 8]]
+    assert counts_of(split) == counts_of(plan) and split.ranks == plan.ranks
+    # nobody slow: unchanged, or back to `home`'s layout
+    assert layouts_of(repartitioned(split, CostModel(PROFILE))) == layouts_of(split)
+    assert repartitioned(split, CostModel(PROFILE), home=plan).to_dict() == plan.to_dict()
+
+
+def test_repartition_is_chosen_with_its_transition_and_moved_back():
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    cfg = RecoveryConfig()
+    ctx = RecoveryContext(plan, plan.ranks, 9, [1e6] * 8)
+    cost = CostModel(PROFILE, slowdown={1: 3.0})
+    choice = plan_mitigation(ctx, predictor({1: 3.0}), cfg, 1.05, cost=cost)
+    by = {c.kind: c for c in choice.candidates}
+    assert set(by) == {"keep", "rebalance", "repartition", "repartition+rebalance"}
+    chosen = choice.chosen
+    assert chosen.kind == "repartition+rebalance" and chosen is min(
+        choice.candidates, key=lambda c: c.predicted_step_s)
+    assert chosen.predicted_step_s < by["rebalance"].predicted_step_s
+    # layers move: fetched from holders (a transition priced like a recovery's)
+    assert [(t.layer, t.src, t.dst) for t in chosen.transfers] == [(3, 1, 2)]
+    assert chosen.predicted_transition_s == pytest.approx(cfg.rebuild_s + 1e6 / cfg.transfer_Bps)
+    # back once nobody is slow: its layers return, the failure-free plan again
+    moved = chosen.plan
+    back = plan_mitigation(RecoveryContext(moved, moved.ranks, 30, [1e6] * 8), predictor({}),
+                           cfg, 1.05, cost=CostModel(PROFILE), home=plan)
+    assert back.switch and back.chosen.plan.to_dict() == plan.to_dict()
+    assert [(t.layer, t.src, t.dst) for t in back.chosen.transfers] == [(3, 2, 1)]
+
+
+def test_a_slow_transition_over_a_short_horizon_keeps_the_state_in_place():
+    # moving 10 GB per layer at 500 MB/s over a 60 s horizon: rebalance (no state moves)
+    plan = Plan.uniform(8, 2, 4, 8, 1)
+    ctx = RecoveryContext(plan, plan.ranks, 9, [10e9] * 8)
+    choice = plan_mitigation(ctx, predictor({1: 3.0}), RecoveryConfig(horizon_s=60.0), 1.05,
+                             cost=CostModel(PROFILE, slowdown={1: 3.0}))
+    assert choice.chosen.kind == "rebalance"
+    split = next(c for c in choice.candidates if c.kind == "repartition+rebalance")
+    assert split.predicted_step_s < choice.chosen.predicted_step_s  # faster, not worth it
+
+
+def test_one_pipeline_is_repartitioned():
+    plan = Plan.uniform(8, 1, 4, 8, 1)
+    ctx = RecoveryContext(plan, plan.ranks, 3, [1.0] * 8)
+    choice = plan_mitigation(ctx, predictor({2: 3.0}), RecoveryConfig(), 1.05,
+                             cost=CostModel(PROFILE, slowdown={2: 3.0}))
+    assert choice.chosen.kind == "repartition"
+    stage = choice.chosen.plan.stage(2)
+    assert stage.end - stage.start == 1

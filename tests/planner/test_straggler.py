@@ -1,7 +1,7 @@
 """Fail-slow detection (planner/straggler.py) on synthetic vote timings: a persistent
 slowdown is found within the window with its start step, a one-off slow step and noise
 are not, a straggler is cleared with hysteresis, and a rank without replicas is compared
-with its own baseline."""
+with its own baseline (at its known factor after a re-partition moved its layers)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,71 @@ def test_a_busier_machine_flags_nobody_without_replicas():
     for step in range(30):  # pp 4, no replicas: everyone 2.5x slower from step 8
         assert det.observe(step, timings({r: 2.5 for r in range(4)} if step >= 8 else {},
                                          stages=4, dp=1)) == []
+
+
+def split_timings(slow: dict[int, float], noise: float = 0.0,
+                  rng: random.Random | None = None) -> dict[int, dict]:
+    """Votes of dp 2 x 2 stages after a re-partition of pipeline 0 (rank 1 keeps layer 3
+    only, rank 0 takes layers 0..2): no rank has a replica holding the same layers."""
+    ranges = {0: (0, 3), 1: (3, 4), 2: (0, 2), 3: (2, 4)}
+    out = {}
+    for r, (a, b) in ranges.items():
+        t = 0.01 * slow.get(r, 1.0) * (1 + (rng.uniform(-noise, noise) if rng else 0))
+        out[r] = {"start": a, "end": b, "fwd_s": t / 3, "bwd_s": 2 * t / 3}
+    return out
+
+
+def test_a_repartitioned_straggler_stays_found_and_is_cleared_once_it_recovers():
+    cfg = StragglerConfig(window=4)
+    det = StragglerDetector(cfg)
+    for step in range(10):  # found against its replica, then its layers are re-split
+        det.observe(step, timings({1: 3.0} if step >= 2 else {}, stages=2), generation=0)
+    assert set(det.current) == {1}
+    changes = []
+    for step in range(10, 60):  # no replica holds rank 1's layers any more
+        slow = {1: 3.0} if step < 40 else {}
+        busy = 1.6 if 20 <= step < 30 else 1.0  # the whole machine busier for a while
+        t = split_timings(slow)
+        for v in t.values():
+            v["fwd_s"] *= busy
+            v["bwd_s"] *= busy
+        changes += [(step, c) for c in det.observe(step, t, generation=1)]
+        if 18 <= step < 40:  # measured at its true factor while slow, nobody else
+            assert set(det.current) == {1}, step
+            assert det.current[1].factor == pytest.approx(3.0)
+    assert [(c.straggler.rank, c.cleared) for _, c in changes] == [(1, True)]
+    step, cleared = changes[0]
+    assert 40 < step <= 40 + cfg.window and cleared.straggler.factor == pytest.approx(1.0)
+    assert cleared.straggler.reference == "baseline"
+
+
+def test_no_false_positive_after_a_repartition_with_noise():
+    det = StragglerDetector()
+    rng = random.Random(1)
+    for step in range(400):  # nobody slow; noisy timings, re-split layers
+        assert det.observe(step, split_timings({}, noise=0.4, rng=rng), generation=1) == []
+
+
+def test_assumed_stragglers_carry_into_the_baseline():
+    # what the cluster simulator does: its detector starts knowing the leader's view
+    det = StragglerDetector(StragglerConfig(window=3))
+    det.assume({1: 3.0})
+    for step in range(12):
+        assert det.observe(step, split_timings({1: 3.0})) == []
+    assert det.current[1].factor == pytest.approx(3.0)
+    cleared = [c for s in range(12, 20) for c in det.observe(s, split_timings({}))]
+    assert [(c.straggler.rank, c.cleared) for c in cleared] == [(1, True)]
+
+
+def test_a_straggler_recovering_in_one_pipeline_flags_nobody_else():
+    # pp 2, no replicas, rank 1 re-partitioned while 3x slow: when it recovers its time
+    # drops below its (slow) baseline; the other rank must not look slow against it
+    det = StragglerDetector(StragglerConfig(window=4))
+    det.assume({1: 3.0})
+    changes = []
+    for step in range(30):
+        k = 3.0 if step < 12 else 1.0
+        t = {0: {"start": 0, "end": 3, "fwd_s": 0.01 / 3, "bwd_s": 0.02 / 3},
+             1: {"start": 3, "end": 4, "fwd_s": 0.01 * k / 3, "bwd_s": 0.02 * k / 3}}
+        changes += [(c.straggler.rank, c.cleared) for c in det.observe(step, t)]
+    assert changes == [(1, True)]
