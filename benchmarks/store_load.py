@@ -2,7 +2,7 @@
 
 Each simulated rank replays the runtime's own key traffic (odyssey/monitor.py,
 membership.py, commit.py) for `--seconds`, then a failure notice is published and every
-rank runs the agreement. Two control planes (monitor.control_plane):
+rank runs the agreement. Three control planes (monitor.control_plane):
 
 - poll (the old design): heartbeat `add` every 0.2 s; while waiting on communication
   (here: all the time, an upper bound) `check(notice)` + `add(exits, 0)` every 20 ms;
@@ -22,358 +22,190 @@ rank runs the agreement. Two control planes (monitor.control_plane):
 
 Every plane's step makes the trainer's per-step reads (the inject counter, the stop
 request; poll also asks for the notice) and the vote (`set`, `add`, the last voter's
-`compare_set`, blocking `wait` for the decision in 20 ms slices, `get`). `--launcher-loop`
-adds, under every plane, what each node's launcher loop asks the store every 20 ms
-(`--monitor-interval`'s default: a fence-key `check` per local rank, the job status, the
-spawn counter; its node beat and lost check every 0.25 s): the same for every plane, and
-not counted by default.
+`compare_set`, blocking `wait` for the decision in 20 ms slices, `get`); steps are aligned
+across ranks (they finish a step together), periodic requests spread over their period.
+`--launcher-loop` adds, under every plane, what each node's launcher loop asks the store
+(its node beat and lost check every 0.25 s, the fence counter every 20 ms, its ranks'
+fence keys once a second, the job status and spawn counter every 0.1 s): the same for
+every plane, and not counted by default. The traffic is data in store_load_traffic.py,
+which both generators replay:
 
-It prints, per N: store requests/s achieved, the offered rate, p50/p99 latency of every
-request, and after the notice how long until every rank saw it and until every rank had
-the agreed membership. Loopback only; bounded: N <= 1024 threads spread over `--procs`
-processes, `--seconds` of steady traffic per point.
+- `--engine cpp` (default when it builds): store_load_gen.cpp, one std::thread per
+  client, each its own c10d::TCPStore connection, in one worker process; offers 1024+
+  ranks on 2 cores. `--engine python`: threads over `--procs` processes (the reference at
+  small N; starves on the GIL beyond ~256 ranks). `auto` falls back to python, saying so.
+- The server is `odyssey store` in its own process. Both sides preload
+  store_load_numeric_names.c (`--no-shim`: not): c10d reverse-resolves every connection's
+  peer, and a dropped DNS query stalls that connect and the server's loop 5 s.
 
-    python benchmarks/store_load.py                       # N = 8, 64, 256, 1024, all planes
-    python benchmarks/store_load.py --ranks 8,64 --seconds 2 --planes notify,node
+It prints, per point: store requests/s achieved against what the schedule offered (a
+point that got < 95% says the generator fell short), p50/p99 latency of every steady
+request, after the notice how long until every rank saw it and had the agreed
+membership, connect time, and the cores the server, the generator and the whole machine
+used. `--knee PLANE` then sweeps PLANE over `--knee-ranks` until achieved/offered or p99
+breaks, and says whether each plane at the largest N offers less than the knee.
+
+    python benchmarks/store_load.py            # N = 8, 64, 256, 1024, all planes; the knee
+    python benchmarks/store_load.py --ranks 8,64 --seconds 2 --planes notify,node --knee ""
+    python benchmarks/store_load.py --engine python --ranks 8,64   # the reference
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
+import math
 import os
 import sys
-import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# c10d logs every timed-out short wait (the vote's and agreement's slices): quiet it
+# before torch loads, or the generators spend their CPU writing warnings
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-import torch.distributed as dist  # noqa: E402
-
+from benchmarks import store_load_cpp, store_load_py  # noqa: E402
+from benchmarks import store_load_traffic as tr  # noqa: E402
 from benchmarks.common import out_dir  # noqa: E402
-from odyssey import contract  # noqa: E402
+from benchmarks.store_load_server import CpuSampler, store_server  # noqa: E402
 
-HEARTBEAT_S = 0.2
-POLL_S = 0.02
-HB_CHECK_S = 0.5
-AGREE_POLL_S = 0.01
-NODE_BEAT_S = 0.25
-LAUNCHER_LOOP_S = 0.02
-"""odyssey run's --monitor-interval default: the launcher loop's period."""
-SLOW_POLL_S = 0.1
-"""The launcher's period for the job status and the replacement counter."""
-FENCE_BACKSTOP_S = 1.0
-"""The launcher's look at every local rank's fence key when FENCES_COUNT did not move."""
-RELAY_WAIT_S = 2.0
-PLANES = ("poll", "notify", "node")
+PLANES = tuple(tr.PLANES)
+ENGINES = ("auto", "cpp", "python")
+MAX_RANKS = {"cpp": 4096, "python": 1024}
+"""Bounds on simulated ranks per point (threads; the Python engine starves beyond ~256)."""
+ACHIEVED_MIN = 0.95
+"""Below this fraction of the offered requests a point says the generator fell short."""
+KNEE_RANKS = "64,128,160,192,224,256,384,512,1024"
+KNEE_P99_FACTOR = 4.0
+"""The knee sweep stops where p99 exceeds this multiple of its first point's (and 1 ms)."""
 
 
-class _Calls:
-    """A client with its latency samples (a simulated rank's or launcher's)."""
-
-    def __init__(self, port: int):
-        self.store = dist.TCPStore("127.0.0.1", port, is_master=False,
-                                   timeout=timedelta(seconds=120))
-        self.lat: list[float] = []
-        self.waits = 0
-
-    def _call(self, fn, *args):
-        t = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.lat.append(time.perf_counter() - t)
-
-    def _wait(self, keys: list[str], timeout_s: float) -> None:
-        """A blocking wait: counted as a request, not as a latency sample."""
-        self.waits += 1
-        self.store.wait(keys, timedelta(seconds=timeout_s))
-
-    @property
-    def requests(self) -> int:
-        return len(self.lat) + self.waits
+def engine_for(name: str) -> str:
+    """"auto": cpp when the extension builds here, else python (with the reason printed)."""
+    if name not in ENGINES:
+        raise SystemExit(f"--engine: one of {ENGINES}")
+    if name == "python":
+        return name
+    try:
+        store_load_cpp.load()
+        return "cpp"
+    except RuntimeError as err:
+        if name == "cpp":
+            raise SystemExit(f"--engine cpp: the compiled generator is unavailable ({err})"
+                             ) from err
+        print(f"store_load: compiled generator unavailable ({err}); using the Python "
+              "generator (it cannot offer the load beyond ~256 ranks on 2 cores)", flush=True)
+        return "python"
 
 
-class _Launcher(_Calls):
-    """One simulated node's launcher: its node heartbeat (every plane, with
-    --launcher-loop: and the loop's reads), and under node the notice relay."""
-
-    def __init__(self, node: int, ranks: list[int], port: int, plane: str, loop: bool):
-        super().__init__(port)
-        self.node, self.ranks, self.plane, self.loop = node, ranks, plane, loop
-        self.relay = _Calls(port) if plane == "node" else None
-        self.noticed = threading.Event()  # node: the relayed notice file, seen locally
-        self.t_start = self.t_notice = 0.0
-        self.steady_requests = 0
-        self.relay_steady = 0  # relay waits that timed out before the notice
-        self.relayed_at: float | None = None
-
-    def run(self) -> None:
-        s, now = self.store, time.monotonic
-        fences = [contract.fence_key(r) for r in self.ranks]
-        beat = contract.node_beat_key(self.node)
-        while now() < self.t_start:
-            time.sleep(0.005)
-        next_beat = next_loop = next_fence_keys = next_slow = now()
-        if not self.loop:
-            next_loop = float("inf")
-        while now() < self.t_notice:
-            t = now()
-            if self.plane == "node" or self.loop:  # node: one beat per node replaces ranks'
-                if t >= next_beat:
-                    self._call(s.add, beat, 1)
-                    if self.loop:
-                        self._call(s.check, [contract.node_lost_key(self.node)])
-                    next_beat += NODE_BEAT_S
-            if self.loop and t >= next_loop:
-                # the fence counter each period; the ranks' fence keys once a second
-                self._call(s.add, contract.FENCES_COUNT, 0)
-                if t >= next_fence_keys:
-                    for key in fences:
-                        self._call(s.check, [key])
-                    next_fence_keys += FENCE_BACKSTOP_S
-                if t >= next_slow:  # job status and replacement requests: 10/s
-                    self._call(s.check, [contract.JOB_STATUS])
-                    self._call(s.add, contract.SPAWN_COUNT, 0)
-                    next_slow += SLOW_POLL_S
-                next_loop += LAUNCHER_LOOP_S
-            time.sleep(max(0.0, min(next_beat, next_loop) - now()))
-        self.steady_requests = self.requests
-
-    def run_relay(self) -> None:
-        """node: block on the notice key (2 s slices), then tell the node's ranks."""
-        r, key = self.relay, contract.notice_key(0)
-        while time.monotonic() < self.t_start:
-            time.sleep(0.005)
-        while True:
-            steady = time.monotonic() < self.t_notice
-            try:
-                r._wait([key], RELAY_WAIT_S)
-                break
-            except dist.DistStoreError:
-                self.relay_steady += steady
-                if time.monotonic() > self.t_notice + 60:
-                    return
-        r._call(r.store.get, key)
-        self.relayed_at = time.time()
-        self.noticed.set()
+def _pct(xs: list[float], q: float) -> float | None:
+    return 1e3 * xs[min(len(xs) - 1, int(len(xs) * q))] if xs else None
 
 
-class _Rank(_Calls):
-    """One simulated rank: its own client, its own latency samples."""
+def _after(ts: list[float], t0: float, count: int) -> float | None:
+    """ms from t0 until the last of `count` events, None if some never happened."""
+    return 1e3 * (max(ts) - t0) if ts and len(ts) == count else None
 
-    def __init__(self, rank: int, n: int, port: int, plane: str, step_s: float,
-                 t_start: float, t_notice: float, t_end: float,
-                 launcher: _Launcher | None = None):
-        super().__init__(port)
-        self.rank, self.n, self.plane, self.step_s = rank, n, plane, step_s
-        self.t_start, self.t_notice, self.t_end = t_start, t_notice, t_end
-        self.launcher = launcher
-        self.steady_requests = 0
-        self.saw_notice: float | None = None
-        self.agreed: float | None = None
-        self.published: float | None = None
 
-    def run(self) -> None:
-        s, me = self.store, self.rank
-        hb = contract.heartbeat_key(me)
-        nxt = contract.heartbeat_key((me + 1) % self.n)
-        all_hb = [contract.heartbeat_key(r) for r in range(self.n)]
-        notice = contract.notice_key(0)
-        if self.plane != "node":
-            self._call(s.add, hb, 1)
-        now = time.monotonic
-        while now() < self.t_start:
-            time.sleep(0.005)
-        next_hb = next_poll = next_check = now()
-        if self.plane == "node":  # beats and watching are node-local: no request
-            next_hb = next_poll = next_check = float("inf")
-        next_step, step = self.t_start + self.step_s, 0
-        while now() < self.t_notice:
-            t = now()
-            if t >= next_hb:
-                self._call(s.add, hb, 1)
-                next_hb += HEARTBEAT_S
-            if t >= next_step:
-                self._vote(step)
-                step += 1
-                next_step += self.step_s
-            if self.plane == "poll":
-                if t >= next_poll:
-                    self._call(s.check, [notice])
-                    self._call(s.add, contract.EXITS_COUNT, 0)
-                    next_poll += POLL_S
-                if t >= next_check:
-                    if self._call(s.check, all_hb):
-                        self._call(s.multi_get, all_hb)
-                    next_check += HB_CHECK_S
-                due = min(next_hb, next_step, next_poll, next_check)
-            elif self.plane == "node":
-                due = next_step
-            else:
-                if t >= next_check:  # the watcher's period: its wait timed out
-                    self._call(s.add, contract.EXITS_COUNT, 0)
-                    if self._call(s.check, [nxt]):
-                        self._call(s.get, nxt)
-                    next_check += HB_CHECK_S
-                due = min(next_hb, next_step, next_check)
-            time.sleep(max(0.0, due - now()))
-        self.steady_requests = len(self.lat) + self.waits
-        self._recover(notice)
-
-    def _vote(self, step: int) -> None:
-        s = self.store
-        # the trainer's top-of-step reads: injected faults, a stop request; the notice is
-        # a store read only under poll (a local flag under notify and node)
-        self._call(s.add, contract.INJECT_COUNT, 0)
-        self._call(s.check, [contract.STOP_REQUEST])
-        if self.plane == "poll":
-            self._call(s.check, [contract.notice_key(0)])
-        self._call(s.set, contract.vote_key(0, step, self.rank), "{}")
-        if self._call(s.add, contract.vote_count_key(0, step), 1) == self.n:
-            self._call(s.compare_set, contract.decision_key(0, step), "", "commit")
-        key = contract.decision_key(0, step)
-        while True:
-            try:
-                self._wait([key], POLL_S)
-                break
-            except dist.DistStoreError:
-                if self.plane == "poll":
-                    self._call(s.check, [contract.notice_key(0)])
-                    self._call(s.add, contract.EXITS_COUNT, 0)
-                if time.monotonic() > self.t_notice:  # the step is aborted by the notice
-                    return
-        self._call(s.get, key)
-
-    def _recover(self, notice: str) -> None:
-        s, n = self.store, self.n
-        if self.rank == 0:
-            self._call(s.compare_set, notice, "", "failure")
-            self.published = time.time()
-        gen = 1
-        if self.plane == "poll":
-            while True:
-                if self._call(s.check, [notice]):
-                    break
-                self._call(s.add, contract.EXITS_COUNT, 0)
-                time.sleep(POLL_S)
-        elif self.plane == "node":
-            self.launcher.noticed.wait(60)  # the relayed notice file (a local stat)
+def measure(n: int, plane: str, seconds: float, procs: int = 4, step_s: float = 0.5,
+            ranks_per_node: int = 8, launcher_loop: bool = False,
+            engine: str = "python", shim: bool = True) -> dict:
+    """One point: N simulated ranks replay `plane` for `seconds` against a fresh `odyssey
+    store` process, then the notice and the agreement. engine: "python" (threads over
+    `procs` processes, the reference) or "cpp" (the compiled generator, one process).
+    shim: preload store_load_cpp.resolver_env into server and generator (numeric peer
+    names: no 5 s reverse-DNS stalls while connecting)."""
+    layout = tr.Layout(n, ranks_per_node)
+    spec = tr.plane_for(plane, launcher_loop)
+    env = store_load_cpp.resolver_env() if shim else dict(os.environ)
+    with store_server(env) as (port, pid), CpuSampler(pid) as cpu:
+        load = os.getloadavg()[0]
+        if engine == "cpp":
+            raw = store_load_cpp.run(layout, spec, port, seconds, step_s, shim,
+                                     on_start=lambda p: setattr(cpu, "generator_pid", p))
         else:
-            self._wait([notice], 60)
-        self.saw_notice = time.time()
-        self._call(s.set, contract.join_key(gen, self.rank), "{}")
-        count = self._call(s.add, contract.joined_count_key(gen), 1)
-        members = contract.members_key(gen)
-        joins = [contract.join_key(gen, r) for r in range(n)]
-        first = self.plane != "poll"
-        while True:
-            if not first:
-                try:
-                    self._wait([members], AGREE_POLL_S)
-                    break
-                except dist.DistStoreError:
-                    pass
-                self._call(s.add, contract.EXITS_COUNT, 0)
-                self._call(s.add, contract.NEWCOMERS_COUNT, 0)
-                count = self._call(s.add, contract.joined_count_key(gen), 0)
-            first = False
-            if count >= n and self._call(s.check, joins):
-                self._call(s.multi_get, joins)
-                self._call(s.compare_set, members, "", "decided")
-                break
-            if self.plane != "poll":
-                self._wait([members], 60)
-                break
-        self.agreed = time.time()
-
-
-def _proc(nodes: list[int], n: int, rpn: int, port: int, plane: str, step_s: float,
-          loop: bool, start, go, seconds: float, out) -> None:
-    sims, launchers = [], []
-    for node in nodes:
-        ranks = list(range(node * rpn, min(n, (node + 1) * rpn)))
-        launcher = (_Launcher(node, ranks, port, plane, loop) if plane == "node" or loop
-                    else None)
-        if launcher is not None:
-            launchers.append(launcher)
-        sims += [_Rank(r, n, port, plane, step_s, 0, 0, 0, launcher) for r in ranks]
-    out.put("ready")
-    go.wait()
-    # wall times cross processes: convert the shared plan into this process's monotonic
-    off = time.monotonic() - time.time()
-    t_start, t_notice = start.value + off, start.value + seconds + off
-    for x in [*sims, *launchers]:
-        x.t_start, x.t_notice = t_start, t_notice
-    for x in sims:
-        x.t_end = t_notice + 60
-    runs = [x.run for x in [*sims, *launchers]] + [x.run_relay for x in launchers
-                                                     if x.relay is not None]
-    threads = [threading.Thread(target=f, daemon=True) for f in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 120)
-    clients = [*sims, *launchers, *(x.relay for x in launchers if x.relay is not None)]
-    out.put({"lat": [v for x in clients for v in x.lat],
-             "steady": sum(x.steady_requests for x in [*sims, *launchers])
-             + sum(x.relay_steady for x in launchers),
-             "launcher_steady": sum(x.steady_requests + x.relay_steady for x in launchers),
-             "total": sum(x.requests for x in clients),
-             "saw": [x.saw_notice for x in sims], "agreed": [x.agreed for x in sims],
-             "relayed": [x.relayed_at for x in launchers if x.relay is not None],
-             "published": next((x.published for x in sims if x.rank == 0), None)})
-
-
-def measure(n: int, plane: str, seconds: float, procs: int, step_s: float,
-            ranks_per_node: int = 8, launcher_loop: bool = False) -> dict:
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=timedelta(seconds=120))
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    nnodes = -(-n // ranks_per_node)
-    k = min(procs, nnodes)
-    start, go = ctx.Value("d", 0.0), ctx.Event()
-    ps = [ctx.Process(target=_proc, args=(list(range(i, nnodes, k)), n, ranks_per_node,
-                                          server.port, plane, step_s, launcher_loop, start,
-                                          go, seconds, q)) for i in range(k)]
-    for p in ps:
-        p.start()
-    for _ in ps:  # every client connected
-        q.get(timeout=300)
-    load = os.getloadavg()[0]
-    start.value = t0 = time.time() + 0.5
-    go.set()
-    parts = [q.get(timeout=seconds + 300) for _ in ps]
-    for p in ps:
-        p.join(10)
-    t_notice = t0 + seconds
-    lat = sorted(v for p in parts for v in p["lat"])
-    saw = [t for p in parts for t in p["saw"] if t]
-    agreed = [t for p in parts for t in p["agreed"] if t]
-    steady = sum(p["steady"] for p in parts)
-    launcher = sum(p["launcher_steady"] for p in parts)
-    relayed = [t for p in parts for t in p["relayed"] if t]
-    published = next((p["published"] for p in parts if p["published"]), None)
-    del server
-    return {"ranks": n, "plane": plane, "ranks_per_node": ranks_per_node, "nodes": nnodes,
-            "launcher_loop": launcher_loop, "loadavg_1m": load,
+            raw = store_load_py.run(layout, spec, port, seconds, step_s, procs, env)
+        load_end = os.getloadavg()[0]
+    cores = cpu.cores(raw["t_start"], raw["t_notice"])
+    t_notice = raw["t_notice"]
+    lat, rec = sorted(raw["lat"]), sorted(raw["rec_lat"])
+    steady = raw["rank_steady"] + raw["node_steady"]
+    want_ranks, want_nodes = tr.scheduled_requests(spec, layout, step_s, seconds)
+    per_rank, per_node = tr.offered_per_s(spec, layout, step_s)
+    return {"ranks": n, "plane": plane, "engine": engine, "ranks_per_node": ranks_per_node,
+            "nodes": layout.nodes, "launcher_loop": launcher_loop, "seconds": seconds,
+            "loadavg_1m": load, "loadavg_1m_end": load_end, **cores,
+            "connect_s": raw["connect_s"], "connect_max_s": raw.get("connect_max_s"),
+            "resolver_shim": shim,
             "requests_per_s": steady / seconds,
             "per_rank_per_s": steady / seconds / n,
-            "per_node_per_s": steady / seconds / nnodes,
-            "launcher_requests_per_s": launcher / seconds,
-            "p50_ms": 1e3 * lat[len(lat) // 2] if lat else None,
-            "p99_ms": 1e3 * lat[int(len(lat) * 0.99)] if lat else None,
-            "notice_to_all_seen_ms": 1e3 * (max(saw) - t_notice) if len(saw) == n else None,
-            "notice_to_all_agreed_ms": (1e3 * (max(agreed) - t_notice)
-                                        if len(agreed) == n else None),
-            "agree_requests": sum(p["total"] - p["steady"] for p in parts),
-            "published_after_ms": 1e3 * (published - t_notice) if published else None,
-            "notice_to_all_relays_ms": (1e3 * (max(relayed) - t_notice)
-                                        if relayed and len(relayed) == nnodes else None)}
+            "per_node_per_s": steady / seconds / layout.nodes,
+            "rank_requests_per_rank_per_s": raw["rank_steady"] / seconds / n,
+            "rank_waits_per_rank_per_s": raw["rank_steady_waits"] / seconds / n,
+            "scheduled_waits_per_rank_per_s": (max(0, math.ceil(seconds / step_s - 1e-9) - 1)
+                                               / seconds),
+            "launcher_requests_per_s": raw["node_steady"] / seconds,
+            "offered_requests_per_s": (want_ranks + want_nodes) / seconds,
+            "offered_per_rank_per_s": per_rank, "offered_per_node_per_s": per_node,
+            "achieved_over_offered": steady / max(1, want_ranks + want_nodes),
+            "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99), "p999_ms": _pct(lat, 0.999),
+            "samples": len(lat), "recovery_p99_ms": _pct(rec, 0.99),
+            "notice_to_all_seen_ms": _after(raw["saw"], t_notice, n),
+            "notice_to_all_agreed_ms": _after(raw["agreed"], t_notice, n),
+            "agree_requests": raw["total"] - steady,
+            "published_after_ms": (1e3 * (raw["published"] - t_notice)
+                                   if raw["published"] else None),
+            "notice_to_all_relays_ms": (_after(raw["relayed"], t_notice, layout.nodes)
+                                        if spec.relay else None)}
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def describe(r: dict) -> str:
+    """One printed line per point; a generator that fell short says so."""
+    short = r["achieved_over_offered"] < ACHIEVED_MIN
+    return (f"N={r['ranks']:5d} {r['plane']:>6} [{r['engine']}]: "
+            f"{r['requests_per_s']:8.0f} req/s of {r['offered_requests_per_s']:.0f} offered "
+            f"({r['achieved_over_offered']:.1%}; per rank {r['per_rank_per_s']:.1f} of "
+            f"{r['offered_requests_per_s'] / r['ranks']:.1f}), "
+            f"p50 {_fmt(r['p50_ms'], '.3f')} p99 {_fmt(r['p99_ms'], '.2f')} ms; "
+            f"notice->all seen {_fmt(r['notice_to_all_seen_ms'])} ms, agreed "
+            f"{_fmt(r['notice_to_all_agreed_ms'])} ms; connect {r['connect_s']:.1f} s; "
+            f"cores server {_fmt(r['server_cores'], '.2f')} generator "
+            f"{_fmt(r['generator_cores'], '.2f')} machine {_fmt(r['machine_busy_cores'], '.2f')}; "
+            f"load {r['loadavg_1m']:.2f}"
+            + ("\n    ** the load was not offered: achieved "
+               f"{r['achieved_over_offered']:.0%} of the scheduled requests (< "
+               f"{ACHIEVED_MIN:.0%}); past this machine's knee (server "
+               f"{_fmt(r['server_cores'], '.2f')}, generator {_fmt(r['generator_cores'], '.2f')}, "
+               f"machine {_fmt(r['machine_busy_cores'], '.2f')} of {os.cpu_count()} cores "
+               "busy): latency here is the overloaded machine's, not the design's"
+               if short else ""))
+
+
+def knee(rows: list[dict]) -> dict:
+    """The knee of a sweep of increasing load: the last point that kept up (achieved >=
+    ACHIEVED_MIN of offered, p99 within KNEE_P99_FACTOR of the first point's, or 1 ms),
+    and the first that did not."""
+    base = max(1.0, KNEE_P99_FACTOR * (rows[0]["p99_ms"] or 0))
+    good, broke, why = None, None, None
+    for r in rows:
+        if r["achieved_over_offered"] < ACHIEVED_MIN:
+            broke, why = r, f"achieved {r['achieved_over_offered']:.0%} of offered"
+        elif (r["p99_ms"] or 0) > base:
+            broke, why = r, f"p99 {r['p99_ms']:.1f} ms > {base:.1f} ms"
+        if broke:
+            break
+        good = r
+    pick = ("ranks", "offered_requests_per_s", "requests_per_s", "p50_ms", "p99_ms",
+            "server_cores", "machine_busy_cores")
+    return {"plane": rows[0]["plane"], "p99_limit_ms": base, "reason": why,
+            "last_good": {k: good[k] for k in pick} if good else None,
+            "first_broken": {k: broke[k] for k in pick} if broke else None,
+            "knee_requests_per_s": good["requests_per_s"] if good else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,41 +214,74 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", default="8,64,256,1024")
     ap.add_argument("--planes", default=",".join(PLANES))
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--procs", type=int, default=4, help="generator processes")
+    ap.add_argument("--engine", default="auto",
+                    help="cpp (compiled, offers 1024+ ranks), python (threads, the "
+                    "reference at small N) or auto: cpp when it builds (default)")
+    ap.add_argument("--procs", type=int, default=4, help="python engine: generator processes")
     ap.add_argument("--step-s", type=float, default=0.5, help="simulated step time")
     ap.add_argument("--ranks-per-node", type=int, default=8,
                     help="ranks per simulated node (node plane: one launcher each)")
     ap.add_argument("--launcher-loop", action="store_true",
                     help="also count each launcher loop's own store reads (every plane)")
+    ap.add_argument("--knee", default="poll", metavar="PLANE",
+                    help="afterwards, sweep PLANE over --knee-ranks until latency or "
+                    "achieved/offered breaks (default poll: the most requests per rank; "
+                    "'' skips the sweep)")
+    ap.add_argument("--knee-ranks", default=KNEE_RANKS)
+    ap.add_argument("--no-shim", action="store_true",
+                    help="do not preload benchmarks/store_load_numeric_names.c (c10d's "
+                    "reverse-DNS lookups then may stall a connect, and the server, 5 s)")
     ap.add_argument("--out", default=str(out_dir() / "store_load.json"))
     args = ap.parse_args(argv)
-    rows = []
+    engine = engine_for(args.engine)
+    rows, sweep, found = [], [], None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every point: a run cut short keeps what it measured
-        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
-                                   "mode": "simulated ranks (threads), loopback",
-                                   "step_s": args.step_s, "ranks_per_node": args.ranks_per_node,
-                                   "launcher_loop": args.launcher_loop, "rows": rows},
-                                  indent=1))
+        out.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "engine": engine,
+            "mode": "simulated ranks, one TCPStore client each; one `odyssey store` "
+                    "server process; loopback", "cpus": os.cpu_count(),
+            "step_s": args.step_s, "ranks_per_node": args.ranks_per_node,
+            "launcher_loop": args.launcher_loop, "seconds": args.seconds,
+            "command": "python benchmarks/store_load.py " + " ".join(argv or sys.argv[1:]),
+            "rows": rows, "knee_sweep": sweep, "knee": found}, indent=1))
 
-    for n in [int(x) for x in args.ranks.split(",")]:
-        if not 1 <= n <= 1024:
-            raise SystemExit("--ranks: 1..1024")
+    def point(n: int, plane: str) -> dict:
+        if not 1 <= n <= MAX_RANKS[engine]:
+            raise SystemExit(f"--ranks: 1..{MAX_RANKS[engine]} with the {engine} engine")
+        if plane not in PLANES:
+            raise SystemExit(f"--planes: one of {PLANES}")
+        r = measure(n, plane, args.seconds, args.procs, args.step_s, args.ranks_per_node,
+                    args.launcher_loop, engine, not args.no_shim)
+        print(describe(r), flush=True)
+        return r
+
+    for n in [int(x) for x in args.ranks.split(",") if x]:
         for plane in args.planes.split(","):
-            if plane not in PLANES:
-                raise SystemExit(f"--planes: one of {PLANES}")
-            r = measure(n, plane, args.seconds, args.procs, args.step_s,
-                        args.ranks_per_node, args.launcher_loop)
-            rows.append(r)
+            rows.append(point(n, plane))
             save()
-            print(f"N={n:5d} {plane:>6}: {r['requests_per_s']:9.0f} req/s "
-                  f"({r['per_rank_per_s']:6.1f}/rank, {r['per_node_per_s']:6.1f}/node of "
-                  f"{args.ranks_per_node}), latency p50 {r['p50_ms']:.3f} ms "
-                  f"p99 {r['p99_ms']:.3f} ms; notice->all seen {r['notice_to_all_seen_ms']} ms, "
-                  f"->all agreed {r['notice_to_all_agreed_ms']} ms "
-                  f"({r['agree_requests']} requests); load {r['loadavg_1m']:.2f}", flush=True)
+    if args.knee:
+        print(f"knee sweep: {args.knee} over N = {args.knee_ranks}", flush=True)
+        for n in [int(x) for x in args.knee_ranks.split(",")]:
+            sweep.append(point(n, args.knee))
+            found = knee(sweep)
+            save()
+            if found["first_broken"]:
+                break
+        print(f"knee ({args.knee}): last good {found['last_good']}; first broken "
+              f"{found['first_broken']} ({found['reason']})", flush=True)
+        biggest = max((x["ranks"] for x in rows), default=0)
+        for r in rows:
+            if found["knee_requests_per_s"] and r["ranks"] == biggest:
+                under = max(r["offered_requests_per_s"], r["requests_per_s"]) < found[
+                    "knee_requests_per_s"]
+                print(f"  N={r['ranks']} {r['plane']}: offers {r['offered_requests_per_s']:.0f}"
+                      f" req/s, made {r['requests_per_s']:.0f}: "
+                      f"{'under' if under else 'NOT under'} the knee "
+                      f"({found['knee_requests_per_s']:.0f})", flush=True)
+        save()
     print(f"wrote {args.out}")
     return 0
 

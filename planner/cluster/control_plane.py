@@ -71,32 +71,35 @@ class ControlPlaneModel:
                 grow * self.agree_s_per_rank, grow * self.rebuild_s_per_rank)
 
 
-# Fitted from `benchmarks/store_load.py --seconds 3` on the 2-core development machine
-# (2026-12-01; table in docs/BENCHMARKS.md): per-rank rates are the steady req/s over N
-# (117 poll, 19.7 notify, the same at N = 8, 64, 256); the notice and agreement slopes are
-# (N=256 - N=8) / 248 ranks of the notify design (notice -> all seen 0.85 -> 17.3 ms;
-# seen -> all agreed 1.9 -> 33.9 ms); capacity is the highest steady rate answered (30k
-# req/s, poll at N=256, where p50 latency had already grown from 0.1 to 5 ms: the knee).
-# Not measured, estimated: poll's agreement slope (taken equal to notify's; its cost at
-# scale comes from the queueing factor) and the rebuild slope (two store requests per
-# rank of ~20 us each, the loopback round trip).
-# node (benchmarks/store_load.py --planes notify,node, 2026-12-01, 8 ranks per node;
-# docs/BENCHMARKS.md): per rank only the step's traffic, 10.0 req/s (the vote and the
-# trainer's per-step reads; notify's 21.3 in the same run, which also counts those reads:
-# its rate below), per node 4.3 req/s (the launcher's beat and its notice relay), flat at
-# N = 8, 64, 256; notice -> all seen grows per node: (20.1 - 1.1 ms) / 31 nodes from N=8
-# to N=256 (after the publish); the agreement is notify's (same code), so its slope too.
-CAPACITY_RPS = 30_000.0
-POLL = ControlPlaneModel("poll", per_rank_rps=117.0, capacity_rps=CAPACITY_RPS,
+# Fitted from `benchmarks/store_load.py --seconds 3 --engine cpp --knee poll` on the shared
+# 2-core development machine (2026-12-01, the compiled generator, 8 ranks per node;
+# benchmarks/results/store_load_cpp.json and store_load_knee.json; table in
+# docs/BENCHMARKS.md, "Store load at 1024 ranks"). Per-rank rates: the steady req/s over N
+# where the generator kept up (poll 121, notify 21.3 per rank; node 10.0 per rank + 4.3
+# per node), the same at N = 8, 64, 256 and as both generators measure them. Capacity: the
+# most the server answered on this machine, 29k req/s (poll at N = 256, where achieved
+# fell below offered); the knee, p50 rising from 0.06 to 2.6 ms, came at 15.6k-19.4k
+# req/s, utilisation 0.54-0.67 of it, as a single server's queue predicts. The notice and
+# agreement slopes are fitted at N = 1024, where this factor is largest, so that the
+# model reproduces those points: notify, publish -> every rank saw it 0.3 -> 75.8 ms and
+# seen -> agreed 0.7 -> 103.6 ms at utilisation 0.75 (factor 4.05); node, publish ->
+# every rank saw it (through 128 relays) 0.4 -> 103.1 ms and seen -> agreed 0.6 ->
+# 102.6 ms at utilisation 0.37 (factor 1.59). The earlier Python-generator fit (8 -> 256
+# ranks: 6.6e-5 notice and 1.3e-4 agree per rank for notify, 6.1e-4 per node) charged
+# 3-5x what 1024 ranks then cost. Not re-fitted: poll's slopes (at N = 1024 its load was
+# past the knee and the generator made 7% of it) and the rebuild slope (two store
+# requests per rank of ~20 us each, the loopback round trip; not measured here).
+CAPACITY_RPS = 29_000.0
+POLL = ControlPlaneModel("poll", per_rank_rps=121.0, capacity_rps=CAPACITY_RPS,
                          notice_s_per_rank=6.0e-5, agree_s_per_rank=1.3e-4,
                          rebuild_s_per_rank=4.0e-5)
 NOTIFY = ControlPlaneModel("notify", per_rank_rps=21.3, capacity_rps=CAPACITY_RPS,
-                           notice_s_per_rank=6.6e-5, agree_s_per_rank=1.3e-4,
+                           notice_s_per_rank=1.8e-5, agree_s_per_rank=2.5e-5,
                            rebuild_s_per_rank=4.0e-5)
 NODE = ControlPlaneModel("node", per_rank_rps=10.0, capacity_rps=CAPACITY_RPS,
-                         notice_s_per_rank=0.0, agree_s_per_rank=1.3e-4,
+                         notice_s_per_rank=0.0, agree_s_per_rank=6.3e-5,
                          rebuild_s_per_rank=4.0e-5, per_node_rps=4.3,
-                         notice_s_per_node=6.1e-4)
+                         notice_s_per_node=5.1e-4)
 MODELS = {"poll": POLL, "notify": NOTIFY, "node": NODE}
 """Designs by monitor.control_plane name; "fixed" (no growth) is handled by the caller."""
 

@@ -32,4 +32,8 @@ def test_node_plane_grows_with_nodes_and_stays_under_the_knee():
     assert NODE.utilisation(1024, 8) < NODE.utilisation(1024, 1) < 1
     assert NODE.utilisation(1024) < NOTIFY.utilisation(1024) / 2
     assert NODE.extra_s(1024, 8)[0] < NODE.extra_s(1024, 2)[0]  # more relays to wake
-    assert all(n < m for n, m in zip(NODE.extra_s(1024), NOTIFY.extra_s(1024)))
+    # measured at 1024 ranks (benchmarks/store_load.py --engine cpp): node is cheaper in
+    # total, agreement and rebuild; its notice, through 128 relays, took longer than
+    # notify's 1024 wake-ups (103 against 76 ms after the publish)
+    node, notify = NODE.extra_s(1024), NOTIFY.extra_s(1024)
+    assert sum(node) < sum(notify) and node[1] <= notify[1] and node[2] < notify[2]
