@@ -35,7 +35,14 @@ from planner.mitigation import MitigationChoice
 from planner.placement import transfers
 from planner.plan import Plan
 from planner.program import Channel, Program
-from planner.recovery import RecoveryConfig, RecoveryContext, build_candidates, choose, score
+from planner.recovery import (
+    RecoveryConfig,
+    RecoveryContext,
+    build_candidates,
+    check_memory,
+    choose,
+    score,
+)
 
 
 def device_memory_bytes(device: torch.device) -> float | None:
@@ -225,6 +232,11 @@ class Coordinator:
         """The leader's own re-plan request becomes the decision (every member is in)."""
         chosen = dataclasses.replace(replan.chosen, resume_step=m.committed_step + 1,
                                      transfers=transfers(ctx, replan.chosen.plan))
+        if self.memory_model is not None and self.swap_pricing is not None:
+            # a re-plan's ranks over the capacity swap too (else the switch turns it off)
+            capacity = self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
+            check_memory([chosen], {}, self.memory_model(), capacity, drop_unfit=False,
+                         swap=self.swap_pricing)
         decision = RecoveryDecision(
             generation=m.generation, chosen=chosen, policy="mitigate",
             horizon_s=self.recovery.horizon_s, members=m.members,
