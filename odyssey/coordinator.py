@@ -113,10 +113,14 @@ class Coordinator:
         rec = self.recovery
         if self.memory_model is None or not (rec.memory_aware and rec.swap_to_fit):
             return None
-        if rec.capacity_bytes(device_memory_bytes(self.engine.device)) == float("inf"):
+        if self.capacity_bytes() == float("inf"):
             return None
         bw = self.engine.host_copy_Bps()
         return None if bw is None else SwapPricing(host_Bps=bw, overlap=rec.swap_overlap)
+
+    def capacity_bytes(self) -> float:
+        """Per-rank device capacity plans are checked against (inf: unchecked)."""
+        return self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
 
     # ---- generations ---------------------------------------------------------------
     def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None) -> Generation:
@@ -211,8 +215,8 @@ class Coordinator:
             return self._publish(m, ctx, replan)  # else a failure came first: recover
         predict = self.predictor()
         memory = self.memory_model() if self.memory_model is not None else None
-        capacity = self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
-        cands, dropped = build_candidates(ctx, predict, memory=memory, capacity_bytes=capacity,
+        cands, dropped = build_candidates(ctx, predict, memory=memory,
+                                          capacity_bytes=self.capacity_bytes(),
                                           drop_unfit=self.recovery.memory_aware,
                                           swap=self.swap_pricing)
         score(cands, ctx, self.recovery, predict)
@@ -234,9 +238,8 @@ class Coordinator:
                                      transfers=transfers(ctx, replan.chosen.plan))
         if self.memory_model is not None and self.swap_pricing is not None:
             # a re-plan's ranks over the capacity swap too (else the switch turns it off)
-            capacity = self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
-            check_memory([chosen], {}, self.memory_model(), capacity, drop_unfit=False,
-                         swap=self.swap_pricing)
+            check_memory([chosen], {}, self.memory_model(), self.capacity_bytes(),
+                         drop_unfit=False, swap=self.swap_pricing)
         decision = RecoveryDecision(
             generation=m.generation, chosen=chosen, policy="mitigate",
             horizon_s=self.recovery.horizon_s, members=m.members,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from statistics import median
 
 from odyssey.calibration import StepTimeModel
-from odyssey.coordinator import Coordinator, device_memory_bytes
+from odyssey.coordinator import Coordinator
 from odyssey.hooks import CommittedStep, Recovery, TrainerHook
 from planner.cost import CostModel
 from planner.mitigation import plan_mitigation
@@ -59,7 +59,7 @@ class StragglerMitigation(TrainerHook):
             return
         ctx = RecoveryContext(c.plan, c.members, c.step, self.step_model.layer_bytes())
         cost = CostModel(self.step_model.current_profile(), slowdown=slow)
-        capacity = self.recovery.capacity_bytes(device_memory_bytes(self.coord.engine.device))
+        capacity = self.coord.capacity_bytes()
         choice = plan_mitigation(ctx, self.step_model.predictor(), self.recovery,
                                  self.cfg.min_gain, cost=cost, home=self._home,
                                  memory_limit=capacity)

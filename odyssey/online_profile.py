@@ -3,9 +3,9 @@
 Each rank reports, with its vote, how long its forward and backward took per
 microbatch and layer, its layers' parameter counts, and the bytes each layer saved for
 backward per microbatch (`profiler.saved_bytes`; not reported while Chameleon swaps on
-that rank). The leader folds these into
-EWMAs per layer, so when it must plan a recovery it has a current, real-machine profile
-without stopping to measure (online calibration of the cost model).
+that rank). The leader folds these into EWMAs per layer, so when it must plan a recovery
+it has a current, real-machine profile without stopping to measure (online calibration
+of the cost model).
 """
 
 from __future__ import annotations

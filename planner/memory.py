@@ -190,7 +190,11 @@ class PeakMemory:
 def peak_memory(plan: Plan, model: MemoryModel) -> PeakMemory:
     """`plan_memory` summed per rank and reduced to its maximum (JSON stays small at a
     thousand ranks)."""
-    mem = plan_memory(plan, model)
+    return peak_of(plan_memory(plan, model))
+
+
+def peak_of(mem: dict[int, RankMemory]) -> PeakMemory:
+    """`peak_memory` of per-rank memory already computed (`plan_memory`)."""
     rank = min(mem, key=lambda r: (-mem[r].total, r))
     top = mem[rank]
     return PeakMemory(top.total, rank, top.static,
@@ -235,11 +239,11 @@ def swap_need(plan: Plan, model: MemoryModel, capacity_bytes: float,
     (`planner.swap_pricing`) say what it copies and how long the rank stalls. The step
     grows by the largest stall (a stalled rank stalls its pipeline, and the all-reduce
     waits for it). `steps`: the plan's `RankSteps`, when the caller has them."""
-    mem = plan_memory(plan, model)
+    steps = steps or RankSteps(plan, model)
+    mem = steps.memory
     over = [r for r, m in mem.items() if m.total > capacity_bytes]
     if not over:
         return SwapNeed({}, {}, 0.0)
-    steps = steps or RankSteps(plan, model)
     budgets, copied, exposed = {}, {}, 0.0
     for r in over:
         m = mem[r]
@@ -256,8 +260,8 @@ def swap_floor(plan: Plan, model: MemoryModel, steps: RankSteps | None = None) -
     """The least per-rank capacity `plan` fits in with swapping, on the fullest rank:
     static memory, output buffers in flight and Chameleon's minimum budget for the
     rank's step (`RankSteps.floor`: it swaps within a microbatch, layer by layer)."""
-    mem = plan_memory(plan, model)
     steps = steps or RankSteps(plan, model)
+    mem = steps.memory
     return max((min(m.total, m.static + m.activations - steps.saved_peak(r) + steps.floor(r))
                 for r, m in mem.items()), default=0.0)  # a rank that fits needs no swapping
 
@@ -279,6 +283,8 @@ class RankSteps:
         self.fwd = model.profile.column("forward_s", mb)
         self.bwd = model.profile.column("backward_s", mb)
         self._cache = model.swap_cache
+        self.memory = plan_memory(plan, model)
+        """Every rank's peak by the schedule formula (`plan_memory`)."""
         self._where: dict[int, list[tuple[int, int]]] = {}  # rank -> [(pipeline, stage)]
         self._inflight: dict[int, float] = {}
         for pi, pipe in enumerate(plan.pipelines):

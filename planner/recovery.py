@@ -35,6 +35,7 @@ from planner.memory import (
     SwapNeed,
     SwapPricing,
     peak_memory,
+    peak_of,
     swap_floor,
     swap_need,
 )
@@ -84,7 +85,8 @@ class RecoveryConfig:
     Chameleon measures on the leader) and keep it when that fits; the ranks that need it
     run Chameleon at the computed budget while that plan runs."""
     swap_overlap: float = 1.0
-    """Fraction of a rank's compute time Chameleon's copies hide under, in that price."""
+    """In that price, the fraction of the copy time Chameleon's timeline hides under
+    compute that really hides (`planner.memory.SwapPricing.overlap`)."""
 
     def __post_init__(self) -> None:
         if self.device_memory not in ("", "off"):
@@ -274,9 +276,10 @@ def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | No
     dropped: dict[str, str] = {}
     fits = None
     if memory is not None and drop_unfit and capacity_bytes < math.inf:
-        def fits(plan: Plan) -> bool:
-            return peak_memory(plan, memory).fits(capacity_bytes) or (
-                swap is not None and swap_need(plan, memory, capacity_bytes, swap) is not None)
+        def fits(plan: Plan) -> bool:  # with swapping: its floor (no need to price it)
+            if swap is None:
+                return peak_memory(plan, memory).fits(capacity_bytes)
+            return swap_floor(plan, memory) <= capacity_bytes
     fresh = fresh_plans(ctx, predict, predict_len=predict_len, exact_upto=exact_upto,
                         fits=fits)
     builders = {"reroute": lambda: [reroute(ctx)], "redundant": lambda: [redundant(ctx)],
@@ -306,9 +309,11 @@ def check_memory(cands: list[RecoveryCandidate], dropped: dict[str, str],
     for c in cands:
         pk, need, floor = peaks.get(id(c.plan), (None, None, 0.0))
         if pk is None:
-            pk = peak_memory(c.plan, memory)
-            if swap is not None:
+            if swap is None:
+                pk = peak_memory(c.plan, memory)
+            else:  # one per-rank memory table for the peak, the floor and the price
                 steps = RankSteps(c.plan, memory)
+                pk = peak_of(steps.memory)
                 floor = swap_floor(c.plan, memory, steps)
                 if not pk.fits(capacity_bytes):
                     need = swap_need(c.plan, memory, capacity_bytes, swap, steps)

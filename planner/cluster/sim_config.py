@@ -81,7 +81,8 @@ class SimConfig:
     swap_host_Bps: float = SwapPricing.host_Bps
     """Device<->host copy bandwidth of one GPU, for the swap price."""
     swap_overlap: float = SwapPricing.overlap
-    """Fraction of a GPU's compute time its swap copies can hide under."""
+    """Fraction of the copy time Chameleon's timeline hides under compute that really
+    hides (`planner.memory.SwapPricing.overlap`; 0: every copy second exposed)."""
     mitigate_stragglers: bool = True
     """The adaptive policy (Odyssey) finds a trace's slow nodes as the live leader does
     (`planner.straggler.StragglerDetector` on the timings its steps report, thresholds
