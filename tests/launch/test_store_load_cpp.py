@@ -48,7 +48,7 @@ def test_compiled_generator_offers_the_load_at_8_ranks():
 
     r = measure(8, "notify", seconds=2.0, step_s=0.5, engine="cpp")
     assert r["engine"] == "cpp" and r["ranks"] == 8
-    assert 0.9 <= r["achieved_over_offered"] <= 1.1  # loaded CI machines: some slack
+    assert 0.95 <= r["achieved_over_offered"] <= 1.05
     assert r["per_rank_per_s"] == pytest.approx(r["offered_requests_per_s"] / 8, rel=0.05)
     assert 0 < r["p50_ms"] <= r["p99_ms"] < 1000
     assert r["notice_to_all_seen_ms"] is not None
