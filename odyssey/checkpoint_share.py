@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -100,23 +99,6 @@ def choose_step(inventories: dict[int, dict], num_layers: int
     return None, skipped
 
 
-def _wait_keys(store: dist.Store, keys: list[str], timeout_s: float, slice_s: float = 1.0
-               ) -> None:
-    """`store.wait(keys)` in slices: torch 2.13's TCPStore can miss the wake-up of a wait
-    whose keys are set while other clients of the same server wait (a rank stayed in one
-    120 s wait after its peers, whose waits on the same keys had returned, had moved on;
-    docs/BENCHMARKS.md "A torch TCPStore hazard"); a new slice sees keys already set."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            store.wait(keys, timedelta(seconds=max(0.01, min(slice_s, left))))
-            return
-        except dist.DistStoreError:
-            if left <= slice_s:
-                raise
-
-
 def gather(store: dist.Store, attempt: int, rank: int, needs: dict[int, list[int]],
            root: str | os.PathLike, num_layers: int, extra_dirs: Iterable[str] = (),
            timeout_s: float = 120.0) -> tuple[Verified | None, list[tuple[int, list[str]]]]:
@@ -128,7 +110,7 @@ def gather(store: dist.Store, attempt: int, rank: int, needs: dict[int, list[int
     store.set(contract.checkpoint_inventory_key(attempt, rank),
               json.dumps(inventory(dirs, num_layers)))
     keys = [contract.checkpoint_inventory_key(attempt, r) for r in ranks]
-    _wait_keys(store, keys, timeout_s)
+    store.wait(keys, timedelta(seconds=timeout_s))
     invs = {r: json.loads(v) for r, v in zip(ranks, store.multi_get(keys))}
     step, skipped = choose_step(invs, num_layers)
     if step is None:
