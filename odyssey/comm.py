@@ -57,8 +57,9 @@ class CommConfig:
     poll_s: float = 0.02
     """How often a waiting rank checks whether the step was aborted."""
     setup_timeout_s: float = 10.0
-    """How long creating a group may wait for its members (a member that died during a
-    recovery must not hold the survivors for the whole op timeout)."""
+    """How long creating a recovery's groups may wait for their members (a member that
+    died during a recovery must not hold the survivors for the whole op timeout). The
+    first generation's groups wait `timeout_s`: ranks reach them at their own pace."""
     abort_timeout_s: float = 10.0
     """NCCL: how long aborting the old generation's communicators may take before this
     rank gives up on them and leaves the job (its launcher records the exit, the others

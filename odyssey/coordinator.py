@@ -123,10 +123,13 @@ class Coordinator:
         return self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
 
     # ---- generations ---------------------------------------------------------------
-    def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None) -> Generation:
+    def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None,
+              starting: bool = False) -> Generation:
         program = self.engine.compile(plan)  # with the model's tied groups
         abort = self.monitor.abort_check
         comm_cfg = self.comm_cfg
+        if starting:  # ranks reach their first groups at their own pace (imports, data)
+            comm_cfg = dataclasses.replace(comm_cfg, setup_timeout_s=comm_cfg.timeout_s)
         if self.monitor.notified:  # abort_check is a local flag: look at it often, for free
             comm_cfg = dataclasses.replace(comm_cfg, poll_s=self.monitor.cfg.local_poll_s)
         comm = Comm(self.store, self.rank, number, comm_cfg, abort).setup(program, extra)
@@ -134,7 +137,7 @@ class Coordinator:
         return Generation(number, plan, program, comm, commit, plan.ranks)
 
     def begin(self, plan: Plan, number: int = 0) -> Generation:
-        gen = self._open(number, plan)
+        gen = self._open(number, plan, starting=True)
         self.engine.install(gen.program, gen.comm, gen.commit)
         self._activate(gen)
         self._trained_plan = plan

@@ -28,6 +28,7 @@ simulator call the same functions.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,17 +108,23 @@ def repartitioned(plan: Plan, cost: CostModel, home: Plan | None = None,
     so its slowest stage, factor included, is as fast as it can be; a pipeline with no
     slow rank keeps its stages, or takes back its layout in `home` (same ranks in the
     same order: the way back once a straggler is cleared). Microbatches are unchanged.
-    A pipeline with no partition under `memory_limit` keeps its stages."""
+    A pipeline with no partition under `memory_limit` keeps its stages, and so does one
+    with a rank that also serves another pipeline (a rerouted stage: its layer range is
+    tied to that pipeline's, and a rank executes one stage)."""
     mb, m = plan.microbatch_size, plan.num_microbatches
     fwd, bwd = cost.layer_times(mb)
     saved, out = cost.memory.activation_tables(mb)
     part = Partitioner([f + b for f, b in zip(fwd, bwd)], cost.memory.static_layer_bytes(),
                        saved, out, cost.memory.config.reserve_bytes)
     back = {tuple(p.ranks): p.stages for p in home.pipelines} if home is not None else {}
+    uses = Counter(r for p in plan.pipelines for r in p.ranks)
     pipes = []
     for p in plan.pipelines:
         ranks, stages = p.ranks, list(p.stages)
         speed = [cost.speed_factor(r) for r in ranks]
+        if any(uses[r] > 1 for r in ranks):
+            pipes.append(p)  # shares a rank with another pipeline: keeps its boundaries
+            continue
         if max(speed) > 1.0:
             inflight = [inflight_microbatches(plan.schedule, len(ranks), s, m)
                         for s in range(len(ranks))]

@@ -91,7 +91,8 @@ class Straggler:
     """Median slowdown (e.g. 3.0: three times slower): over its slow steps when found,
     over the window after that."""
     since_step: int
-    """First step of the run of slow steps that made it a straggler."""
+    """First slow step from which its steps were persistently slow (`persistence` of
+    them reach `threshold`) up to when it was found."""
     reference: str
     """What it was compared with: replicas or baseline."""
 
@@ -192,14 +193,14 @@ class StragglerDetector:
         slow_steps = sum(f >= self.cfg.threshold for _, f in state.factors)
         known = self.current.get(rank)
         if known is None and slow_steps >= self.cfg.persistence * len(state.factors):
-            # since: the first step of the run of slow steps ending now
-            run = []
-            for s, f in reversed(state.factors):
-                if f < self.cfg.threshold:
-                    break
-                run.append((s, f))
-            since = run[-1][0] if run else step
-            slow = median(f for _, f in run) if run else factor  # the slowdown itself
+            # since: the first slow step from which the window's steps are still that
+            # persistently slow (a dip in the middle under load does not move it later)
+            seen = list(state.factors)
+            flags = [f >= self.cfg.threshold for _, f in seen]
+            first = next(i for i, slow_at in enumerate(flags) if slow_at and
+                         sum(flags[i:]) >= self.cfg.persistence * (len(flags) - i))
+            since = seen[first][0]
+            slow = median(f for _, f in seen[first:])  # the slowdown itself
             self.current[rank] = Straggler(rank, slow, since, kind)
             return StragglerChange(self.current[rank], step, cleared=False)
         if known is not None and factor < self.cfg.clear_threshold:

@@ -8,6 +8,7 @@ starting N interpreters would dominate the run time.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeVar
@@ -23,7 +24,9 @@ def run_threads(world_size: int, fn: Callable[[WorkerInfo], T], timeout_s: float
                 run_dir: str | None = None) -> list[T]:
     """Run `fn(worker)` for ranks 0..world_size-1 concurrently; return results by rank.
 
-    Re-raises the first rank's exception; raises TimeoutError if a rank does not finish.
+    Re-raises the first rank's exception as soon as it happens (the other ranks, maybe
+    waiting on it, are left behind as daemon threads: their waits time out on their
+    own); raises TimeoutError if a rank does not finish within `timeout_s`.
     """
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                            timeout=timedelta(seconds=timeout_s), use_libuv=True)
@@ -43,8 +46,10 @@ def run_threads(world_size: int, fn: Callable[[WorkerInfo], T], timeout_s: float
                for r in range(world_size)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline \
+            and not any(errors):
+        threads[next(r for r, t in enumerate(threads) if t.is_alive())].join(0.2)
     stuck = [r for r, t in enumerate(threads) if t.is_alive()]
     for r, e in enumerate(errors):
         if e is not None:

@@ -25,7 +25,7 @@ from planner.partition import Partitioner
 from planner.placement import RecoveryContext
 from planner.plan import Plan
 from planner.program import compile_plan
-from planner.recovery import RecoveryConfig
+from planner.recovery import RecoveryConfig, reroute
 from planner.simulate import simulate, simulate_plan
 from profiler import emulated_profile, loopback_comm
 
@@ -175,3 +175,19 @@ def test_one_pipeline_is_repartitioned():
     assert choice.chosen.kind == "repartition"
     stage = choice.chosen.plan.stage(2)
     assert stage.end - stage.start == 1
+
+
+def test_a_rerouted_pipeline_keeps_its_shared_stage_boundaries():
+    # DP 2 x PP 2, rank 2 lost and rerouted to rank 0 (stage 0 of both pipelines), then
+    # rank 3 slow: moving a layer onto rank 0 in pipeline 1 only would give rank 0 two
+    # layer ranges (once, the live leader crashed on exactly that); the pipeline keeps
+    # its boundaries and rebalancing is what is left
+    plan = Plan.uniform(8, 2, 2, 4, 1)
+    rerouted = reroute(RecoveryContext(plan, [0, 1, 3], 13, [1e6] * 8)).plan
+    assert [p.ranks for p in rerouted.pipelines] == [[0, 1], [0, 3]]
+    cost = CostModel(PROFILE, slowdown={3: 3.0})
+    assert layouts_of(repartitioned(rerouted, cost)) == layouts_of(rerouted)
+    ctx = RecoveryContext(rerouted, rerouted.ranks, 17, [1e6] * 8)
+    choice = plan_mitigation(ctx, predictor({3: 3.0}), RecoveryConfig(), 1.05, cost=cost)
+    assert {c.kind for c in choice.candidates} == {"keep", "rebalance"}
+    assert choice.chosen.kind == "rebalance" and choice.chosen.plan.ranks == rerouted.ranks

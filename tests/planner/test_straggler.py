@@ -39,6 +39,18 @@ def test_persistent_slowdown_is_found_within_the_window():
     assert found[0].event()["kind"] == "straggler"
 
 
+def test_a_dip_under_load_does_not_move_the_start_step():
+    # rank 1 3x slower from step 10, but step 12 looked fast (the machine's load): it is
+    # still slow since step 10 (the start once read as "the last unbroken run": 13)
+    det = StragglerDetector(StragglerConfig(window=8))
+    found = []
+    for step in range(30):
+        slow = {1: 3.0} if step >= 10 and step != 12 else {}
+        found += det.observe(step, timings(slow))
+    assert [(c.straggler.rank, c.straggler.since_step) for c in found] == [(1, 10)]
+    assert found[0].straggler.factor == pytest.approx(3.0)
+
+
 def test_one_slow_step_and_noise_are_not_stragglers():
     det = StragglerDetector()
     rng = random.Random(0)
