@@ -14,6 +14,7 @@ so several generations, or several ranks as threads of one process, coexist.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,9 @@ import torch.distributed as dist
 from odyssey import contract
 from odyssey.devices import BACKENDS, DEVICES
 from planner.program import Channel, Program
+
+log = logging.getLogger(__name__)
+_SLOW_GROUP_S = 5.0  # group builds take milliseconds; past this one is worth a log line
 
 
 class StepAborted(RuntimeError):
@@ -154,7 +158,12 @@ class Comm:
             wanted.append((members, "ar-" + "-".join(map(str, members))))
         for members, name in sorted(wanted, key=lambda w: (sorted(w[0]), w[1])):
             if self.worker_id in members and name not in self._groups:
+                t0 = time.monotonic()
                 self._groups[name] = (self._new_group(name, members), members)
+                took = time.monotonic() - t0
+                if took > _SLOW_GROUP_S:  # a member late, or a stalled store: say which
+                    log.warning("rank %d: group %s %s of generation %d took %.1f s to build",
+                                self.worker_id, name, list(members), self.generation, took)
         return self
 
     def close(self) -> None:

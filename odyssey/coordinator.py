@@ -36,6 +36,7 @@ from planner.placement import transfers
 from planner.plan import Plan
 from planner.program import Channel, Program
 from planner.recovery import (
+    RecoveryCandidate,
     RecoveryConfig,
     RecoveryContext,
     build_candidates,
@@ -217,11 +218,7 @@ class Coordinator:
         if replan is not None and m.members == trained.ranks and not m.newcomers:
             return self._publish(m, ctx, replan)  # else a failure came first: recover
         predict = self.predictor()
-        memory = self.memory_model() if self.memory_model is not None else None
-        cands, dropped = build_candidates(ctx, predict, memory=memory,
-                                          capacity_bytes=self.capacity_bytes(),
-                                          drop_unfit=self.recovery.memory_aware,
-                                          swap=self.swap_pricing)
+        cands, dropped = self.recovery_candidates(ctx)
         score(cands, ctx, self.recovery, predict)
         chosen = choose(cands, self.recovery)
         decision = RecoveryDecision(
@@ -233,6 +230,29 @@ class Coordinator:
             newcomers=m.newcomers, interrupted=self._interrupted)
         self.store.set(contract.plan_key(m.generation), json.dumps(decision.to_dict()))
         return decision
+
+    def recovery_candidates(self, ctx: RecoveryContext
+                            ) -> tuple[list[RecoveryCandidate], dict[str, str]]:
+        """Leader: every feasible recovery for `ctx` (unscored) and why each other kind
+        was dropped; with this rank's memory model, capacity and swap pricing."""
+        memory = self.memory_model() if self.memory_model is not None else None
+        return build_candidates(ctx, self.predictor(), memory=memory,
+                                capacity_bytes=self.capacity_bytes(),
+                                drop_unfit=self.recovery.memory_aware, swap=self.swap_pricing)
+
+    def drop(self, ranks: list[int], reason: str) -> bool:
+        """Leader: have the launchers kill `ranks` (fence) and, once they are confirmed
+        gone, announce the failure: the survivors recover without them. False (nothing
+        announced) when no launcher confirmed within the fence timeout."""
+        for r in ranks:
+            self.monitor.fence(r, reason)
+        deadline = time.monotonic() + self.monitor.cfg.fence_timeout_s
+        while not all(self.monitor.fenced_or_exited(r) for r in ranks):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        self.monitor.publish("failure", reason, sorted(ranks))
+        return True
 
     def _publish(self, m: Membership, ctx: RecoveryContext, replan: MitigationChoice
                  ) -> RecoveryDecision:

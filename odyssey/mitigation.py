@@ -4,7 +4,9 @@ When the straggler watch (odyssey/stragglers.py) finds a rank slow or clears one
 step-time model is told the slow ranks' factors (so every prediction, recoveries' too,
 covers them) and `planner.mitigation.plan_mitigation` chooses between keeping the plan,
 re-dealing microbatches and re-partitioning the slow pipeline's layers (with the
-microbatches re-dealt too or not). The plan before the first switch is kept as `home`:
+microbatches re-dealt too or not), and, under a launcher that fences, dropping the slow
+ranks: they are killed and the survivors recover without them, an ordinary failure
+recovery (`Coordinator.drop`). The plan before the first switch is kept as `home`:
 once nobody is slow, re-split pipelines take its layouts back. A switch goes through
 `Coordinator.request_replan`: an ordinary generation change with every member in, so the
 usual guarantees hold (same samples, same trajectory, replicas checked); layers that move
@@ -38,8 +40,11 @@ class StragglerMitigation(TrainerHook):
 
     def __init__(self, cfg: StragglerConfig, recovery: RecoveryConfig, coord: Coordinator,
                  step_model: StepTimeModel, event: Callable[[dict], None],
-                 say: Callable[[str, int, int], None]):
+                 say: Callable[[str, int, int], None], can_fence: bool = False):
+        """`can_fence`: the launcher kills fenced ranks (`odyssey run`), so a straggler
+        may be dropped (`StragglerConfig.drop`)."""
         self.cfg = cfg
+        self.can_drop = cfg.drop and can_fence
         self.recovery = recovery
         self.coord = coord
         self.step_model = step_model
@@ -60,9 +65,12 @@ class StragglerMitigation(TrainerHook):
         ctx = RecoveryContext(c.plan, c.members, c.step, self.step_model.layer_bytes())
         cost = CostModel(self.step_model.current_profile(), slowdown=slow)
         capacity = self.coord.capacity_bytes()
+        recover = ((lambda without: self.coord.recovery_candidates(without)[0])
+                   if self.can_drop else None)
         choice = plan_mitigation(ctx, self.step_model.predictor(), self.recovery,
                                  self.cfg.min_gain, cost=cost, home=self._home,
-                                 memory_limit=capacity)
+                                 memory_limit=capacity, recover=recover,
+                                 drop_gain=self.cfg.drop_gain)
         keep = next(x for x in choice.candidates if x.kind == "keep")
         chosen = choice.chosen
         record = {"kind": "mitigation", "step": c.step, "generation": c.generation,
@@ -79,13 +87,20 @@ class StragglerMitigation(TrainerHook):
         self.say(f"mitigation: {what}; {chosen.kind} ({chosen.note}), predicted step "
                  f"{keep.predicted_step_s * 1e3:.0f} -> {chosen.predicted_step_s * 1e3:.0f} ms",
                  c.step, c.generation)
+        self._pending = {"kind": "mitigation_result", "chosen": chosen.kind,
+                         "decided_step": c.step,
+                         "predicted_step_s": chosen.predicted_step_s}
+        if chosen.kind == "drop":
+            gone = sorted(slow)
+            if not self.coord.drop(gone, f"straggler dropped: {chosen.note}"):
+                self._pending = None
+                self.say(f"mitigation: no launcher confirmed fencing rank(s) {gone}; "
+                         f"keeping them", c.step, c.generation)
+            return
         if not slow:
             self._home = None  # on the way back
         elif self._home is None:
             self._home = c.plan
-        self._pending = {"kind": "mitigation_result", "chosen": chosen.kind,
-                         "decided_step": c.step,
-                         "predicted_step_s": chosen.predicted_step_s}
         self.coord.request_replan(choice, f"straggler mitigation: {chosen.note}")
 
     def on_recovered(self, recovery: Recovery) -> None:

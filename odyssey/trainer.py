@@ -128,7 +128,8 @@ class Trainer:
                                                       .mitigate and self.in_place),
                                               ft, self.coord, self.step_model,
                                               lambda e: self.telemetry.log.event(e),
-                                              self.telemetry.say)
+                                              self.telemetry.say,
+                                              can_fence=worker.launcher == "odyssey")
         self.hooks.insert(2, self.mitigation)
         self.hooks.insert(3, RecoveryOutcome(lambda e: self.telemetry.log.event(e)))
         self.gen: Generation | None = None

@@ -18,6 +18,13 @@ Candidates are `RecoveryCandidate`s, scored over the horizon like recoveries
   back to its layout in `home` (the plan before mitigation). Its layers move to their
   new holders (`planner.placement.transfers`), a transition priced like a recovery's.
 - repartition+rebalance: that, with the microbatches re-dealt on top.
+- drop: the slow ranks leave (fenced, as if lost) and the survivors recover without
+  them: the recovery candidate the failure's own decision would choose
+  (`planner.recovery.choose`), built by the caller's `recover` (the live leader's
+  builder, memory and swapping included), scored with its transition plus the step in
+  flight that the fence aborts. Only offered when the caller can fence ranks (a
+  launcher that kills them), and irreversible, so it must also beat every in-place
+  candidate by `drop_gain` in predicted step time.
 
 A switch is taken only when it beats keeping the plan by `StragglerConfig.min_gain` in
 predicted step time and by score (its switch cost included): hysteresis, so noise in
@@ -27,6 +34,7 @@ simulator call the same functions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -37,7 +45,11 @@ from planner.memory import inflight_microbatches
 from planner.partition import Partitioner, assign_microbatches, split_microbatches
 from planner.placement import RecoveryContext, transfers
 from planner.plan import Pipeline, Plan, PlanError, Stage
-from planner.recovery import RecoveryCandidate, RecoveryConfig, score
+from planner.recovery import RecoveryCandidate, RecoveryConfig, choose, score
+
+RecoverWithout = Callable[[RecoveryContext], list[RecoveryCandidate]]
+"""The caller's (unscored) recovery candidates for a context: `build_candidates` with its
+memory model and swap pricing, what a drop recovers with."""
 
 
 def with_counts(plan: Plan, counts: list[int]) -> Plan:
@@ -157,13 +169,16 @@ class MitigationChoice:
 
 def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
                     recovery: RecoveryConfig, min_gain: float, cost: CostModel | None = None,
-                    home: Plan | None = None, memory_limit: float = math.inf
+                    home: Plan | None = None, memory_limit: float = math.inf,
+                    recover: RecoverWithout | None = None, drop_gain: float = 1.25
                     ) -> MitigationChoice:
-    """Keep `ctx.old_plan`, rebalance it, or (with `cost`) re-partition it; `predict`
-    and `cost` must already know the slow ranks (`CostModel.slowdown`).
+    """Keep `ctx.old_plan`, rebalance it, (with `cost`) re-partition it, or (with `cost`
+    and `recover`) drop its slow ranks; `predict` and `cost` must already know the slow
+    ranks (`CostModel.slowdown`).
 
     `ctx.members` are the current plan's ranks (nobody is lost); `home`: the plan
-    before mitigation, whose layouts re-split pipelines go back to once no longer slow."""
+    before mitigation, whose layouts re-split pipelines go back to once no longer slow;
+    `drop_gain`: how much faster than the best in-place candidate a drop must be."""
     plan, resume = ctx.old_plan, ctx.committed_step + 1
     keep = RecoveryCandidate("keep", plan, resume_step=resume,
                              note=f"microbatches {counts_of(plan)}")
@@ -179,7 +194,15 @@ def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
     score(cands, ctx, recovery, predict)
     keep.predicted_transition_s = 0.0  # no switch, no cost
     keep.score = recovery.horizon_s / keep.predicted_step_s * plan.global_batch
+    in_place = max(cands, key=lambda c: c.score)
+    slow = sorted(r for r in plan.ranks if cost is not None and cost.speed_factor(r) > 1)
+    if recover is not None and slow:
+        drop = dropped(ctx, slow, recover, recovery, predict, keep.predicted_step_s)
+        if drop is not None:
+            cands.append(drop)
     best = max(cands, key=lambda c: c.score)
+    if best.kind == "drop" and in_place.predicted_step_s < best.predicted_step_s * drop_gain:
+        best = in_place  # irreversible: only when it clearly beats working around them
     if home is not None and cost is not None and not any(
             cost.speed_factor(r) > 1 for r in plan.ranks):
         # nobody slow: back to the plan before mitigation unless another beats it clearly
@@ -216,3 +239,27 @@ def _repartitions(ctx: RecoveryContext, predict: Callable[[Plan], float], cost: 
         out.append(RecoveryCandidate(kind, cand, transfers=moves, resume_step=resume,
                                      note=note + extra))
     return out
+
+
+def dropped(ctx: RecoveryContext, slow: list[int], recover: RecoverWithout,
+            recovery: RecoveryConfig, predict: Callable[[Plan], float], keep_step_s: float
+            ) -> RecoveryCandidate | None:
+    """The plan the survivors would recover with once `slow` leave (None: none is
+    feasible), as a ``drop`` candidate: the failure's decision over the same builder,
+    its transition plus the aborted step in flight (`keep_step_s`)."""
+    plan = ctx.old_plan
+    without = RecoveryContext(plan, [r for r in ctx.members if r not in slow],
+                              ctx.committed_step, ctx.layer_bytes, ctx.checkpoint_step)
+    if not without.members:
+        return None
+    cands = recover(without)
+    if not cands:
+        return None
+    score(cands, without, recovery, predict)
+    then = choose(cands, recovery)
+    transition = then.predicted_transition_s + keep_step_s
+    useful = max(0.0, recovery.horizon_s - transition)
+    return dataclasses.replace(
+        then, kind="drop", predicted_transition_s=transition,
+        score=useful / then.predicted_step_s * then.plan.global_batch,
+        note=f"rank(s) {slow} leave, then {then.kind}: {then.note}")

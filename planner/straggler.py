@@ -57,6 +57,15 @@ class StragglerConfig:
     or move layers off it to its pipeline's other stages, or both (`planner.mitigation`),
     when the cost model predicts it pays by `min_gain`, and re-plan back once it is
     cleared. Off: stragglers are only reported."""
+    drop: bool = True
+    """Mitigation may also drop a straggler: its launcher kills it and the survivors
+    recover without it (the failure recovery the model would choose), when that beats
+    every in-place mitigation by `drop_gain` (a rank many times slower). Only under
+    `odyssey run`, whose launchers fence ranks."""
+    drop_gain: float = 1.25
+    """How many times faster than the best in-place mitigation (predicted step time)
+    dropping must be: it is irreversible (the rank does not come back when its slowdown
+    passes; a replacement may join, as after any failure)."""
     min_gain: float = 1.05
     """A mitigation (or the re-plan back) is taken only when its predicted step time is
     this many times better than keeping the plan."""
@@ -78,6 +87,8 @@ class StragglerConfig:
                              f"move), got {self.window}")
         if self.min_gain < 1:
             raise ValueError(f"straggler.min_gain must be >= 1, got {self.min_gain}")
+        if self.drop_gain < 1:
+            raise ValueError(f"straggler.drop_gain must be >= 1, got {self.drop_gain}")
         if self.min_compute_s < 0:
             raise ValueError(f"straggler.min_compute_s must be >= 0, got {self.min_compute_s}")
 

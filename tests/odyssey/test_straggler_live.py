@@ -81,8 +81,9 @@ def test_layers_move_off_a_slow_rank_and_back(tmp_path):
     # without a replica holding its layers, and moves the layer back once it recovers
     # (60 steps: after a re-partition, clearing takes up to ~2 windows past the recovery
     # on a loaded machine, and the re-plan back must still come before the end)
-    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "60", "--inject",
-                                      "slow:rank=3,step=4,factor=6,until=26"])
+    # (dropping is off: at 6x, three ranks would be faster, see the test below)
+    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "60", "--straggler.no-drop",
+                                      "--inject", "slow:rank=3,step=4,factor=6,until=26"])
     run_dir = tmp_path / "run"
     replans = [e for e in report["events"] if e["kind"] == "recovery"]
     found = [e for e in report["events"] if e["kind"].startswith("straggler")]
@@ -97,3 +98,25 @@ def test_layers_move_off_a_slow_rank_and_back(tmp_path):
     assert [(e["rank"], e["reference"]) for e in cleared] == [(3, "baseline")], cleared
     assert cleared[0]["step"] >= 26  # not while it was slow
     check_same_numbers(report, run_dir, steps=60)
+
+
+@pytest.mark.timeout(200)
+def test_a_far_slower_rank_is_dropped_and_the_job_recovers_without_it(tmp_path):
+    # rank 3 20x slower from step 4: no in-place mitigation comes close to running on
+    # three ranks, so the leader has its launcher kill it (a fence) and the survivors
+    # recover as from a failure of rank 3: same samples, the failure-free trajectory
+    report, proc = run_job(tmp_path, 4, [*ARGS, "--steps", "30", "--inject",
+                                         "slow:rank=3,step=4,factor=20"])
+    run_dir = tmp_path / "run"
+    decided = [e for e in _events(run_dir, "mitigation") if e["chosen"] != "keep"]
+    assert decided and decided[0]["chosen"] == "drop", decided
+    assert decided[0]["stragglers"].keys() == {"3"}
+    recoveries = [e for e in report["events"] if e["kind"] == "recovery"]
+    assert [(e["cause"], e["ranks_lost"]) for e in recoveries] == [("failure", [3])], \
+        recoveries
+    assert 3 not in recoveries[0]["members"]
+    status = json.loads((run_dir / contract.STATUS_FILE).read_text())
+    assert status["fenced"] == [3] and status["stragglers"] == []
+    launcher = json.loads((run_dir / contract.launcher_file(0)).read_text())
+    assert launcher["fenced"]["3"].startswith("straggler dropped"), launcher["fenced"]
+    check_same_numbers(report, run_dir, steps=30)

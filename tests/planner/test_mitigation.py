@@ -25,7 +25,7 @@ from planner.partition import Partitioner
 from planner.placement import RecoveryContext
 from planner.plan import Plan
 from planner.program import compile_plan
-from planner.recovery import RecoveryConfig, reroute
+from planner.recovery import RecoveryConfig, build_candidates, choose, reroute, score
 from planner.simulate import simulate, simulate_plan
 from profiler import emulated_profile, loopback_comm
 
@@ -191,3 +191,53 @@ def test_a_rerouted_pipeline_keeps_its_shared_stage_boundaries():
     choice = plan_mitigation(ctx, predictor({3: 3.0}), RecoveryConfig(), 1.05, cost=cost)
     assert {c.kind for c in choice.candidates} == {"keep", "rebalance"}
     assert choice.chosen.kind == "rebalance" and choice.chosen.plan.ranks == rerouted.ranks
+
+
+def _with_drop(slow: dict[int, float], plan: Plan, drop_gain: float = 1.25):
+    predict = predictor(slow)
+    ctx = RecoveryContext(plan, plan.ranks, 9, [1e6] * 8)
+    return plan_mitigation(ctx, predict, RecoveryConfig(), 1.05,
+                           cost=CostModel(PROFILE, slowdown=slow),
+                           recover=lambda c: build_candidates(c, predict)[0],
+                           drop_gain=drop_gain)
+
+
+def test_a_much_slower_rank_is_dropped_and_a_mildly_slow_one_worked_around():
+    plan = Plan.uniform(8, 2, 2, 8, 1)
+    # 3x: moving a layer and re-dealing microbatches is as fast as leaving, and in place
+    mild = _with_drop({3: 3.0}, plan)
+    by = {c.kind: c for c in mild.candidates}
+    assert by["drop"].predicted_step_s == pytest.approx(
+        by["repartition+rebalance"].predicted_step_s, rel=0.05)
+    assert mild.chosen.kind == "repartition+rebalance"
+    # 20x: nothing in place comes close; rank 3 leaves and the survivors recover as a
+    # failure of rank 3 would (the same builder and choice), the aborted step priced in
+    far = _with_drop({3: 20.0}, plan)
+    drop = far.chosen
+    assert drop.kind == "drop" and 3 not in drop.plan.ranks, far.rows()
+    predict = predictor({3: 20.0})
+    without = RecoveryContext(plan, [0, 1, 2], 9, [1e6] * 8)
+    cands, _ = build_candidates(without, predict)
+    score(cands, without, RecoveryConfig(), predict)
+    then = choose(cands, RecoveryConfig())
+    assert drop.plan.to_dict() == then.plan.to_dict() and then.kind in drop.note
+    keep = next(c for c in far.candidates if c.kind == "keep")
+    assert drop.predicted_transition_s == pytest.approx(
+        then.predicted_transition_s + keep.predicted_step_s)
+    # without a builder (a launcher that cannot fence) nobody is dropped
+    ctx = RecoveryContext(plan, plan.ranks, 9, [1e6] * 8)
+    assert "drop" not in {c.kind for c in plan_mitigation(
+        ctx, predict, RecoveryConfig(), 1.05, cost=CostModel(PROFILE, slowdown={3: 20.0})
+    ).candidates}
+
+
+def test_dropping_must_clearly_beat_working_around():
+    # 6x: leaving is predicted 8% faster than repartition+rebalance, under the default
+    # 25% bar (irreversible); with the bar just under that edge it is taken, just over not
+    plan = Plan.uniform(8, 2, 2, 8, 1)
+    choice = _with_drop({3: 6.0}, plan)
+    by = {c.kind: c for c in choice.candidates}
+    edge = by["repartition+rebalance"].predicted_step_s / by["drop"].predicted_step_s
+    assert 1.05 < edge < 1.25 and choice.chosen.kind == "repartition+rebalance"
+    assert _with_drop({3: 6.0}, plan, drop_gain=edge * 0.99).chosen.kind == "drop"
+    assert _with_drop({3: 6.0}, plan, drop_gain=edge * 1.01).chosen.kind != "drop"
