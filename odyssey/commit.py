@@ -2,7 +2,10 @@
 
 The last voter sets `decision` to "commit"; anyone who learns of a failure sets it to
 "abort". Whoever writes first wins, so every survivor reads one outcome and either all
-apply the optimizer step or none does.
+apply the optimizer step or none does. On the notify control plane a rank blocks on the
+decision and its notice watcher writes the abort when a notice arrives (one wait request
+per vote, not one per 20 ms slice); elsewhere it waits in `poll_s` slices and asks
+`abort_check` between them.
 
 When a step needs global totals before its update (the gradient norm for clipping, fp16
 overflow), the last voter sums them from the votes and writes them into the commit
@@ -23,6 +26,16 @@ from odyssey import contract
 COMMIT = "commit"
 ABORT = "abort"
 
+NoticeAction = Callable[[dist.Store, dict], None]
+"""What the failure monitor's watcher runs on a notice, with its own store client."""
+
+
+def abort_step(store: dist.Store, generation: int, step: int, reason: str) -> str:
+    """Try to abort `step` of `generation` (its reason first, so a reader of the abort
+    finds one); the decision value that stands (a commit that won stays)."""
+    store.compare_set(contract.abort_reason_key(generation, step), "", reason)
+    return store.compare_set(contract.decision_key(generation, step), "", ABORT).decode()
+
 
 class CommitProtocol:
     """Votes and the decision for the steps of one generation."""
@@ -34,12 +47,20 @@ class CommitProtocol:
         members: list[int],
         poll_s: float = 0.05,
         abort_check: Callable[[], str | None] | None = None,
+        on_notice: Callable[[NoticeAction | None], None] | None = None,
+        woken_poll_s: float = 1.0,
     ):
+        """`on_notice`: registers an action the failure monitor's watcher runs when a
+        notice arrives (`FailureMonitor.on_notice`, notify plane): with it, a rank waits
+        for the decision in `woken_poll_s` slices (a backstop) and the watcher aborts the
+        decision to wake it; without it, in `poll_s` slices asking `abort_check`."""
         self.store = store
         self.generation = generation
         self.members = sorted(members)
         self.poll = timedelta(seconds=poll_s)
         self.abort_check = abort_check or (lambda: None)
+        self.on_notice = on_notice
+        self.woken_poll = timedelta(seconds=max(poll_s, woken_poll_s))
 
     def vote(self, worker_id: int, step: int, payload: dict, totals: bool = False
              ) -> tuple[str, dict | None]:
@@ -62,20 +83,33 @@ class CommitProtocol:
     def abort(self, step: int, reason: str) -> str:
         """Try to abort `step`; returns the decision value that stands (commit, with its
         totals, may have won)."""
-        g = self.generation
-        self.store.compare_set(contract.abort_reason_key(g, step), "", reason)
-        return self.store.compare_set(contract.decision_key(g, step), "", ABORT).decode()
+        return abort_step(self.store, self.generation, step, reason)
 
     def wait_decision(self, step: int) -> str:
         key = contract.decision_key(self.generation, step)
-        while True:
-            try:
-                self.store.wait([key], self.poll)
-                return self.store.get(key).decode()
-            except dist.DistStoreError:
-                reason = self.abort_check()
-                if reason:
-                    return self.abort(step, reason)
+        poll = self.poll
+        if self.on_notice is not None:
+            g = self.generation
+
+            def wake(store: dist.Store, notice: dict) -> None:  # the watcher's thread
+                if notice["gen"] == g:
+                    abort_step(store, g, step, f"{notice['kind']}: {notice['reason']}")
+
+            self.on_notice(wake)
+            poll = self.woken_poll
+        try:
+            # registered: look once before blocking (see FailureMonitor.on_notice)
+            reason = self.abort_check() if self.on_notice is not None else None
+            while not reason:
+                try:
+                    self.store.wait([key], poll)
+                    return self.store.get(key).decode()
+                except dist.DistStoreError:
+                    reason = self.abort_check()
+            return self.abort(step, reason)
+        finally:
+            if self.on_notice is not None:
+                self.on_notice(None)
 
     def votes(self, step: int) -> dict[int, dict]:
         """All members' vote payloads of a decided step (leader only: one round trip)."""

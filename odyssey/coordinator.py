@@ -32,7 +32,7 @@ from odyssey.monitor import FailureMonitor
 from planner.decision import RecoveryDecision
 from planner.memory import MemoryModel, SwapPricing
 from planner.mitigation import MitigationChoice
-from planner.placement import transfers
+from planner.placement import Transfer, transfers
 from planner.plan import Plan
 from planner.program import Channel, Program
 from planner.recovery import (
@@ -52,6 +52,18 @@ def device_memory_bytes(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return float(torch.cuda.get_device_properties(device).total_memory)
+
+
+def host_available_bytes() -> float | None:
+    """The node's available host memory now (Linux MemAvailable; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class RecoveryFailed(RuntimeError):
@@ -110,14 +122,19 @@ class Coordinator:
     def _swap_pricing(self) -> SwapPricing | None:
         """How the leader prices swapping to fit (None: it does not): only with a finite
         capacity and the engine able to swap; the copy bandwidth is measured here once
-        (Chameleon's calibration copy, a few ms) so the decision does not wait for it."""
+        (Chameleon's calibration copy, a few ms) so the decision does not wait for it, and
+        the host memory a rank may swap into is read here, at the job's start."""
         rec = self.recovery
         if self.memory_model is None or not (rec.memory_aware and rec.swap_to_fit):
             return None
         if self.capacity_bytes() == float("inf"):
             return None
         bw = self.engine.host_copy_Bps()
-        return None if bw is None else SwapPricing(host_Bps=bw, overlap=rec.swap_overlap)
+        if bw is None:
+            return None
+        ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)  # torchrun's name too
+        return SwapPricing(host_Bps=bw, overlap=rec.swap_overlap,
+                           host_bytes=rec.host_bytes(host_available_bytes(), ranks_on_node))
 
     def capacity_bytes(self) -> float:
         """Per-rank device capacity plans are checked against (inf: unchecked)."""
@@ -134,7 +151,11 @@ class Coordinator:
         if self.monitor.notified:  # abort_check is a local flag: look at it often, for free
             comm_cfg = dataclasses.replace(comm_cfg, poll_s=self.monitor.cfg.local_poll_s)
         comm = Comm(self.store, self.rank, number, comm_cfg, abort).setup(program, extra)
-        commit = CommitProtocol(self.store, number, plan.ranks, self.comm_cfg.poll_s, abort)
+        # notify: the watcher thread wakes decision waiters (node: its watcher reads files)
+        wake = (self.monitor.on_notice if self.monitor.notified
+                and self.monitor.cfg.control_plane == "notify" else None)
+        commit = CommitProtocol(self.store, number, plan.ranks, self.comm_cfg.poll_s, abort,
+                                on_notice=wake)
         return Generation(number, plan, program, comm, commit, plan.ranks)
 
     def begin(self, plan: Plan, number: int = 0) -> Generation:
@@ -290,8 +311,8 @@ class Coordinator:
         wire = transport_device(self.comm_cfg.backend, self.engine.device)
         self.monitor.watch(m.generation, m.members)
         # pack what we send before the new plan reshapes our layers
-        outgoing = [(t.dst, held.pack(t.layer, wire))
-                    for t in cand.transfers if t.src == self.rank]
+        outgoing = {i: held.pack(t.layer, wire)
+                    for i, t in enumerate(cand.transfers) if t.src == self.rank}
         extra = sorted({Channel(t.src, t.dst, "mig") for t in cand.transfers},
                        key=lambda c: (c.src, c.dst))
         gen = self._open(m.generation, cand.plan, extra)
@@ -301,18 +322,11 @@ class Coordinator:
         self.engine.install(gen.program, gen.comm, gen.commit, keep=True)
         if self._before_migrate is not None:
             self._before_migrate(cand.resume_step)
-        sends = [gen.comm.send(flat, dst, "mig") for dst, flat in outgoing]
         if cand.from_checkpoint:  # resume_step 0: no checkpoint, from initial weights
             step = cand.resume_step - 1
             self.engine.load_checkpoint(self.ckpt_dir, step if step >= 0 else None)
         else:
-            for t in sorted(cand.transfers, key=lambda t: (t.layer, t.src, t.dst)):
-                if t.dst != self.rank:
-                    continue
-                buf = held.receive_buffer(t.layer, wire)
-                held.unpack(t.layer, gen.comm.wait(gen.comm.recv(buf, t.src, "mig")))
-        for p in sends:
-            gen.comm.wait(p)
+            self._migrate(gen.comm, cand.transfers, outgoing, wire)
         t_migrated = time.time()
         self._verify(gen)
         self.engine.prune()
@@ -325,6 +339,24 @@ class Coordinator:
                      f"members {gen.members}, resuming at step {cand.resume_step}",
                      cand.resume_step)
         return gen, cand.resume_step
+
+    def _migrate(self, comm: Comm, moves: list[Transfer], outgoing: dict[int, torch.Tensor],
+                 wire: torch.device) -> None:
+        """Run the transfers round by round, as the transition is predicted
+        (`planner.placement.transfer_rounds`: in one round a rank sends at most one layer
+        and receives at most one, so no link carries two at once); `outgoing`: this rank's
+        packed layers by transfer index."""
+        held = self.engine.held
+        for k in sorted({t.round for t in moves}):
+            this = [(i, t) for i, t in enumerate(moves) if t.round == k]
+            sends = [comm.send(outgoing[i], t.dst, "mig") for i, t in this
+                     if t.src == self.rank]
+            for _, t in this:
+                if t.dst == self.rank:
+                    buf = held.receive_buffer(t.layer, wire)
+                    held.unpack(t.layer, comm.wait(comm.recv(buf, t.src, "mig")))
+            for p in sends:
+                comm.wait(p)
 
     def _verify(self, gen: Generation) -> None:
         """Every replica of every layer must be bit-identical before training resumes."""

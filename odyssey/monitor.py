@@ -118,6 +118,7 @@ class FailureMonitor:
         self._watcher: threading.Thread | None = None
         self._gen_changed = threading.Event()
         self._seen: dict | None = None  # notify: the notice the watcher saw (any generation)
+        self._on_notice: Callable[[dist.Store, dict], None] | None = None
         self.noticed_at: dict[int, float] = {}
         """Wall time this rank learned of each generation's notice."""
 
@@ -209,7 +210,11 @@ class FailureMonitor:
             key = contract.notice_key(gen)
             try:
                 store.wait([key], period)
-                self._saw(json.loads(store.get(key)))
+                record = json.loads(store.get(key))
+                self._saw(record)
+                act = self._on_notice
+                if act is not None:
+                    act(store, record)
                 while self.generation == gen and not self._stop.is_set():
                     self._gen_changed.wait(0.5)
                     self._gen_changed.clear()
@@ -255,6 +260,15 @@ class FailureMonitor:
     def _saw(self, record: dict) -> None:
         self._seen = record
         self.noticed_at.setdefault(record["gen"], time.time())
+
+    def on_notice(self, act: Callable[[dist.Store, dict], None] | None) -> None:
+        """notify: run `act(store, notice)` in the watcher thread, with its own store
+        client, when a notice arrives (or at once, if one already has), until set back to
+        None. The commit protocol aborts the decision its rank blocks on with it, so
+        waiters wake on the notice instead of re-asking the store in short slices. Set it
+        before looking at `abort_check` (the watcher sets the flag before it looks at
+        this): a notice is then seen by one or both, never missed."""
+        self._on_notice = act
 
     def stop(self) -> None:
         self._stop.set()

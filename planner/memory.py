@@ -16,6 +16,7 @@ bound: the interleaved schedules rarely peak together).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from planner.plan import Plan
@@ -212,6 +213,9 @@ class SwapPricing:
     """Fraction of the copy time Chameleon's timeline hides under compute that really
     hides (copy lanes run beside compute; below 1 for copies that slow compute down,
     0: every copy second is exposed)."""
+    host_bytes: float = math.inf
+    """Host memory one rank's swapped activations may fill: a rank that would hold more
+    there at its peak (its saved bytes at the peak less its budget) cannot swap to fit."""
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,8 @@ class SwapNeed:
 def swap_need(plan: Plan, model: MemoryModel, capacity_bytes: float,
               pricing: SwapPricing, steps: RankSteps | None = None) -> SwapNeed | None:
     """The swap that fits `plan` under `capacity_bytes`, or None when even swapping every
-    saved activation Chameleon can cannot (`swap_floor` over the capacity).
+    saved activation Chameleon can cannot (`swap_floor` over the capacity) or a rank's
+    swapped bytes would not fit in host memory (`SwapPricing.host_bytes`).
 
     Only what autograd saves can move (the stage output buffers stay for their sends), so
     a rank over budget keeps `budget = capacity - static - outputs in flight` saved bytes
@@ -248,7 +253,7 @@ def swap_need(plan: Plan, model: MemoryModel, capacity_bytes: float,
     for r in over:
         m = mem[r]
         budget = capacity_bytes - m.static - (m.activations - steps.saved_peak(r))
-        if budget < steps.floor(r):
+        if budget < steps.floor(r) or steps.saved_peak(r) - budget > pricing.host_bytes:
             return None
         priced = steps.price(r, budget, pricing.host_Bps)
         budgets[r], copied[r] = budget, priced.copied_bytes

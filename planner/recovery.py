@@ -87,11 +87,20 @@ class RecoveryConfig:
     swap_overlap: float = 1.0
     """In that price, the fraction of the copy time Chameleon's timeline hides under
     compute that really hides (`planner.memory.SwapPricing.overlap`)."""
+    host_memory: str = "auto"
+    """Host memory per rank that swapped activations may fill, e.g. 32GiB; a plan whose
+    swapping needs more on some rank is infeasible. "auto": the node's available memory
+    when the job starts, over its ranks, less `host_reserve`; "off": unchecked."""
+    host_reserve: str = "10%"
+    """Kept out of an "auto" host capacity: a size, or a percentage of it."""
 
     def __post_init__(self) -> None:
         if self.device_memory not in ("", "off"):
             _size("device_memory", self.device_memory)
         _size("memory_reserve", self.memory_reserve)
+        if self.host_memory not in ("auto", "off"):
+            _size("host_memory", self.host_memory)
+        self._host_reserve(1.0)
         if not 0.0 <= self.swap_overlap <= 1.0:
             raise ValueError(f"swap_overlap must be within [0, 1], got {self.swap_overlap}")
 
@@ -105,6 +114,29 @@ class RecoveryConfig:
         if device_total is None:
             return math.inf
         return max(0.0, device_total - _size("memory_reserve", self.memory_reserve))
+
+    def host_bytes(self, available: float | None, ranks_on_node: int) -> float:
+        """Host bytes per rank swapped activations may fill (inf: unchecked);
+        `available`: the node's available host memory (the runtime reads it)."""
+        if self.host_memory == "off":
+            return math.inf
+        if self.host_memory != "auto":
+            return float(_size("host_memory", self.host_memory))
+        if available is None:
+            return math.inf
+        return max(0.0, available - self._host_reserve(available)) / max(1, ranks_on_node)
+
+    def _host_reserve(self, available: float) -> float:
+        text = self.host_reserve.strip()
+        if text.endswith("%"):
+            try:
+                frac = float(text[:-1]) / 100
+            except ValueError:
+                frac = -1.0
+            if not 0 <= frac < 1:
+                raise ValueError(f"host_reserve {text!r}: a percentage must be in [0, 100)")
+            return frac * available
+        return float(_size("host_reserve", text))
 
 
 @dataclass
@@ -337,10 +369,14 @@ def check_memory(cands: list[RecoveryCandidate], dropped: dict[str, str],
     for c in unfit:
         key = c.kind if c.kind not in kinds_kept else (
             f"{c.kind} {[len(p.stages) for p in c.plan.pipelines]}")
+        why = ""
+        if swap is not None and c.floor_bytes <= capacity_bytes:  # the host is what is short
+            why = (f"; swapping would fit it but needs more host memory than "
+                   f"{format_size(swap.host_bytes)} per rank")
+        elif swap is not None:
+            why = f", even with swapping (needs {format_size(c.floor_bytes)})"
         dropped.setdefault(key, f"peak {format_size(c.peak_bytes)} on rank {c.peak_rank} "
-                                f"> device memory {cap}"
-                                + (f", even with swapping (needs {format_size(c.floor_bytes)})"
-                                   if swap is not None else ""))
+                                f"> device memory {cap}" + why)
     return kept
 
 

@@ -57,11 +57,14 @@ class StragglerConfig:
     or move layers off it to its pipeline's other stages, or both (`planner.mitigation`),
     when the cost model predicts it pays by `min_gain`, and re-plan back once it is
     cleared. Off: stragglers are only reported."""
-    drop: bool = True
+    drop: bool = False
     """Mitigation may also drop a straggler: its launcher kills it and the survivors
     recover without it (the failure recovery the model would choose), when that beats
     every in-place mitigation by `drop_gain` (a rank many times slower). Only under
-    `odyssey run`, whose launchers fence ranks."""
+    `odyssey run`, whose launchers fence ranks. Off by default: the model does not know
+    how long a slowdown lasts, and a dropped rank stays out after it passes (in the
+    cluster simulator's day with 30-minute 20x episodes, dropping trained 15% less than
+    working around them); turn it on where slow nodes stay slow or get replaced."""
     drop_gain: float = 1.25
     """How many times faster than the best in-place mitigation (predicted step time)
     dropping must be: it is irreversible (the rank does not come back when its slowdown

@@ -7,8 +7,9 @@ reparallelize, redundant) make the exact choice the live leader makes: candidate
 `planner.recovery.build_candidates` (screening pipeline counts at cluster scale),
 scored and chosen by `planner.recovery.score` / `choose`. `restart` (torchrun +
 checkpoints) and `drop-replica` (torchft) are modelled here. Around a straggler only
-`adaptive` re-plans (`mitigate`: the live leader's `planner.mitigation`); the others keep
-their plan through a slowdown, as the systems they model do.
+`adaptive` re-plans (`mitigate`: the live leader's `planner.mitigation`, dropping the
+slow rank included, recovered with `build`, the same builder as its failures); the others
+keep their plan through a slowdown, as the systems they model do.
 
 With `MemoryLimits`, the candidates are checked against a device capacity by the same
 call the live leader makes (`build_candidates(memory=, capacity_bytes=, drop_unfit=,
@@ -34,6 +35,7 @@ from planner.recovery import (
     choose,
     score,
 )
+from planner.straggler import StragglerConfig
 
 SIM_POLICIES = ("adaptive", "reroute", "reparallelize", "redundant", "restart", "drop-replica")
 
@@ -131,17 +133,23 @@ class Policy:
         newcomers = [r for r in sorted(members) if not plan.has_rank(r)]
         ctx = RecoveryContext(plan, sorted(members), committed_step, list(self.layer_bytes),
                               checkpoint_step, newcomers)
-        mem = self.memory
-        if mem is None:
-            cands, dropped = build_candidates(ctx, self.predict, predict_len=self.predict_len)
-        else:
-            cands, dropped = build_candidates(
-                ctx, self.predict, predict_len=self.predict_len, memory=self.cost.memory,
-                capacity_bytes=mem.capacity_bytes, drop_unfit=mem.aware,
-                swap=mem.swap if mem.aware else None)
+        cands, dropped = self.build(ctx)
         rc = self.recovery_config(policy)
         score(cands, ctx, rc, self.predict)
         return choose(cands, rc), cands, rc, dropped
+
+    def build(self, ctx: RecoveryContext
+              ) -> tuple[list[RecoveryCandidate], dict[str, str]]:
+        """Every feasible recovery for `ctx` (unscored) and why each other kind was
+        dropped: `build_candidates` checked against `self.memory` as the live leader
+        checks them (its `Coordinator.recovery_candidates`); what `decide` scores and a
+        straggler drop recovers with."""
+        mem = self.memory
+        if mem is None:
+            return build_candidates(ctx, self.predict, predict_len=self.predict_len)
+        return build_candidates(ctx, self.predict, predict_len=self.predict_len,
+                                memory=self.cost.memory, capacity_bytes=mem.capacity_bytes,
+                                drop_unfit=mem.aware, swap=mem.swap if mem.aware else None)
 
     def recovery_config(self, policy: str) -> RecoveryConfig:
         """The live leader's scoring settings, from the simulator's transition costs."""
@@ -158,14 +166,18 @@ class Policy:
         return False
 
     def mitigate(self, plan: Plan, members: list[int], committed_step: int,
-                 predict: Callable[[Plan], float], min_gain: float,
+                 predict: Callable[[Plan], float], cfg: StragglerConfig,
                  cost: CostModel | None = None, home: Plan | None = None) -> MitigationChoice:
         """The live leader's mitigation (`planner.mitigation.plan_mitigation`): keep
-        `plan`, re-deal its microbatches or (with `cost`) re-partition it; `predict` and
-        `cost` know the stragglers, `home` is the plan before mitigation."""
+        `plan`, re-deal its microbatches, (with `cost`) re-partition it or, with
+        `cfg.drop`, drop the slow ranks (the survivors recover with what `decide` would
+        choose for their failure, `build`); `predict` and `cost` know the stragglers,
+        `home` is the plan before mitigation, `cfg` holds `min_gain` and `drop_gain`."""
         ctx = RecoveryContext(plan, sorted(members), committed_step, list(self.layer_bytes))
-        return plan_mitigation(ctx, predict, self.recovery_config("adaptive"), min_gain,
-                               cost=cost, home=home)
+        recover = (lambda without: self.build(without)[0]) if cfg.drop else None
+        return plan_mitigation(ctx, predict, self.recovery_config("adaptive"), cfg.min_gain,
+                               cost=cost, home=home, recover=recover,
+                               drop_gain=cfg.drop_gain)
 
 
 class RecoveryPolicy(Policy):

@@ -70,6 +70,9 @@ class PolicyResult:
     """Training time with a slow rank (a trace `slow` line) in the plan."""
     mitigations: int = 0
     """Switches to a plan around stragglers (adaptive, `SimConfig.mitigate_stragglers`)."""
+    drops: int = 0
+    """Of `mitigations`, those that dropped the stragglers (they left the job; the
+    survivors recovered without them, `--straggler.drop`)."""
     replans_back: int = 0
     """Switches back once the detector cleared every straggler."""
     detection_delay_s: list[float] = field(default_factory=list)

@@ -21,10 +21,14 @@ live leader does (`planner.cluster.slow`): the live detector
 report from the slowdown on, says after how many steps (at the slowed step time) the
 leader knows; then `planner.mitigation.plan_mitigation`, predicting with the found
 factors in the cost model, picks the plan (its predicted transition is a stall), and
-the same happens when the detector clears the straggler (the way back). A loss or
+the same happens when the detector clears the straggler (the way back). With
+`straggler.drop` it may also drop the slow ranks, as under `odyssey run`: they leave the
+job for good (out of the membership while their nodes stay up; a replacement after the
+node's removal is a fresh rank) and the survivors run the recovery their failure would
+get. A loss or
 arrival meanwhile gets the policy's usual recovery, then mitigation again if a known
-straggler is still in the job. Results count the time slowed, mitigations, re-plans
-back and each episode's detection delay.
+straggler is still in the job. Results count the time slowed, mitigations (drops
+among them), re-plans back and each episode's detection delay.
 
 With a device memory (`SimConfig.device_memory`), the recovery policies check their
 candidates against it exactly as the live leader does (`planner.cluster.policies.
@@ -134,6 +138,9 @@ class _Run:
         self.ckpt = (0, 0.0, 0.0)  # (step, samples, training time since) at last ckpt
         self.since_ckpt = 0.0
         self.slow: dict[int, float] = {}
+        self.dropped: set[int] = set()
+        """Ranks a straggler drop took out of the job (their nodes still up): out of the
+        membership until their node is removed (a replacement in the slot is fresh)."""
         self.initial_live = cluster.world_size if ff else len(plan.ranks)
         self.ff_for = ff_for
         self.ref = 0.0
@@ -153,6 +160,10 @@ class _Run:
         # the leader's view of stragglers, for the policy that re-plans around them
         self.watch = (SlowWatch(sc.straggler, predict)
                       if sc.mitigate_stragglers and pol.mitigates else None)
+
+    def members(self) -> list[int]:
+        """The job's ranks: the trace's live ones but the dropped stragglers."""
+        return [r for r in self.mship.members() if r not in self.dropped]
 
     def check_memory(self, plan: Plan, swap_ranks: int) -> bool:
         """Whether `plan` runs over the device capacity without swapping (counted)."""
@@ -258,16 +269,18 @@ class _Run:
                 i += 1
             if at >= self.duration:
                 break
-            before = set(self.mship.members())
+            before = set(self.members())
             slow_now: list[tuple[list[int], float]] = []  # applied once time reaches `at`
             for e in batch:
-                if e.kind == "remove":  # a replacement in that slot is not slow
-                    slow_now.append((self.mship.ranks_of_node(e.node), 1.0))
+                if e.kind == "remove":  # a replacement in that slot is not slow, not dropped
+                    gone = self.mship.ranks_of_node(e.node)
+                    slow_now.append((gone, 1.0))
+                    self.dropped.difference_update(gone)
                 if e.kind == "slow":
                     slow_now.append((self.mship.ranks_of_node(e.node), e.factor))
                 else:
                     self.mship.apply(e)
-            after = self.mship.members()
+            after = self.members()
             lost = bool(before - set(after))
             changed = set(after) != before
             # a slowdown (or a spare) only changes the step time after the step in flight
@@ -313,7 +326,8 @@ class _Run:
             found = r.detection_delay_s
             mean = f"{sum(found) / len(found):.1f}" if found else "-"
             r.notes.append(f"stragglers: {len(found)} found (after {mean} s on average), "
-                           f"{r.mitigations} mitigations, {r.replans_back} re-plans back")
+                           f"{r.mitigations} mitigations ({r.drops} drops), "
+                           f"{r.replans_back} re-plans back")
         if self.res.over_budget:
             self.res.notes.append(
                 f"ran over budget: would OOM ({self.res.over_budget} plans over "
@@ -337,20 +351,28 @@ class _Run:
             self.res.lost_work_s += self.since_ckpt
             self.samples, self.steps = samples, step
             self.since_ckpt = 0.0
-        stall = min(r.transition_s, max(self.duration - self.t, 0.0))
-        self.seg(self.t, self.t + stall, 0.0, f"transition:{r.kind}")
-        self.res.stall_s += stall
-        self.t += stall
-        self.plan = r.plan
-        self.batch = r.samples_per_step or r.plan.global_batch
-        self.swap_s = r.swap_s
-        self.res.swapping += int(r.swap_ranks > 0)
+        self.stall(r.transition_s, r.kind)
+        self.adopt(r.plan, r.samples_per_step or r.plan.global_batch, r.swap_s, r.swap_ranks)
         self.res.memory_dropped += int(r.memory_dropped)
         self.res.memory_fallbacks += int(r.memory_fallback)
-        self.over = self.check_memory(r.plan, r.swap_ranks)
         self.changed = True
         self.ref = (self.ff_for(members) if self.ff_for
                     else self.ff * len(members) / self.initial_live)
+
+    def stall(self, seconds: float, kind: str) -> float:
+        """Nobody trains for `seconds` (cut at the end): a transition of `kind`."""
+        stall = min(seconds, max(self.duration - self.t, 0.0))
+        self.seg(self.t, self.t + stall, 0.0, f"transition:{kind}")
+        self.res.stall_s += stall
+        self.t += stall
+        return stall
+
+    def adopt(self, plan: Plan, batch: int, swap_s: float, swap_ranks: int) -> None:
+        """Run `plan` from now on: `batch` samples a step, `swap_s` more a step for the
+        `swap_ranks` ranks that swap to fit (its memory checked)."""
+        self.plan, self.batch, self.swap_s = plan, batch, swap_s
+        self.res.swapping += int(swap_ranks > 0)
+        self.over = self.check_memory(plan, swap_ranks)
 
     # ---- stragglers (the adaptive policy with SimConfig.mitigate_stragglers) ----------
     def rewatch(self) -> None:
@@ -377,25 +399,29 @@ class _Run:
         return True
 
     def mitigate(self) -> None:
-        """The live leader's mitigation for the stragglers it knows (or the way back)."""
+        """The live leader's mitigation for the stragglers it knows (or the way back).
+        A drop takes the slow ranks out of the job (they stay out while their nodes are
+        up) and runs the recovery their failure would choose, its stall priced with the
+        aborted step in flight; the other kinds re-plan in place."""
         w = self.watch
         predict = w.predictor()
-        choice = self.pol.mitigate(self.plan, self.plan.ranks, self.steps, predict,
-                                   self.sc.straggler.min_gain, cost=predict.cost, home=w.home)
+        choice = self.pol.mitigate(self.plan, self.members(), self.steps, predict,
+                                   self.sc.straggler, cost=predict.cost, home=w.home)
         if not choice.switch:
             return
         c = choice.chosen
-        stall = min(c.predicted_transition_s, max(self.duration - self.t, 0.0))
-        self.seg(self.t, self.t + stall, 0.0, f"transition:{c.kind}")
-        self.res.stall_s += stall
-        self.res.mitigation_stall_s += stall
-        self.t += stall
+        self.res.mitigation_stall_s += self.stall(c.predicted_transition_s, c.kind)
         if w.known:
             self.res.mitigations += 1
         else:
             self.res.replans_back += 1
         self.res.events.append((self.t, f"~{c.kind} {c.note}"))
+        if c.kind == "drop":  # the ranks plan_mitigation dropped: every slow one
+            self.res.drops += 1
+            self.dropped |= {r for r in self.plan.ranks if predict.cost.speed_factor(r) > 1}
+            w.forget(self.members())
+            self.adopt(c.plan, c.plan.global_batch, c.swap_s, len(c.swap_budgets))
+            return
         w.switched(self.plan)
-        self.plan = c.plan
-        self.batch = c.plan.global_batch
-        self.over = self.check_memory(c.plan, 0)
+        # in place: the candidates are not priced for swapping; the plan's stays
+        self.adopt(c.plan, c.plan.global_batch, self.swap_s, 0)

@@ -82,7 +82,9 @@ def test_status_and_prometheus_follow_a_recovery(tmp_path, capsys):
         assert not any(k.startswith("odyssey_recoveries_total") for k in m0)
 
         # a persistent slowdown injected live: found as a straggler, shown, then cleared
-        until = before["step"] + 30
+        # (60 steps: on a loaded machine detection can come late in a shorter slowdown,
+        # and the gauge must still be there to scrape)
+        until = before["step"] + 60
         assert odyssey(["inject", "--run-dir", str(run_dir), "--rank", "1", "--kind", "slow",
                         "--factor", "3", "--until", str(until)]) == 0
         capsys.readouterr()

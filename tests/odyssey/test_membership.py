@@ -11,6 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from odyssey import contract
+from odyssey.commit import ABORT, COMMIT, CommitProtocol, abort_step
 from odyssey.membership import AgreementError, JobFinished, agree
 from odyssey.monitor import FailureMonitor, MonitorConfig
 from tests.conftest import store_client
@@ -94,6 +95,47 @@ def test_watcher_delivers_a_notice_without_polling(server):
         assert mon.abort_check() == "failure: test" and 0 in mon.noticed_at
         mon.watch(1, [0, 1])  # a new generation: the flag is for generation 0 only
         assert mon.notice() is None
+    finally:
+        mon.stop()
+
+
+def test_a_notice_wakes_a_rank_blocked_on_the_decision(server):
+    # notify: rank 0 voted and blocks on step 3's decision with a 30 s backstop slice; a
+    # notice published by another rank makes its watcher abort the decision, and the
+    # wait returns at once with the reason recorded (a commit written first would stand)
+    mon = _monitor(server, 0, "notify")
+    mon.start_heartbeat()
+    try:
+        mon.watch(0, [0, 1])
+        commit = CommitProtocol(store_client(server), 0, [0, 1], 0.02, mon.abort_check,
+                                on_notice=mon.on_notice, woken_poll_s=30.0)
+        got = {}
+
+        def vote():
+            t0 = time.monotonic()
+            got["decision"] = commit.vote(0, 3, {"loss": 1.0})
+            got["waited_s"] = time.monotonic() - t0
+
+        t = threading.Thread(target=vote)
+        t.start()
+        time.sleep(0.3)  # blocked in the wait by now
+        assert t.is_alive() and "decision" not in got
+        published = time.monotonic()
+        other = _monitor(server, 1, "notify")
+        other.watch(0, [0, 1])
+        other.publish("failure", "rank 1 lost")
+        t.join(10)
+        assert got["decision"] == (ABORT, None)
+        assert time.monotonic() - published < 5  # woken, not the 30 s slice
+        reason = server.get(contract.abort_reason_key(0, 3)).decode()
+        assert reason == "failure: rank 1 lost"
+        assert mon._on_notice is None  # unregistered once the wait ended
+        # a decided step stays decided: the watcher's abort of step 4 loses to its commit
+        commit2 = CommitProtocol(store_client(server), 1, [0], 0.02, mon.abort_check,
+                                 on_notice=mon.on_notice, woken_poll_s=30.0)
+        mon.watch(1, [0])
+        assert commit2.vote(0, 4, {})[0] == COMMIT
+        assert abort_step(server, 1, 4, "late") == COMMIT
     finally:
         mon.stop()
 

@@ -1,6 +1,6 @@
 """Stragglers in real jobs (`odyssey run`, real compute, 4 processes on this noisy 2-core
 machine): a failure-free run raises no straggler event with the default thresholds, and
-a rank made 3x slower is found and routed around (microbatches re-dealt, layers moved off
+a rank made several times slower is found and routed around (microbatches re-dealt, layers moved off
 it) while the job keeps the failure-free trajectory, through a SIGKILL of the leader and
 in-place recovery too, and re-plans back once it recovers (nothing lost, replicas
 identical)."""
@@ -34,22 +34,25 @@ def test_no_straggler_in_a_failure_free_run(tmp_path, dp, pp):
 
 @pytest.mark.timeout(200)
 def test_slow_rank_is_found_and_numbers_hold_through_a_kill(tmp_path):
-    report, proc = run_job(tmp_path, 4, [*ARGS, "--steps", "20", "--inject",
-                                         "slow:rank=3,step=4,factor=3",
-                                         "kill:rank=0,step=14,phase=backward"])
+    # (6x: this GPT's ops take well under a millisecond, so on a loaded 2-core machine a
+    # preempted replica can hide a 3x slowdown for most of a window; the kill at step 16
+    # leaves the leader's detector two windows)
+    report, proc = run_job(tmp_path, 4, [*ARGS, "--steps", "22", "--inject",
+                                         "slow:rank=3,step=4,factor=6",
+                                         "kill:rank=0,step=16,phase=backward"])
     run_dir = tmp_path / "run"
     found = _events(run_dir, "straggler")
     # since: the first of the slow steps found; on a loaded machine step 3 can be slow by
     # chance too (one step of noise before the slowdown joins the run)
     assert found and found[0]["rank"] == 3 and found[0]["since_step"] >= 3, found
-    assert found[0]["step"] < 14 and found[0]["factor"] > 1.8
+    assert found[0]["step"] < 16 and found[0]["factor"] > 1.8
     assert "straggler: rank 3" in proc.stdout
     # the leader routes work around rank 3 (mitigation), then is killed
     recoveries = [(e["cause"], e["ranks_lost"], e["chosen"]) for e in report["events"]
                   if e["kind"] == "recovery"]
     assert recoveries[0][:2] == ("replan", []) and recoveries[0][2] in MITIGATIONS, recoveries
     assert [(c, lost) for c, lost, _ in recoveries[1:]] == [("failure", [0])], recoveries
-    check_same_numbers(report, run_dir, steps=20)
+    check_same_numbers(report, run_dir, steps=22)
     status = json.loads((run_dir / contract.STATUS_FILE).read_text())
     assert status["generation"] == 2 and status["leader"] == 1  # rank 0 was the leader
     assert sorted((c["cause"], c["count"]) for c in status["recovery_counts"]) == [
@@ -58,12 +61,12 @@ def test_slow_rank_is_found_and_numbers_hold_through_a_kill(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_mitigation_is_reconsidered_after_a_failure(tmp_path):
-    # rank 3 slow from step 4 (found, routed around), then rank 2 is killed: the
+    # rank 3 6x slow from step 4 (found, routed around), then rank 2 is killed: the
     # recovery plan is chosen with rank 3's factor known, and the leader mitigates again
     # (36 steps: on a loaded machine rank 3 may be found only after the kill, in the new
     # generation, a window later; the mitigation must still come before the end)
     report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "36", "--inject",
-                                      "slow:rank=3,step=4,factor=3",
+                                      "slow:rank=3,step=4,factor=6",
                                       "kill:rank=2,step=14,phase=backward"])
     run_dir = tmp_path / "run"
     recoveries = [e for e in report["events"] if e["kind"] == "recovery"]
@@ -81,9 +84,8 @@ def test_layers_move_off_a_slow_rank_and_back(tmp_path):
     # without a replica holding its layers, and moves the layer back once it recovers
     # (60 steps: after a re-partition, clearing takes up to ~2 windows past the recovery
     # on a loaded machine, and the re-plan back must still come before the end)
-    # (dropping is off: at 6x, three ranks would be faster, see the test below)
-    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "60", "--straggler.no-drop",
-                                      "--inject", "slow:rank=3,step=4,factor=6,until=26"])
+    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "60", "--inject",
+                                      "slow:rank=3,step=4,factor=6,until=26"])
     run_dir = tmp_path / "run"
     replans = [e for e in report["events"] if e["kind"] == "recovery"]
     found = [e for e in report["events"] if e["kind"].startswith("straggler")]
@@ -105,8 +107,8 @@ def test_a_far_slower_rank_is_dropped_and_the_job_recovers_without_it(tmp_path):
     # rank 3 20x slower from step 4: no in-place mitigation comes close to running on
     # three ranks, so the leader has its launcher kill it (a fence) and the survivors
     # recover as from a failure of rank 3: same samples, the failure-free trajectory
-    report, proc = run_job(tmp_path, 4, [*ARGS, "--steps", "30", "--inject",
-                                         "slow:rank=3,step=4,factor=20"])
+    report, proc = run_job(tmp_path, 4, [*ARGS, "--steps", "30", "--straggler.drop",
+                                         "--inject", "slow:rank=3,step=4,factor=20"])
     run_dir = tmp_path / "run"
     decided = [e for e in _events(run_dir, "mitigation") if e["chosen"] != "keep"]
     assert decided and decided[0]["chosen"] == "drop", decided

@@ -4,6 +4,7 @@ live detector (planner.straggler) and re-plans with the live mitigation
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import pytest
 
 from planner.cluster.bench import straggler_table
 from planner.cluster.predict import Predictor
+from planner.cluster.results import Segment
 from planner.cluster.sim import ClusterConfig, SimConfig, TransitionConfig, simulate_trace
 from planner.cluster.slow import detect
 from planner.cluster.traces import TraceEvent, initial_nodes
@@ -136,3 +138,67 @@ def test_recovery_while_slow(cost, lost):
     else:
         assert len(after) == 1 and on.slowed_s < 30.0
     assert on.samples > off.samples
+
+
+DROP = StragglerConfig(drop=True)  # off by default
+
+
+def for_good(factor: float) -> list[TraceEvent]:
+    """node2 (rank 2) slow from SLOW_AT to the end."""
+    return [*initial_nodes(8), TraceEvent(SLOW_AT, "slow", "node2", factor)]
+
+
+def last_train(result) -> Segment:
+    return [s for s in result.segments if s.what == "train"][-1]
+
+
+def test_a_far_slower_rank_is_dropped(cost):
+    """20x slow for good: no in-place mitigation comes close to running without it, so
+    rank 2 leaves (straggler.drop, as live under odyssey run) and the survivors run what
+    a failure of rank 2 would get; with drop off it is worked around in place."""
+    on = run("adaptive", cost, for_good(20.0), straggler=DROP)
+    off = run("adaptive", cost, for_good(20.0))
+    assert on.mitigations == on.drops == 1 and on.transitions == 0
+    assert off.mitigations == 1 and off.drops == 0
+    (t, what), = on.events
+    assert what.startswith("~drop rank(s) [2] leave, then reparallelize"), what
+    found = SLOW_AT + on.detection_delay_s[0]
+    # the stall: the recovery's transition and the slowed step in flight it aborts
+    slowed = Predictor(cost, "closed-form", 1.0).slowed(dp2_pp4(), {2: 20.0})
+    assert slowed < t - found == pytest.approx(on.mitigation_stall_s, abs=slowed)
+    # rank 2 is out of the plan afterwards: nothing slowed after the drop
+    assert on.slowed_s < t - SLOW_AT
+    assert off.slowed_s > END - t
+    # the failure's own recovery: the rate a loss of node2 gets
+    lost = run("adaptive", cost, [*initial_nodes(8), TraceEvent(SLOW_AT, "remove", "node2")])
+    assert last_train(on).samples_per_s == pytest.approx(last_train(lost).samples_per_s)
+    assert last_train(on).samples_per_s > 1.25 * last_train(off).samples_per_s
+    assert on.samples > off.samples
+    assert "1 mitigations (1 drops)" in on.notes[0]
+
+
+def test_a_mildly_slow_rank_is_worked_around_in_place(cost):
+    on = run("adaptive", cost, for_good(3.0), straggler=DROP)
+    off = run("adaptive", cost, for_good(3.0))
+    assert on.mitigations == 1 and on.drops == 0
+    assert on.events[-1][1].startswith("~repartition+rebalance")
+    assert (on.samples, on.events) == (off.samples, off.events)
+
+
+def test_a_dropped_rank_stays_out_until_a_replacement_takes_its_slot(cost):
+    """The dropped rank stays out when its slowdown ends (irreversible, its node still
+    up); once its node is removed (no loss: it had left) a replacement in the slot joins
+    as a normal, fast rank."""
+    events = [*for_good(20.0), TraceEvent(55.0, "slow", "node2", 1),
+              TraceEvent(65.0, "remove", "node2"), TraceEvent(75.0, "add", "node8")]
+    r = run("adaptive", cost, events, straggler=DROP)
+    (t, drop), (t2, back) = r.events
+    assert drop.startswith("~drop") and t < 55.0
+    assert t2 == 75.0 and back.startswith("+")  # an arrival; the removal was no loss
+    assert sum(json.loads(back.split(" ", 1)[1])) == 8  # every rank in the plan again
+    assert r.transitions == 1 and r.drops == 1 and len(r.detection_delay_s) == 1
+    out = [s for s in r.segments if s.what == "train" and t <= s.t0 < t2]
+    assert len(out) == 1 and out[0].t1 > 70.0  # one rate from the drop to the arrival
+    rejoined = last_train(r)
+    assert rejoined.t0 > t2 and rejoined.samples_per_s > out[0].samples_per_s
+    assert r.slowed_s < t - SLOW_AT  # not slow after it rejoined

@@ -216,3 +216,35 @@ def test_the_swap_floor_is_where_chameleons_minimum_budget_makes_a_plan_infeasib
         assert swap_need(plan, MEM, floor - 1, pricing) is None, plan
         need = swap_need(plan, MEM, floor, pricing)
         assert need is not None and need.budgets, plan
+
+
+def test_swapping_needs_host_memory_for_what_it_moves():
+    # rank 0 under redundant keeps half its saved bytes resident: the other half lives on
+    # the host at its peak; a host capacity below that makes the swap infeasible, and the
+    # candidate is dropped saying the host is what is short
+    adopted = redundant(ctx([1])).plan
+    mem = plan_memory(adopted, MEM)[0]
+    saved = 3 * MEM.saved_bytes(0, 4, 2)
+    outs = mem.activations - saved
+    cap = mem.static + outs + saved / 2
+    roomy = SwapPricing(host_Bps=1e9, host_bytes=saved / 2)
+    assert swap_need(adopted, MEM, cap, roomy) is not None
+    short = SwapPricing(host_Bps=1e9, host_bytes=saved / 2 * 0.99)
+    assert swap_need(adopted, MEM, cap, short) is None
+    c = ctx([1])
+    cands, dropped = build_candidates(c, predict, memory=MEM, capacity_bytes=cap, swap=short)
+    assert all(x.kind != "redundant" or x.fits for x in cands)
+    assert "needs more host memory than" in dropped.get("redundant", ""), dropped
+
+
+def test_host_capacity_from_config():
+    gib = 2**30
+    assert RecoveryConfig().host_bytes(None, 4) == float("inf")  # unknown: unchecked
+    assert RecoveryConfig().host_bytes(40 * gib, 4) == pytest.approx(9 * gib)  # 90% / 4
+    assert RecoveryConfig(host_reserve="8GiB").host_bytes(40 * gib, 4) == 8 * gib
+    assert RecoveryConfig(host_memory="16GiB").host_bytes(1.0, 4) == 16 * gib
+    assert RecoveryConfig(host_memory="off").host_bytes(1.0, 4) == float("inf")
+    with pytest.raises(ValueError, match="host_reserve"):
+        RecoveryConfig(host_reserve="120%")
+    with pytest.raises(ValueError, match="host_memory"):
+        RecoveryConfig(host_memory="lots")
