@@ -72,6 +72,9 @@ class StragglerConfig:
     min_gain: float = 1.05
     """A mitigation (or the re-plan back) is taken only when its predicted step time is
     this many times better than keeping the plan."""
+    warmup_steps: int = 2
+    """Committed steps at the start of each generation that are not judged (the first
+    ones redo set-up and warm caches: a rank slower there by chance must not count)."""
     min_compute_s: float = 1e-5
     """Per layer and microbatch compute times below this are not compared (too small to
     time reliably)."""
@@ -92,6 +95,8 @@ class StragglerConfig:
             raise ValueError(f"straggler.min_gain must be >= 1, got {self.min_gain}")
         if self.drop_gain < 1:
             raise ValueError(f"straggler.drop_gain must be >= 1, got {self.drop_gain}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"straggler.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.min_compute_s < 0:
             raise ValueError(f"straggler.min_compute_s must be >= 0, got {self.min_compute_s}")
 
@@ -145,6 +150,7 @@ class StragglerDetector:
         """Ranks that are stragglers now."""
         self._ranks: dict[int, _RankState] = {}
         self._generation: int | None = None
+        self._steps_in_generation = 0
 
     def assume(self, factors: dict[int, float], since_step: int = 0) -> None:
         """Start out knowing these stragglers ({rank: factor}), e.g. a simulated leader's
@@ -157,8 +163,10 @@ class StragglerDetector:
         if generation != self._generation:  # new plan: other layers, other replicas
             self._generation = generation
             self._ranks = {}
+            self._steps_in_generation = 0
             self.current = {r: s for r, s in self.current.items() if r in timings}
-        if not self.cfg.enabled:
+        self._steps_in_generation += 1
+        if not self.cfg.enabled or self._steps_in_generation <= self.cfg.warmup_steps:
             return []
         w, floor = self.cfg.window, self.cfg.min_compute_s
         times = {r: t["fwd_s"] + t["bwd_s"] for r, t in timings.items()

@@ -61,7 +61,7 @@ def _until(what, timeout_s: float, poll_s: float = 0.1):
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_status_and_prometheus_follow_a_recovery(tmp_path, capsys):
     run_dir = tmp_path / "run"
     with odyssey_in_background(3, run_dir, "train_gpt.py", ARGS) as job:
@@ -93,7 +93,7 @@ def test_status_and_prometheus_follow_a_recovery(tmp_path, capsys):
         assert slow["stragglers"][0]["factor"] > 2 and slow["step"] < until
         gauge = 'odyssey_straggler_factor{rank="1"}'
         assert _until(lambda: _scrape(endpoint).get(gauge), 10) > 2
-        _until(lambda: not _status(run_dir, capsys)["stragglers"], 60)
+        _until(lambda: not _status(run_dir, capsys)["stragglers"], 150)  # 60 slow steps
         assert gauge not in _until(lambda: (m := _scrape(endpoint)).get(gauge) is None and m, 10)
 
         assert odyssey(["inject", "--run-dir", str(run_dir), "--rank", "2",
