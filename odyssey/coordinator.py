@@ -26,7 +26,7 @@ from odyssey import contract
 from odyssey.comm import AbortHung, Comm, CommConfig, CommError, StepAborted
 from odyssey.commit import CommitProtocol
 from odyssey.engine import Engine
-from odyssey.membership import Membership, agree
+from odyssey.membership import Membership, agree, wait_fenced
 from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
 from planner.decision import RecoveryDecision
@@ -267,11 +267,8 @@ class Coordinator:
         announced) when no launcher confirmed within the fence timeout."""
         for r in ranks:
             self.monitor.fence(r, reason)
-        deadline = time.monotonic() + self.monitor.cfg.fence_timeout_s
-        while not all(self.monitor.fenced_or_exited(r) for r in ranks):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
+        if not wait_fenced(self.monitor, list(ranks)):
+            return False
         self.monitor.publish("failure", reason, sorted(ranks))
         return True
 

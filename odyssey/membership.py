@@ -115,7 +115,7 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
             silent = sorted(set(expected) - set(joined))
             for r in silent:
                 monitor.fence(r, f"did not join generation {generation}")
-            _wait_fenced(monitor, silent)
+            wait_fenced(monitor, silent)
             trace = {"all_in": t_all_in, "fence_s": time.time() - t_all_in,
                      "timed_out": bool(timed_out and not all_in), "polls": polls,
                      "silent": silent, "by": me}
@@ -129,11 +129,14 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
     return m
 
 
-def _wait_fenced(monitor: FailureMonitor, ranks: list[int]) -> None:
+def wait_fenced(monitor: FailureMonitor, ranks: list[int]) -> bool:
+    """Wait up to the fence timeout for `ranks` to be confirmed fenced or exited; whether
+    they all were."""
     deadline = time.monotonic() + monitor.cfg.fence_timeout_s
     while ranks and time.monotonic() < deadline:
         ranks = [r for r in ranks if not monitor.fenced_or_exited(r)]
         time.sleep(0.01)
+    return not ranks
 
 
 def _propose(store: dist.Store, generation: int, members: list[int], dead: list[int],

@@ -263,11 +263,11 @@ class FailureMonitor:
 
     def on_notice(self, act: Callable[[dist.Store, dict], None] | None) -> None:
         """notify: run `act(store, notice)` in the watcher thread, with its own store
-        client, when a notice arrives (or at once, if one already has), until set back to
-        None. The commit protocol aborts the decision its rank blocks on with it, so
-        waiters wake on the notice instead of re-asking the store in short slices. Set it
-        before looking at `abort_check` (the watcher sets the flag before it looks at
-        this): a notice is then seen by one or both, never missed."""
+        client, when a notice arrives, until set back to None; a notice that came before
+        is not replayed. The commit protocol aborts the decision its rank blocks on with
+        it, so waiters wake on the notice instead of re-asking the store in short slices.
+        Set it before looking at `abort_check` (the watcher sets the flag before it looks
+        at this): a notice is then seen by one or both, never missed."""
         self._on_notice = act
 
     def stop(self) -> None:
