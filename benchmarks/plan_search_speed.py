@@ -5,7 +5,9 @@ ranks <= 10 s for the whole search (enumeration, partitions, closed forms, simul
 the top-k shapes), wall clock. Recovery-decision targets (issue 17): 32 ranks <= 0.2 s,
 1024 ranks <= 1 s for one rank lost from dp x 8 stages: every candidate built (optimal
 stage assignment, transfer rounds, per-rank memory against `--memory-gb`), scored and
-chosen, with the step-time predictor of the live leader (`leader`: the event simulator
+chosen, fresh plans' layers split by predicted time within the capacity (the
+leader's partitioner built inside the timed part, as it is per decision), with the
+step-time predictor of the live leader (`leader`: the event simulator
 per candidate up to `odyssey.calibration.EVENT_UPTO_RANKS` ranks, the closed form above;
 pipeline counts screened by `planner.placement.screen_with`) or of the cluster simulator
 (`cluster`: closed form + shared-stage bound, cached by shape, its own length screen).
@@ -159,7 +161,8 @@ def recovery_speed(args: argparse.Namespace, prof, rows: list) -> bool:
                 cands, dropped = build_candidates(
                     ctx, predict, predict_len=by_len, memory=cost.memory,
                     capacity_bytes=capacity,
-                    swap=SwapPricing(args.swap_GBps * 1e9) if args.swap_GBps > 0 else None)
+                    swap=SwapPricing(args.swap_GBps * 1e9) if args.swap_GBps > 0 else None,
+                    partitioner=cost.partitioner(plan.microbatch_size))
                 build.append(time.perf_counter() - t0)
                 score(cands, ctx, RecoveryConfig(), predict)
                 chosen = choose(cands, RecoveryConfig())

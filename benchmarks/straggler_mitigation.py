@@ -12,6 +12,13 @@ mitigation off; the re-partitioned layout is the speed-weighted partition the pl
 would compute for rank 1 at `--factor` (`planner.mitigation.repartitioned`).
 
     python benchmarks/straggler_mitigation.py [--steps 40] [--out results/straggler.json]
+
+`--until U` measures the way back instead: rank 1 slow for steps 5..U-1 only, with
+mitigation, beside a failure-free run of the same length (interleaved): the step the
+leader re-plans back, whether it is the initial plan, and the tail step time of both
+runs (the last `--tail` steps, after the re-plan back).
+
+    python benchmarks/straggler_mitigation.py --until 20 --steps 70 --tail 12
 """
 
 from __future__ import annotations
@@ -48,16 +55,18 @@ def hand_plan(args, counts: list[int], split: bool) -> Plan:
     return with_counts(plan, counts)
 
 
-def run(label: str, args, mitigate: bool, plan: Plan | None) -> dict:
+def run(label: str, args, mitigate: bool, plan: Plan | None, inject: bool = True) -> dict:
     load = os.getloadavg()[0]
+    until = f",until={args.until}" if args.until else ""
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d) / "run"
         flags = ["--mode", "emulated", "--dp", "2", "--pp", "4", "--steps", str(args.steps),
                  "--num-microbatches", "8", "--microbatch-size", "1", "--log-every", "1000",
                  "--emu-num-layers", "8", "--emu-forward-ms", str(args.forward_ms),
                  "--emu-backward-ms", str(2 * args.forward_ms),
-                 "--straggler.mitigate" if mitigate else "--straggler.no-mitigate",
-                 "--inject", f"slow:rank={SLOW_RANK},step=5,factor={args.factor:g}"]
+                 "--straggler.mitigate" if mitigate else "--straggler.no-mitigate"]
+        if inject:
+            flags += ["--inject", f"slow:rank={SLOW_RANK},step=5,factor={args.factor:g}{until}"]
         if plan is not None:  # chosen by hand: this plan from the start
             plan_file = Path(d) / "plan.json"
             plan_file.write_text(plan.to_json())
@@ -66,6 +75,8 @@ def run(label: str, args, mitigate: bool, plan: Plan | None) -> dict:
         tail = step_times(run_dir, args.steps - args.tail)
         events = report["events"]
     found = [e for e in events if e["kind"] == "straggler"]
+    cleared = [e for e in events if e["kind"] == "straggler_cleared"]
+    replans = [e for e in events if e["kind"] == "recovery" and e["cause"] == "replan"]
     chosen = [e for e in events if e["kind"] == "mitigation" and e["chosen"] != "keep"]
     results = [e for e in events if e["kind"] == "mitigation_result"]
     step_s = median(tail)
@@ -78,6 +89,9 @@ def run(label: str, args, mitigate: bool, plan: Plan | None) -> dict:
             "mitigation_kind": chosen[0]["chosen"] if chosen else None,
             "predicted_step_s": results[0]["predicted_step_s"] if results else None,
             "measured_step_s": results[0]["measured_step_s"] if results else None,
+            "cleared_at_step": cleared[0]["step"] if cleared else None,
+            "replans": [(e["resume_step"], e["chosen"]) for e in replans],
+            "back_to_initial": bool(replans) and replans[-1]["plan"] == report["initial_plan"],
             "lost": report["samples"]["lost"], "duplicated": report["samples"]["duplicated"],
             "replicas_identical": report["replicas_identical"]}
 
@@ -90,8 +104,12 @@ def main() -> None:
     ap.add_argument("--forward-ms", type=float, default=4.0,
                     help="emulated forward time per layer and microbatch (backward: 2x)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs, interleaved")
+    ap.add_argument("--until", type=int, default=0,
+                    help="slow only before this step; measure the way back (see above)")
     ap.add_argument("--out", default="", help="write the rows and summary as JSON here")
     args = ap.parse_args()
+    if args.until:
+        return way_back(args)
     plans = [("off", False, None), ("on", True, None)] + [
         (f"hand {k}/{8 - k}", False, hand_plan(args, [k, 8 - k], False))
         for k in range(1, 5)] + [
@@ -118,6 +136,35 @@ def main() -> None:
                "prediction_error": [r["measured_step_s"] / r["predicted_step_s"] - 1
                                     for r in on if r["predicted_step_s"]],
                "lost_or_duplicated": sum(r["lost"] + r["duplicated"] for r in rows),
+               "compute": "emulated (sleeping layers), 8 processes on this machine"}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+
+
+def way_back(args) -> None:
+    """Slow for steps 5..until-1 with mitigation, beside failure-free: see the docstring."""
+    rows = []
+    for _ in range(args.repeat):
+        for label, inject in (("failure-free", False), (f"slow until {args.until}", True)):
+            rows.append(run(label, args, True, None, inject))
+            r = rows[-1]
+            print(f"{label:15} tail step {r['steady_step_s'] * 1e3:6.1f} ms  load "
+                  f"{r['loadavg_1m']:.1f}  found {r['detected_at_step']} cleared "
+                  f"{r['cleared_at_step']} replans {r['replans']} back "
+                  f"{r['back_to_initial']}", flush=True)
+    slow = [r for r in rows if r["label"] != "failure-free"]
+    ratio = [s["steady_step_s"] / f["steady_step_s"]
+             for s, f in zip(slow, (r for r in rows if r["label"] == "failure-free"))]
+    summary = {"tail_over_failure_free": ratio, "median_ratio": median(ratio),
+               "detected_at_step": [r["detected_at_step"] for r in slow],
+               "cleared_at_step": [r["cleared_at_step"] for r in slow],
+               "replans": [r["replans"] for r in slow],
+               "back_to_initial": [r["back_to_initial"] for r in slow],
+               "tail_steps": args.tail, "until": args.until,
+               "lost_or_duplicated": sum(r["lost"] + r["duplicated"] for r in rows),
+               "replicas_identical": all(r["replicas_identical"] for r in rows),
                "compute": "emulated (sleeping layers), 8 processes on this machine"}
     print(json.dumps(summary, indent=1))
     if args.out:

@@ -27,6 +27,7 @@ from planner.calibrate import Calibration, CalibrationConfig
 from planner.cluster.predict import Predictor
 from planner.cost import CostModel
 from planner.memory import MemoryModel
+from planner.partition import Partitioner
 from planner.plan import Plan
 from planner.simulate import simulate_plan
 from profiler.profile import Profile
@@ -91,6 +92,11 @@ class StepTimeModel:
         fast = Predictor(cost, "closed-form", 1.0)
         return lambda plan: (simulate_plan(plan, cost).step_time_s
                              if plan.world_size <= EVENT_UPTO_RANKS else fast(plan))
+
+    def partitioner(self) -> Partitioner:
+        """Layer time and memory tables of the same profile, for splitting layers into
+        stages (fresh recovery plans)."""
+        return CostModel(self.current_profile()).partitioner(self.microbatch_size)
 
     def memory_model(self) -> MemoryModel:
         """Per-rank memory of candidate plans, from the same profile."""

@@ -32,6 +32,7 @@ from odyssey.monitor import FailureMonitor
 from planner.decision import RecoveryDecision
 from planner.memory import MemoryModel, SwapPricing
 from planner.mitigation import MitigationChoice
+from planner.partition import Partitioner
 from planner.placement import Transfer, transfers
 from planner.plan import Plan
 from planner.program import Channel, Program
@@ -98,7 +99,8 @@ class Coordinator:
                  layer_bytes: Callable[[], list[float]],
                  say: Callable[..., None],
                  before_migrate: Callable[[int], None] | None = None,
-                 memory_model: Callable[[], MemoryModel] | None = None):
+                 memory_model: Callable[[], MemoryModel] | None = None,
+                 partitioner: Callable[[], Partitioner] | None = None):
         self.store = store
         self.rank = rank
         self.engine = engine
@@ -111,6 +113,7 @@ class Coordinator:
         self.say = say
         self._before_migrate = before_migrate
         self.memory_model = memory_model  # None: candidates' memory is not predicted
+        self.partitioner = partitioner  # None: fresh plans split layers evenly
         self.swap_pricing = self._swap_pricing()
         self.current: Generation | None = None
         self._trained_plan: Plan | None = None  # of the last generation that committed
@@ -257,9 +260,11 @@ class Coordinator:
         """Leader: every feasible recovery for `ctx` (unscored) and why each other kind
         was dropped; with this rank's memory model, capacity and swap pricing."""
         memory = self.memory_model() if self.memory_model is not None else None
+        part = self.partitioner() if self.partitioner is not None else None
         return build_candidates(ctx, self.predictor(), memory=memory,
                                 capacity_bytes=self.capacity_bytes(),
-                                drop_unfit=self.recovery.memory_aware, swap=self.swap_pricing)
+                                drop_unfit=self.recovery.memory_aware, swap=self.swap_pricing,
+                                partitioner=part)
 
     def drop(self, ranks: list[int], reason: str) -> bool:
         """Leader: have the launchers kill `ranks` (fence) and, once they are confirmed

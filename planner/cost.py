@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from planner.calibrate import Calibration, CalibrationConfig
 from planner.memory import MemoryConfig, MemoryModel
+from planner.partition import Partitioner
 from planner.plan import Plan
 from planner.program import Instruction, Op, Program
 from profiler.profile import Profile
@@ -76,6 +77,13 @@ class CostModel:
         ff, fb = self.factor("forward"), self.factor("backward")
         return ([f * ff for f in self.profile.column("forward_s", mb)],
                 [b * fb for b in self.profile.column("backward_s", mb)])
+
+    def partitioner(self, mb: int) -> Partitioner:
+        """Layer time and memory tables for splitting layers into stages at size mb."""
+        fwd, bwd = self.layer_times(mb)
+        saved, out = self.memory.activation_tables(mb)
+        return Partitioner([f + b for f, b in zip(fwd, bwd)], self.memory.static_layer_bytes(),
+                           saved, out, self.memory.config.reserve_bytes)
 
     def forward_s(self, start: int, end: int, mb: int) -> float:
         pf, _ = self._prefix(mb)

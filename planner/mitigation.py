@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from planner.cost import CostModel
 from planner.memory import inflight_microbatches
-from planner.partition import Partitioner, assign_microbatches, split_microbatches
+from planner.partition import assign_microbatches, split_microbatches
 from planner.placement import RecoveryContext, transfers
 from planner.plan import Pipeline, Plan, PlanError, Stage
 from planner.recovery import RecoveryCandidate, RecoveryConfig, choose, score
@@ -123,11 +123,8 @@ def repartitioned(plan: Plan, cost: CostModel, home: Plan | None = None,
     A pipeline with no partition under `memory_limit` keeps its stages, and so does one
     with a rank that also serves another pipeline (a rerouted stage: its layer range is
     tied to that pipeline's, and a rank executes one stage)."""
-    mb, m = plan.microbatch_size, plan.num_microbatches
-    fwd, bwd = cost.layer_times(mb)
-    saved, out = cost.memory.activation_tables(mb)
-    part = Partitioner([f + b for f, b in zip(fwd, bwd)], cost.memory.static_layer_bytes(),
-                       saved, out, cost.memory.config.reserve_bytes)
+    m = plan.num_microbatches
+    part = cost.partitioner(plan.microbatch_size)
     back = {tuple(p.ranks): p.stages for p in home.pipelines} if home is not None else {}
     uses = Counter(r for p in plan.pipelines for r in p.ranks)
     pipes = []

@@ -6,8 +6,10 @@ cluster simulator alike, so both see the same candidates. Both are indexed (O(1)
 lookups, per-layer caches, heaps), which keeps a decision at a thousand ranks well
 under a second:
 
-- `fresh_plans`: one plan per pipeline count; in each, stages go to members so the
-  fewest bytes move (`assign_stages`: an optimal assignment, solved on groups of
+- `fresh_plans`: one plan per pipeline count; in each, layers are split among a
+  pipeline's stages by predicted time within memory (`balanced_split`, the stage
+  partitioner the plan search uses; evenly without a profile), and stages go to
+  members so the fewest bytes move (`assign_stages`: an optimal assignment, solved on groups of
   interchangeable ranks). Above `exact_upto` members, only the `screen` counts best by
   a cheap per-length estimate are built (`predict_len`, else `screen_with(predict)`).
 - `transfers`: each layer a member must fetch comes from the surviving replica used
@@ -24,11 +26,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from planner.assignment import transport
-from planner.partition import assign_microbatches, split_microbatches
+from planner.memory import inflight_microbatches
+from planner.partition import Partitioner, assign_microbatches, split_microbatches
 from planner.plan import Pipeline, Plan, PlanError, Stage, even_partition
 
 PredictLength = Callable[[int, int, int], float]
 """(pipeline length, microbatches per pipeline, pipeline count) -> estimated step s."""
+
+LayerSplit = Callable[[int, int], list[int]]
+"""(pipeline length, microbatches per pipeline) -> layers per stage."""
+
+
+def balanced_split(part: Partitioner, schedule: str, memory_limit: float = math.inf
+                   ) -> LayerSplit:
+    """Layers per stage with the least bottleneck stage time whose every stage fits
+    `memory_limit` with the activations its schedule keeps in flight (the plan search's
+    partitioner); when none fits, the split that needs the least memory (swapping may
+    still fit it: memory then decides about the plan). Cached per (length,
+    microbatches)."""
+    cache: dict[tuple[int, int], list[int]] = {}
+
+    def split(length: int, m: int) -> list[int]:
+        key = (length, m)
+        if key not in cache:
+            inflight = [inflight_microbatches(schedule, length, s, m) for s in range(length)]
+            bounds = part.solve(length, inflight, memory_limit)
+            if bounds is None and memory_limit < math.inf:  # the split needing least
+                bounds = part.solve(length, inflight, part.min_memory(length, inflight))
+            cache[key] = (even_partition(part.n, length) if bounds is None
+                          else [b - a for a, b in zip(bounds, bounds[1:])])
+        return cache[key]
+    return split
 
 
 @dataclass
@@ -100,17 +128,19 @@ def pipeline_counts(ctx: RecoveryContext, predict_len: PredictLength | None = No
 
 
 def screen_with(old: Plan, predict: Callable[[Plan], float],
-                fits: Callable[[Plan], bool] | None = None) -> PredictLength:
+                fits: Callable[[Plan], bool] | None = None,
+                split: LayerSplit | None = None) -> PredictLength:
     """A pipeline-count estimate from a plan predictor, for callers without a cheaper
-    one (the live leader): `predict` of min(dp, 2) even pipelines of the length, with
-    the microbatches of one each (two replicas' all-reduce stands for dp's), cached;
-    inf when that plan does not pass `fits` (memory)."""
+    one (the live leader): `predict` of min(dp, 2) pipelines of the length, layers split
+    by `split` (default: evenly), with the microbatches of one each (two replicas'
+    all-reduce stands for dp's), cached; inf when that plan does not pass `fits`."""
     cache: dict[tuple[int, int, int], float] = {}
 
     def estimate(length: int, m: int, dp: int) -> float:
         key = (length, m, min(dp, 2))
         if key not in cache:
-            sizes = even_partition(old.num_layers, length)
+            sizes = (split(length, m) if split is not None
+                     else even_partition(old.num_layers, length))
             bounds = [sum(sizes[:i]) for i in range(length + 1)]
             pipes = [Pipeline([Stage(i * length + s, bounds[s], bounds[s + 1])
                                for s in range(length)], list(range(i * m, (i + 1) * m)))
@@ -124,15 +154,17 @@ def screen_with(old: Plan, predict: Callable[[Plan], float],
 def fresh_plans(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None,
                 max_options: int = 6, *, predict_len: PredictLength | None = None,
                 exact_upto: int = 64, screen: int = 6,
-                fits: Callable[[Plan], bool] | None = None) -> list[Plan]:
+                fits: Callable[[Plan], bool] | None = None,
+                split: LayerSplit | None = None) -> list[Plan]:
     """Plans built from scratch for the members, one per pipeline count (see
-    `pipeline_counts`), each keeping layers where they already are; with `predict`,
-    the `max_options` fastest. Above `exact_upto` members without `predict_len`, the
-    counts are screened by `screen_with(predict, fits)`."""
+    `pipeline_counts`), layers split by `split` (default: evenly), each keeping layers
+    where they already are; with `predict`, the `max_options` fastest. Above
+    `exact_upto` members without `predict_len`, the counts are screened by
+    `screen_with(predict, fits, split)`."""
     n = len(ctx.members)
     if predict_len is None and predict is not None and n > exact_upto:
-        predict_len = screen_with(ctx.old_plan, predict, fits)  # else all counts are built
-    out = [fresh_plan(ctx, _lengths(n, dp), predict)
+        predict_len = screen_with(ctx.old_plan, predict, fits, split)  # else all are built
+    out = [fresh_plan(ctx, _lengths(n, dp), predict, split)
            for dp in pipeline_counts(ctx, predict_len, exact_upto, screen)]
     if predict is not None and len(out) > max_options:
         out = sorted(out, key=predict)[:max_options]
@@ -140,15 +172,18 @@ def fresh_plans(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = 
 
 
 def fresh_plan(ctx: RecoveryContext, lengths: list[int],
-               predict: Callable[[Plan], float] | None = None) -> Plan:
-    """Pipelines of the given lengths over the members, layers split evenly in each,
-    stages assigned to ranks so the fewest bytes move (`assign_stages`); microbatches
-    split evenly, or by `predict`'s per-pipeline time when lengths differ (without
-    `predict`: by the longest stage)."""
+               predict: Callable[[Plan], float] | None = None,
+               split: LayerSplit | None = None) -> Plan:
+    """Pipelines of the given lengths over the members, layers split in each by `split`
+    (default: evenly), stages assigned to ranks so the fewest bytes move
+    (`assign_stages`); microbatches split evenly, or by `predict`'s per-pipeline time
+    when lengths differ (without `predict`: by the longest stage)."""
     old = ctx.old_plan
+    m = -(-old.num_microbatches // len(lengths))  # the most a pipeline gets
     spans = []
     for length in lengths:
-        sizes = even_partition(old.num_layers, length)
+        sizes = (split(length, m) if split is not None
+                 else even_partition(old.num_layers, length))
         bounds = [sum(sizes[:i]) for i in range(length + 1)]
         spans.append([(bounds[s], bounds[s + 1]) for s in range(length)])
     ranks = iter(assign_stages(ctx, [span for pipe in spans for span in pipe]))

@@ -39,10 +39,12 @@ from planner.memory import (
     swap_floor,
     swap_need,
 )
+from planner.partition import Partitioner
 from planner.placement import (
     PredictLength,
     RecoveryContext,
     Transfer,
+    balanced_split,
     fresh_plans,
     rounds_s,
     transfers,
@@ -295,7 +297,8 @@ def restart(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None
 def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | None = None,
                      *, predict_len: PredictLength | None = None, exact_upto: int = 64,
                      memory: MemoryModel | None = None, capacity_bytes: float = math.inf,
-                     drop_unfit: bool = True, swap: SwapPricing | None = None
+                     drop_unfit: bool = True, swap: SwapPricing | None = None,
+                     partitioner: Partitioner | None = None
                      ) -> tuple[list[RecoveryCandidate], dict[str, str]]:
     """Every feasible candidate, and why each infeasible kind was dropped.
 
@@ -303,7 +306,9 @@ def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | No
     once for reparallelize and restart; `predict_len` and `exact_upto` screen pipeline
     counts at cluster scale (see `planner.placement.pipeline_counts`). With `memory`,
     each candidate gets its predicted peak and `fits`, and with `swap` a swap price when
-    it fits only by swapping (see `check_memory`)."""
+    it fits only by swapping (see `check_memory`). With `partitioner` (the profile's
+    layer tables), fresh plans split layers by predicted time within the capacity
+    (`balanced_split`; the capacity only when memory-aware), else evenly."""
     cands: list[RecoveryCandidate] = []
     dropped: dict[str, str] = {}
     fits = None
@@ -312,8 +317,12 @@ def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | No
             if swap is None:
                 return peak_memory(plan, memory).fits(capacity_bytes)
             return swap_floor(plan, memory) <= capacity_bytes
+    split = None
+    if partitioner is not None:
+        limit = capacity_bytes if memory is not None and drop_unfit else math.inf
+        split = balanced_split(partitioner, ctx.old_plan.schedule, limit)
     fresh = fresh_plans(ctx, predict, predict_len=predict_len, exact_upto=exact_upto,
-                        fits=fits)
+                        fits=fits, split=split)
     builders = {"reroute": lambda: [reroute(ctx)], "redundant": lambda: [redundant(ctx)],
                 "reparallelize": lambda: reparallelize(ctx, predict, fresh),
                 "restart": lambda: restart(ctx, predict, fresh)}

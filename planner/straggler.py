@@ -22,7 +22,8 @@ A rank's factor at a step is its time over the reference. It becomes a straggler
 ``persistence`` of its last ``window`` factors reach ``threshold`` (so hiccups, even
 every other step, never count: a shared machine's scheduler makes those), and stops
 being one once the median of that window falls below ``clear_threshold`` (hysteresis: no
-flapping around the threshold). Torch-free and
+flapping around the threshold; ``carried_tolerance`` for a factor carried into a
+baseline, which is known less exactly). Torch-free and
 standard library only, so the live runtime and the cluster simulator share it.
 """
 
@@ -49,6 +50,13 @@ class StragglerConfig:
     clear_threshold: float = 1.3
     """A straggler is cleared once that median falls below this (< threshold:
     hysteresis against flapping)."""
+    carried_tolerance: float = 1.25
+    """How far off a factor carried into a baseline may be. A re-partition gives a
+    straggler layers no replica holds, so it is measured against its own baseline times
+    the factor it was found at; that factor was measured against replicas under other
+    load (they ran faster while it stalled), so such a rank is cleared below
+    clear_threshold x this (capped at threshold / 1.1: still hysteresis). A rank back at
+    full speed can read 1.3x there on a loaded machine; one still slow stays above."""
     window: int = 8
     """Committed steps judged together; detection takes about `persistence` x this many
     steps after the slowdown starts."""
@@ -85,6 +93,9 @@ class StragglerConfig:
         if not 1 <= self.clear_threshold <= self.threshold:
             raise ValueError(f"straggler.clear_threshold must be in [1, threshold "
                              f"{self.threshold}], got {self.clear_threshold}")
+        if self.carried_tolerance < 1:
+            raise ValueError(f"straggler.carried_tolerance must be >= 1, got "
+                             f"{self.carried_tolerance}")
         if not 0.5 < self.persistence <= 1:
             raise ValueError(f"straggler.persistence must be in (0.5, 1] (most of the "
                              f"window), got {self.persistence}")
@@ -225,7 +236,11 @@ class StragglerDetector:
             slow = median(f for _, f in seen[first:])  # the slowdown itself
             self.current[rank] = Straggler(rank, slow, since, kind)
             return StragglerChange(self.current[rank], step, cleared=False)
-        if known is not None and factor < self.cfg.clear_threshold:
+        carried = kind == "baseline" and state.carry > 1.0
+        bar = self.cfg.clear_threshold
+        if carried:
+            bar = max(bar, min(bar * self.cfg.carried_tolerance, self.cfg.threshold / 1.1))
+        if known is not None and factor < bar:
             del self.current[rank]
             # a baseline measured while slow: rescale it to the speed it is back at, so
             # its time no longer looks fast to the others' drift

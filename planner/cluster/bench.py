@@ -252,14 +252,15 @@ def straggler_table(out: dict) -> str:
     """Markdown table of what slow nodes cost each run and what mitigating them did
     (detection by the live detector, re-plans by the live mitigation; adaptive only)."""
     lines = ["| run | slowed (h) | stragglers found | detection delay mean / max (s) "
-             "| clearing delay mean (s) | mitigations | re-plans back | their stall (s) |",
+             "| clearing delay mean (s) | mitigations (drops) | re-plans back "
+             "| their stall (s) |",
              "|" + "---|" * 8]
     for r in out["results"]:
         found, gone = r.detection_delay_s, r.clear_delay_s
         det = f"{sum(found) / len(found):.1f} / {max(found):.1f}" if found else "-"
         clear = f"{sum(gone) / len(gone):.1f}" if gone else "-"
         lines.append(f"| {r.policy} | {r.slowed_s / 3600:.2f} | {len(found)} | {det} | "
-                     f"{clear} | {r.mitigations} | {r.replans_back} | "
+                     f"{clear} | {r.mitigations} ({r.drops}) | {r.replans_back} | "
                      f"{r.mitigation_stall_s:.1f} |")
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ by swapping carries its `swap_s` into the step time the simulator charges after 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,7 @@ from planner.closed_form import pipeline_s
 from planner.cost import CostModel
 from planner.memory import SwapPricing
 from planner.mitigation import MitigationChoice, plan_mitigation
+from planner.partition import Partitioner
 from planner.plan import Pipeline, Plan, PlanError
 from planner.recovery import (
     RecoveryCandidate,
@@ -108,6 +110,7 @@ class Policy:
         self.cost, self.costs, self.layer_bytes = cost, costs, layer_bytes
         self.predict, self.predict_len, self.horizon_s = predict, predict_len, horizon_s
         self.memory = memory
+        self._partitioners: dict[int, Partitioner] = {}
 
     def step_factor(self, plan: Plan) -> float:
         return 1.0
@@ -145,11 +148,21 @@ class Policy:
         checks them (its `Coordinator.recovery_candidates`); what `decide` scores and a
         straggler drop recovers with."""
         mem = self.memory
+        part = self._partitioner(ctx.old_plan.microbatch_size)
         if mem is None:
-            return build_candidates(ctx, self.predict, predict_len=self.predict_len)
+            return build_candidates(ctx, self.predict, predict_len=self.predict_len,
+                                    partitioner=part)
         return build_candidates(ctx, self.predict, predict_len=self.predict_len,
                                 memory=self.cost.memory, capacity_bytes=mem.capacity_bytes,
-                                drop_unfit=mem.aware, swap=mem.swap if mem.aware else None)
+                                drop_unfit=mem.aware, swap=mem.swap if mem.aware else None,
+                                partitioner=part)
+
+    def _partitioner(self, mb: int) -> Partitioner:
+        """The cost model's layer tables (the simulator's cost does not change: built
+        once per microbatch size)."""
+        if mb not in self._partitioners:
+            self._partitioners[mb] = self.cost.partitioner(mb)
+        return self._partitioners[mb]
 
     def recovery_config(self, policy: str) -> RecoveryConfig:
         """The live leader's scoring settings, from the simulator's transition costs."""
@@ -175,8 +188,10 @@ class Policy:
         `home` is the plan before mitigation, `cfg` holds `min_gain` and `drop_gain`."""
         ctx = RecoveryContext(plan, sorted(members), committed_step, list(self.layer_bytes))
         recover = (lambda without: self.build(without)[0]) if cfg.drop else None
+        # re-partitions stay within the capacity, as live (memory-aware or not)
+        limit = self.memory.capacity_bytes if self.memory is not None else math.inf
         return plan_mitigation(ctx, predict, self.recovery_config("adaptive"), cfg.min_gain,
-                               cost=cost, home=home, recover=recover,
+                               cost=cost, home=home, memory_limit=limit, recover=recover,
                                drop_gain=cfg.drop_gain)
 
 

@@ -114,8 +114,11 @@ def test_a_far_slower_rank_is_dropped_and_the_job_recovers_without_it(tmp_path):
     assert decided and decided[0]["chosen"] == "drop", decided
     assert decided[0]["stragglers"].keys() == {"3"}
     recoveries = [e for e in report["events"] if e["kind"] == "recovery"]
-    assert [(e["cause"], e["ranks_lost"]) for e in recoveries] == [("failure", [3])], \
+    # (under heavy load a survivor without replicas can later read 2x its own baseline
+    # and be worked around in place: a re-plan, never another loss)
+    assert [(e["cause"], e["ranks_lost"]) for e in recoveries][:1] == [("failure", [3])], \
         recoveries
+    assert all((e["cause"], e["ranks_lost"]) == ("replan", []) for e in recoveries[1:])
     assert 3 not in recoveries[0]["members"]
     status = json.loads((run_dir / contract.STATUS_FILE).read_text())
     assert status["fenced"] == [3] and status["stragglers"] == []

@@ -175,6 +175,7 @@ def test_a_far_slower_rank_is_dropped(cost):
     assert last_train(on).samples_per_s > 1.25 * last_train(off).samples_per_s
     assert on.samples > off.samples
     assert "1 mitigations (1 drops)" in on.notes[0]
+    assert "| 1 (1) |" in straggler_table({"results": [on]})  # the drops column
 
 
 def test_a_mildly_slow_rank_is_worked_around_in_place(cost):

@@ -148,3 +148,53 @@ def test_candidate_roundtrip():
 def test_reroute_rejects_newcomers():
     with pytest.raises(PlanError, match="newcomers"):
         reroute(ctx([], newcomers=[8]))
+
+
+HEAVY_TAIL = CostModel(emulated_profile(EmulationConfig(
+    num_layers=8, forward_ms=(5, 5, 5, 5, 5, 5, 30, 30), backward_ms=(10,) * 6 + (60, 60))))
+
+
+def _bottleneck(plan: Plan, cost: CostModel) -> float:
+    fwd, bwd = cost.layer_times(plan.microbatch_size)
+    return max(sum(fwd[a] + bwd[a] for a in range(st.start, st.end))
+               for p in plan.pipelines for st in p.stages)
+
+
+def test_fresh_plans_split_layers_by_predicted_time():
+    # two heavy last layers: an even split puts both on one stage, a split by time
+    # gives each its own stage; every pipeline count is at least as fast, some faster
+    def heavy_predict(plan):
+        return simulate_plan(plan, HEAVY_TAIL).step_time_s
+
+    def by_count(cands):
+        return {len(x.plan.pipelines): x.plan for x in cands if x.kind == "reparallelize"}
+
+    c = ctx([1])
+    even = by_count(build_candidates(c, heavy_predict)[0])
+    timed = by_count(build_candidates(c, heavy_predict,
+                                      partitioner=HEAVY_TAIL.partitioner(2))[0])
+    common = even.keys() & timed.keys()
+    assert {2, 3} <= timed.keys() and len(common) >= 4
+    for dp in common:
+        assert _bottleneck(timed[dp], HEAVY_TAIL) <= _bottleneck(even[dp], HEAVY_TAIL)
+        assert heavy_predict(timed[dp]) <= heavy_predict(even[dp]) * (1 + 1e-9)
+    assert heavy_predict(even[3]) / heavy_predict(timed[3]) > 1.15
+    assert all([(s.start, s.end) for s in p.stages][-2:] == [(6, 7), (7, 8)]
+               for p in timed[2].pipelines)  # each heavy layer on a stage of its own
+    # the choice among them: by time, two pipelines are as fast as seven replicas
+    assert min(map(heavy_predict, timed.values())) <= min(map(heavy_predict, even.values()))
+
+
+def test_a_split_by_time_keeps_within_the_memory_limit():
+    from planner.partition import Partitioner
+    from planner.placement import balanced_split
+
+    # layer 7 holds big parameters (10 vs 1): by time alone 4 + 4 layers; under a
+    # capacity of 11 layer 7 shares its stage with one layer at most
+    def part():
+        return Partitioner([1] * 7 + [0.5], [1] * 7 + [10], [0] * 8, [0] * 8)
+
+    assert balanced_split(part(), "1f1b")(2, 4) == [4, 4]
+    assert balanced_split(part(), "1f1b", memory_limit=11)(2, 4) == [6, 2]
+    # no split fits: the one that needs least memory (swapping may still fit it)
+    assert balanced_split(part(), "1f1b", memory_limit=5)(2, 4) == [7, 1]
