@@ -283,17 +283,27 @@ class Engine:
         last = self.model.num_layers - 1
         meter = self._meter
         meter.start()
+        # each layer's forward wall time, for its share of the stage's time (the online
+        # profile); on CPU only: on an accelerator it would time kernel launches
+        clock = time.perf_counter if self.device.type == "cpu" else None
+        t = clock() if clock else 0.0
         with self.precision.autocast(self.device):
             for i in range(ins.start, ins.end):
                 h = self.held.module(i)(h)
                 if i < last:
                     h = self.precision.boundary(h)
                     meter.mark(i)
+                if clock and i < ins.end - 1:
+                    now = clock()
+                    st.layer_fwd_s[i] += now - t
+                    t = now
             st.stage_inputs[mb] = x
             if ins.end == self.model.num_layers:
                 ids, _, y = self._batch(st, mb)
                 per_sample = self.model.loss_fn(h, y)
                 meter.mark(last)  # the last layer's bytes include what the loss saves
+            if clock:  # the stage's last layer, with the loss when it is the model's
+                st.layer_fwd_s[ins.end - 1] += clock() - t
         if ins.end == self.model.num_layers:
             total = per_sample.sum()
             st.loss_sum += float(total.detach())
@@ -359,7 +369,8 @@ class Engine:
         payload = {"loss_sum": st.loss_sum, "samples": _ranges(st.sample_ids),
                    "timing": stage_timing(st.op_seconds, stage.start, stage.end, n_mb, params,
                                           None if self._swap is not None
-                                          else self._meter.per_microbatch(stage.layers)),
+                                          else self._meter.per_microbatch(stage.layers),
+                                          [st.layer_fwd_s.get(i, 0.0) for i in stage.layers]),
                    "sumsq": 0.0 if overflow else self._counted_sumsq(plan, stage.layers)}
         if overflow:
             payload["overflow"] = True
@@ -427,6 +438,8 @@ class _StepState:
     loss_scale: float = 1.0
     sample_ids: list[int] = field(default_factory=list)
     op_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    layer_fwd_s: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    """Forward wall seconds per layer (CPU only; empty elsewhere)."""
 
 
 def _ranges(ids: list[int]) -> list[list[int]]:

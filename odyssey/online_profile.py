@@ -1,11 +1,13 @@
 """A profile measured by the running job itself, from the timings in commit votes.
 
 Each rank reports, with its vote, how long its forward and backward took per
-microbatch and layer, its layers' parameter counts, and the bytes each layer saved for
-backward per microbatch (`profiler.saved_bytes`; not reported while Chameleon swaps on
-that rank). The leader folds these into EWMAs per layer, so when it must plan a recovery
-it has a current, real-machine profile without stopping to measure (online calibration
-of the cost model).
+microbatch and layer, each layer's share of the stage's forward time (layers timed one
+by one on CPU; the backward is split by the same shares; without shares, evenly), its
+layers' parameter counts, and the bytes each layer saved for backward per microbatch
+(`profiler.saved_bytes`; not reported while Chameleon swaps on that rank). The leader
+folds these into EWMAs per layer, so when it must plan a recovery it has a current,
+real-machine profile without stopping to measure (online calibration of the cost
+model).
 """
 
 from __future__ import annotations
@@ -15,14 +17,19 @@ from profiler.synthetic import loopback_comm
 
 
 def stage_timing(op_seconds: dict[str, float], start: int, end: int, microbatches: int,
-                 param_counts: list[int], saved_bytes: list[float] | None = None) -> dict:
-    """The timing part of a vote: per-layer, per-microbatch forward/backward seconds,
-    and (when measured) per-layer saved bytes per microbatch."""
+                 param_counts: list[int], saved_bytes: list[float] | None = None,
+                 layer_fwd_s: list[float] | None = None) -> dict:
+    """The timing part of a vote: per-layer, per-microbatch forward/backward seconds
+    (the stage's mean), (when measured) per-layer saved bytes per microbatch, and
+    (when each layer's forward was timed) each layer's share of the stage's time."""
     n = max(1, (end - start) * microbatches)
     out = {"start": start, "end": end, "fwd_s": op_seconds.get("forward", 0.0) / n,
            "bwd_s": op_seconds.get("backward", 0.0) / n, "params": param_counts}
     if saved_bytes is not None:
         out["saved"] = saved_bytes
+    total = sum(layer_fwd_s or ())
+    if layer_fwd_s and len(layer_fwd_s) == end - start and total > 0:
+        out["shares"] = [t / total for t in layer_fwd_s]
     return out
 
 
@@ -39,8 +46,16 @@ class OnlineProfile:
         """Bytes saved for backward per microbatch (the latest report: it is a size)."""
 
     def observe(self, timing: dict) -> None:
+        n = timing["end"] - timing["start"]
+        shares = timing.get("shares")
+        if shares is None or len(shares) != n:
+            shares = [1.0 / n] * n  # the stage's time spread evenly
         for j, i in enumerate(range(timing["start"], timing["end"])):
-            for table, value in ((self.fwd, timing["fwd_s"]), (self.bwd, timing["bwd_s"])):
+            # a layer's part of the stage's time: its share of the timed forward (the
+            # backward split the same way: roughly proportional, and not timed per layer)
+            scale = n * shares[j]
+            for table, value in ((self.fwd, timing["fwd_s"] * scale),
+                                 (self.bwd, timing["bwd_s"] * scale)):
                 old = table[i]
                 table[i] = value if old is None else (1 - self.alpha) * old + self.alpha * value
             if j < len(timing["params"]):
