@@ -91,7 +91,7 @@ class StragglerMitigation(TrainerHook):
                          "decided_step": c.step,
                          "predicted_step_s": chosen.predicted_step_s}
         if chosen.kind == "drop":
-            gone = sorted(slow)
+            gone = choice.leaving
             if not self.coord.drop(gone, f"straggler dropped: {chosen.note}"):
                 self._pending = None
                 self.say(f"mitigation: no launcher confirmed fencing rank(s) {gone}; "

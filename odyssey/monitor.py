@@ -35,6 +35,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from odyssey import contract
+from odyssey.commit import NoticeAction
 from odyssey.control import sign, token_from_env, verify
 from odyssey.liveness_files import BeatFile, read_notice
 
@@ -118,7 +119,7 @@ class FailureMonitor:
         self._watcher: threading.Thread | None = None
         self._gen_changed = threading.Event()
         self._seen: dict | None = None  # notify: the notice the watcher saw (any generation)
-        self._on_notice: Callable[[dist.Store, dict], None] | None = None
+        self._on_notice: NoticeAction | None = None
         self.noticed_at: dict[int, float] = {}
         """Wall time this rank learned of each generation's notice."""
 
@@ -261,7 +262,7 @@ class FailureMonitor:
         self._seen = record
         self.noticed_at.setdefault(record["gen"], time.time())
 
-    def on_notice(self, act: Callable[[dist.Store, dict], None] | None) -> None:
+    def on_notice(self, act: NoticeAction | None) -> None:
         """notify: run `act(store, notice)` in the watcher thread, with its own store
         client, when a notice arrives, until set back to None; a notice that came before
         is not replayed. The commit protocol aborts the decision its rank blocks on with

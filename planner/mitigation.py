@@ -154,6 +154,8 @@ class MitigationChoice:
 
     chosen: RecoveryCandidate
     candidates: list[RecoveryCandidate]
+    leaving: list[int] = dataclasses.field(default_factory=list)
+    """The ranks a chosen ``drop`` takes out of the job (empty for any other kind)."""
 
     @property
     def switch(self) -> bool:
@@ -209,7 +211,7 @@ def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
             best = back
     if best is not keep and keep.predicted_step_s < best.predicted_step_s * min_gain:
         best = keep  # not worth a switch: hysteresis against flapping
-    return MitigationChoice(best, cands)
+    return MitigationChoice(best, cands, slow if best.kind == "drop" else [])
 
 
 def _repartitions(ctx: RecoveryContext, predict: Callable[[Plan], float], cost: CostModel,

@@ -37,6 +37,11 @@ LayerSplit = Callable[[int, int], list[int]]
 """(pipeline length, microbatches per pipeline) -> layers per stage."""
 
 
+def even_split(num_layers: int) -> LayerSplit:
+    """Layers per stage as even as they go (without a profile)."""
+    return lambda length, m: even_partition(num_layers, length)
+
+
 def balanced_split(part: Partitioner, schedule: str, memory_limit: float = math.inf
                    ) -> LayerSplit:
     """Layers per stage with the least bottleneck stage time whose every stage fits
@@ -135,12 +140,12 @@ def screen_with(old: Plan, predict: Callable[[Plan], float],
     by `split` (default: evenly), with the microbatches of one each (two replicas'
     all-reduce stands for dp's), cached; inf when that plan does not pass `fits`."""
     cache: dict[tuple[int, int, int], float] = {}
+    split = split or even_split(old.num_layers)
 
     def estimate(length: int, m: int, dp: int) -> float:
         key = (length, m, min(dp, 2))
         if key not in cache:
-            sizes = (split(length, m) if split is not None
-                     else even_partition(old.num_layers, length))
+            sizes = split(length, m)
             bounds = [sum(sizes[:i]) for i in range(length + 1)]
             pipes = [Pipeline([Stage(i * length + s, bounds[s], bounds[s + 1])
                                for s in range(length)], list(range(i * m, (i + 1) * m)))
@@ -180,10 +185,10 @@ def fresh_plan(ctx: RecoveryContext, lengths: list[int],
     when lengths differ (without `predict`: by the longest stage)."""
     old = ctx.old_plan
     m = -(-old.num_microbatches // len(lengths))  # the most a pipeline gets
+    split = split or even_split(old.num_layers)
     spans = []
     for length in lengths:
-        sizes = (split(length, m) if split is not None
-                 else even_partition(old.num_layers, length))
+        sizes = split(length, m)
         bounds = [sum(sizes[:i]) for i in range(length + 1)]
         spans.append([(bounds[s], bounds[s + 1]) for s in range(length)])
     ranks = iter(assign_stages(ctx, [span for pipe in spans for span in pipe]))

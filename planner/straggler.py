@@ -218,6 +218,14 @@ class StragglerDetector:
                 changes.append(change)
         return changes
 
+    def _clear_bar(self, kind: str, state: _RankState) -> float:
+        """Below this a straggler is cleared: `clear_threshold`, raised by
+        `carried_tolerance` for a factor carried into a baseline (< threshold)."""
+        bar = self.cfg.clear_threshold
+        if kind == "baseline" and state.carry > 1.0:
+            bar = max(bar, min(bar * self.cfg.carried_tolerance, self.cfg.threshold / 1.1))
+        return bar
+
     def _judge(self, rank: int, state: _RankState, kind: str, step: int
                ) -> StragglerChange | None:
         if len(state.factors) < self.cfg.window:
@@ -236,11 +244,7 @@ class StragglerDetector:
             slow = median(f for _, f in seen[first:])  # the slowdown itself
             self.current[rank] = Straggler(rank, slow, since, kind)
             return StragglerChange(self.current[rank], step, cleared=False)
-        carried = kind == "baseline" and state.carry > 1.0
-        bar = self.cfg.clear_threshold
-        if carried:
-            bar = max(bar, min(bar * self.cfg.carried_tolerance, self.cfg.threshold / 1.1))
-        if known is not None and factor < bar:
+        if known is not None and factor < self._clear_bar(kind, state):
             del self.current[rank]
             # a baseline measured while slow: rescale it to the speed it is back at, so
             # its time no longer looks fast to the others' drift

@@ -416,9 +416,9 @@ class _Run:
         else:
             self.res.replans_back += 1
         self.res.events.append((self.t, f"~{c.kind} {c.note}"))
-        if c.kind == "drop":  # the ranks plan_mitigation dropped: every slow one
+        if c.kind == "drop":
             self.res.drops += 1
-            self.dropped |= {r for r in self.plan.ranks if predict.cost.speed_factor(r) > 1}
+            self.dropped |= set(choice.leaving)
             w.forget(self.members())
             self.adopt(c.plan, c.plan.global_batch, c.swap_s, len(c.swap_budgets))
             return
