@@ -22,13 +22,17 @@ rank runs the agreement. Three control planes (monitor.control_plane):
 
 Every plane's step makes the trainer's per-step reads (the inject counter, the stop
 request; poll also asks for the notice) and the vote (`set`, `add`, the last voter's
-`compare_set`, blocking `wait` for the decision in 20 ms slices, `get`); steps are aligned
-across ranks (they finish a step together), periodic requests spread over their period.
-`--launcher-loop` adds, under every plane, what each node's launcher loop asks the store
-(its node beat and lost check every 0.25 s, the fence counter every 20 ms, its ranks'
-fence keys once a second, the job status and spawn counter every 0.1 s): the same for
-every plane, and not counted by default. The traffic is data in store_load_traffic.py,
-which both generators replay:
+`compare_set`, blocking `wait` for the decision, `get`); poll waits in 20 ms slices,
+notify and node in 1 s backstop slices, since each rank's notice watcher aborts the
+decision at the notice (two `compare_set`s per rank, counted in the recovery). Steps are
+aligned across ranks (they finish a step together), periodic requests spread over their
+period. `--launcher-loop` adds what each node's launcher asks the store (its node beat
+and lost check every 0.25 s, its ranks' fence keys once a second, the job status and
+spawn counter every 0.5 s; its fence watch's blocking wait in 2 s slices and a counter
+read after each): not counted by default. `notify-sliced` and `node-sliced` are those
+planes as they were before the woken decision wait (20 ms slices), with the launcher
+loop as it was (the fence counter read every 20 ms, job status and spawns every 0.1 s).
+The traffic is data in store_load_traffic.py, which both generators replay:
 
 - `--engine cpp` (default when it builds): store_load_gen.cpp, one std::thread per
   client, each its own c10d::TCPStore connection, in one worker process; offers 1024+
@@ -70,7 +74,7 @@ from benchmarks import store_load_traffic as tr  # noqa: E402
 from benchmarks.common import out_dir  # noqa: E402
 from benchmarks.store_load_server import CpuSampler, store_server  # noqa: E402
 
-PLANES = tuple(tr.PLANES)
+PLANES = tuple(tr.PLANES) + tuple(k for k in tr.OLD_PLANES if k not in tr.PLANES)
 ENGINES = ("auto", "cpp", "python")
 MAX_RANKS = {"cpp": 4096, "python": 1024}
 """Bounds on simulated ranks per point (threads; the Python engine starves beyond ~256)."""
@@ -212,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", default="8,64,256,1024")
-    ap.add_argument("--planes", default=",".join(PLANES))
+    ap.add_argument("--planes", default=",".join(tr.PLANES),
+                    help=f"of {', '.join(PLANES)} (the -sliced ones: as before the "
+                    "decision wait was woken by the notice, with the old launcher loop)")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--engine", default="auto",
                     help="cpp (compiled, offers 1024+ ranks), python (threads, the "

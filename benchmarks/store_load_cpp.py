@@ -122,21 +122,29 @@ def spec(layout: tr.Layout, plane: tr.Plane, port: int, seconds: float, step_s: 
         if plane.node_every:
             clients.append({"role": 1, "id": node, "node": node, "init": [],
                             "every": every(plane.node_every, layout.ranks + node, 0, node)})
+        if plane.node_watch_every:  # the launcher's fence watch: a client of its own
+            clients.append({"role": 1, "id": node, "node": node, "init": [],
+                            "every": every(plane.node_watch_every,
+                                           layout.ranks + layout.nodes + node, 0, node)})
         if plane.relay:
             clients.append({"role": 2, "id": node, "node": node, "init": [], "every": []})
     t = tr.Templates()
     return {"host": host, "port": port, "ranks": layout.ranks, "nodes": layout.nodes,
             "connect_threads": CONNECT_THREADS, "seconds": seconds, "step_s": step_s,
             "poll_s": tr.POLL_S, "agree_poll_s": tr.AGREE_POLL_S,
+            "vote_slice_s": plane.vote_slice_s, "wake_on_notice": plane.wake_on_notice,
+            "wake_step": tr.WAKE_STEP,
             "relay_wait_s": tr.RELAY_WAIT_S, "notice_wait_s": tr.NOTICE_WAIT_S,
             "groups": groups, "clients": clients,
             "step_reads": _ops(plane.step_reads, group_of, 0, 0),
+            "last_voter_ops": _ops(plane.last_voter_ops, group_of, 0, 0),
             "vote_slice_ops": _ops(plane.vote_slice_ops, group_of, 0, 0),
             "learn_poll_ops": _ops(plane.learn_poll_ops, group_of, 0, 0),
             "agree_poll_ops": _ops(plane.agree_poll_ops, group_of, 0, 0),
             "learn": {"poll": 0, "wait": 1, "relay": 2}[plane.learn],
             "agree": {"poll": 0, "decide": 1}[plane.agree],
             "templates": {"vote": t.vote, "votes": t.votes, "decision": t.decision,
+                          "abort_reason": t.abort_reason,
                           "join": t.join, "joined": t.joined, "members": t.members,
                           "notice": t.notice}}
 

@@ -38,10 +38,14 @@ Plan plan_of(const py::dict& d) {
   p.step_s = d["step_s"].cast<double>();
   p.poll_s = d["poll_s"].cast<double>();
   p.agree_poll_s = d["agree_poll_s"].cast<double>();
+  p.vote_slice_s = d["vote_slice_s"].cast<double>();
+  p.wake_on_notice = d["wake_on_notice"].cast<bool>();
+  p.wake_step = d["wake_step"].cast<int64_t>();
   p.relay_wait_s = d["relay_wait_s"].cast<double>();
   p.notice_wait_s = d["notice_wait_s"].cast<double>();
   p.groups = d["groups"].cast<std::vector<std::vector<std::string>>>();
   p.step_reads = ops_of(d["step_reads"]);
+  p.last_voter_ops = ops_of(d["last_voter_ops"]);
   p.vote_slice_ops = ops_of(d["vote_slice_ops"]);
   p.learn_poll_ops = ops_of(d["learn_poll_ops"]);
   p.agree_poll_ops = ops_of(d["agree_poll_ops"]);
@@ -51,6 +55,7 @@ Plan plan_of(const py::dict& d) {
   p.t_vote = t["vote"].cast<std::string>();
   p.t_votes = t["votes"].cast<std::string>();
   p.t_decision = t["decision"].cast<std::string>();
+  p.t_abort_reason = t["abort_reason"].cast<std::string>();
   p.t_join = t["join"].cast<std::string>();
   p.joined = t["joined"].cast<std::string>();
   p.members = t["members"].cast<std::string>();

@@ -22,7 +22,7 @@ using Clock = std::chrono::steady_clock;  // CLOCK_MONOTONIC: Python's time.mono
 
 namespace store_load_gen {
 
-enum Kind { ADD = 0, CHECK = 1, CHECK_EACH = 2, CHECK_GET = 3 };  // store_load_traffic.py
+enum Kind { ADD = 0, CHECK = 1, CHECK_EACH = 2, CHECK_GET = 3, WAIT = 4, ADD_EACH = 5 };  // store_load_traffic.py
 enum Role { RANK = 0, LAUNCHER = 1, RELAY = 2 };
 enum Learn { LEARN_POLL = 0, LEARN_WAIT = 1, LEARN_RELAY = 2 };
 enum Agree { AGREE_POLL = 0, AGREE_DECIDE = 1 };
@@ -49,12 +49,14 @@ struct Plan {
   std::string host;
   int port = 0, ranks = 0, connect_threads = 8;
   double seconds = 0, step_s = 0, poll_s = 0, agree_poll_s = 0, relay_wait_s = 0,
-         notice_wait_s = 0, start_delay_s = 0.3;
+         notice_wait_s = 0, start_delay_s = 0.3, vote_slice_s = 0;
+  bool wake_on_notice = false;
+  int64_t wake_step = 0;
   std::vector<std::vector<std::string>> groups;
   std::vector<ClientSpec> clients;
-  std::vector<Op> step_reads, vote_slice_ops, learn_poll_ops, agree_poll_ops;
+  std::vector<Op> step_reads, last_voter_ops, vote_slice_ops, learn_poll_ops, agree_poll_ops;
   int learn = LEARN_WAIT, agree = AGREE_DECIDE;
-  std::string t_vote, t_votes, t_decision, t_join, joined, members, notice;
+  std::string t_vote, t_votes, t_decision, t_abort_reason, t_join, joined, members, notice;
   int nodes = 0;
 };
 
@@ -150,10 +152,13 @@ struct Caller {
 
   void run_op(const Op& op) {
     const auto& keys = plan->groups[op.group];
+    if (keys.empty()) return;  // a node's peers in a one-node job
     switch (op.kind) {
       case ADD: add(keys[0], op.delta); break;
       case CHECK: check(keys); break;
       case CHECK_EACH: for (const auto& k : keys) check({k}); break;
+      case WAIT: wait(keys, op.delta / 1000.0); break;
+      case ADD_EACH: for (const auto& k : keys) add(k, op.delta); break;
       case CHECK_GET:
         if (check(keys)) {
           if (keys.size() == 1) get(keys[0]); else multi_get(keys);
@@ -195,8 +200,11 @@ struct Caller {
     run_ops(p.step_reads);
     set(fill(p.t_vote, step, spec->id), "{}");
     std::string decision = fill(p.t_decision, step, 0);
-    if (add(fill(p.t_votes, step, 0), 1) == p.ranks) compare_set(decision, "", "commit");
-    while (!wait({decision}, p.poll_s)) {
+    if (add(fill(p.t_votes, step, 0), 1) == p.ranks) {
+      run_ops(p.last_voter_ops);
+      compare_set(decision, "", "commit");
+    }
+    while (!wait({decision}, p.vote_slice_s)) {
       run_ops(p.vote_slice_ops);
       if (now_s() > t_notice) return false;  // the step is aborted by the notice
     }
@@ -216,6 +224,10 @@ struct Caller {
       relayed->wait(p.notice_wait_s);
     } else {
       wait({p.notice}, p.notice_wait_s);
+    }
+    if (p.wake_on_notice) {  // the watcher aborts the decision its rank would block on
+      compare_set(fill(p.t_abort_reason, p.wake_step, 0), "", "failure");
+      compare_set(fill(p.t_decision, p.wake_step, 0), "", "abort");
     }
   }
 

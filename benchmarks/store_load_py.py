@@ -55,13 +55,20 @@ class Caller:
 
     def do(self, op: tr.Op) -> None:
         keys = self.keys(op.slot)
+        if not keys:
+            return
         if op.kind == tr.ADD:
             self.add(keys[0], op.delta)
+        elif op.kind == tr.ADD_EACH:
+            for key in keys:
+                self.add(key, op.delta)
         elif op.kind == tr.CHECK:
             self.check(keys)
         elif op.kind == tr.CHECK_EACH:
             for key in keys:
                 self.check([key])
+        elif op.kind == tr.WAIT:
+            self.wait(keys, op.delta / 1000)
         elif op.kind == tr.CHECK_GET and self.check(keys):
             if len(keys) == 1:
                 self.get(keys[0])
@@ -135,10 +142,12 @@ def _rank(c: Caller, plane: tr.Plane, t: tr.Templates, step_s: float, t_start: f
     out["agreed"][c.rank] = time.monotonic()
 
 
-def _launcher(c: Caller, plane: tr.Plane, t_start: float, t_notice: float) -> None:
+def _launcher(c: Caller, every: tuple[tr.Every, ...], client: int, t_start: float,
+              t_notice: float) -> None:
+    """A node's launcher loop, or its fence watch thread (each its own client)."""
     while time.monotonic() < t_start:
         time.sleep(0.005)
-    c.periodic(plane.node_every, c.layout.ranks + c.node, t_start, t_notice)
+    c.periodic(every, client, t_start, t_notice)
     c.end_steady()
 
 
@@ -168,7 +177,11 @@ def _proc(nodes: list[int], layout: tr.Layout, port: int, plane: tr.Plane, step_
     for node in nodes:
         relayed = threading.Event() if plane.relay else None
         if plane.node_every:
-            launchers.append(Caller(port, layout, node=node))
+            launchers.append((Caller(port, layout, node=node), plane.node_every,
+                              layout.ranks + node))
+        if plane.node_watch_every:
+            launchers.append((Caller(port, layout, node=node), plane.node_watch_every,
+                              layout.ranks + layout.nodes + node))
         if plane.relay:
             relays.append((Caller(port, layout, node=node), relayed))
         ranks += [(Caller(port, layout, rank=r, node=node), relayed)
@@ -178,7 +191,8 @@ def _proc(nodes: list[int], layout: tr.Layout, port: int, plane: tr.Plane, step_
     t_start, t_notice = start.value, start.value + seconds
     runs += [lambda c=c, e=e: _rank(c, plane, t, step_s, t_start, t_notice, e, out)
              for c, e in ranks]
-    runs += [lambda c=c: _launcher(c, plane, t_start, t_notice) for c in launchers]
+    runs += [lambda c=c, e=e, i=i: _launcher(c, e, i, t_start, t_notice)
+             for c, e, i in launchers]
     runs += [lambda c=c, e=e: _relay(c, t, t_start, t_notice, e, out) for c, e in relays]
     threads = [threading.Thread(target=f, daemon=True) for f in runs]
     for th in threads:
@@ -186,7 +200,7 @@ def _proc(nodes: list[int], layout: tr.Layout, port: int, plane: tr.Plane, step_
     for th in threads:
         th.join(seconds + 120)
     rank_c = [c for c, _ in ranks]
-    node_c = launchers + [c for c, _ in relays]
+    node_c = [c for c, _, _ in launchers] + [c for c, _ in relays]
     every = rank_c + node_c
     q.put({"lat": [v for c in every for v in c.lat],
            "rec_lat": [v for c in every for v in c.rec_lat],

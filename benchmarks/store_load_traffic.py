@@ -21,22 +21,26 @@ import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from launch.fence_watch import SLICE_S as FENCE_WATCH_S
+from launch.node_watch import NodeWatchConfig
+from launch.replacements import SLOW_POLL_S
 from odyssey import contract
+from odyssey.commit import WOKEN_POLL_S
 
 HEARTBEAT_S = 0.2
 """monitor: a rank's heartbeat `add` period (poll, notify)."""
 POLL_S = 0.02
-"""poll: the notice poll while waiting on communication; every plane: the vote's wait slice."""
+"""poll: the notice poll while waiting on communication, and the vote's wait slice."""
 HB_CHECK_S = 0.5
 """The heartbeat-staleness period (poll: every member's beat; notify: the watcher's period)."""
 AGREE_POLL_S = 0.01
 """poll: the agreement's polling period."""
-NODE_BEAT_S = 0.25
+NODE_BEAT_S = NodeWatchConfig.beat_interval_s
 """A launcher's node heartbeat period (launch/node_watch.py)."""
+NODE_CHECK_S = NodeWatchConfig.check_interval_s
+"""A launcher's period for reading the nodes it watches."""
 LAUNCHER_LOOP_S = 0.02
 """odyssey run's --monitor-interval default: the launcher loop's period."""
-SLOW_POLL_S = 0.1
-"""The launcher's period for the job status and the replacement counter."""
 FENCE_BACKSTOP_S = 1.0
 """The launcher's look at every local rank's fence key when FENCES_COUNT did not move."""
 RELAY_WAIT_S = 2.0
@@ -44,9 +48,13 @@ RELAY_WAIT_S = 2.0
 NOTICE_WAIT_S = 60.0
 """notify: a rank's blocking wait for the notice (and the agreement's for the members)."""
 
+WAKE_STEP = 999_999
+"""The step whose decision a rank's watcher aborts at the notice (notify, node): in the
+simulation no step is in flight then, so a step no vote uses."""
+
 # Op kinds; store_load_gen.h's `enum Kind` has the same numbers.
-ADD, CHECK, CHECK_EACH, CHECK_GET = range(4)
-KIND_NAMES = ("add", "check", "check_each", "check_get")
+ADD, CHECK, CHECK_EACH, CHECK_GET, WAIT, ADD_EACH = range(6)
+KIND_NAMES = ("add", "check", "check_each", "check_get", "wait", "add_each")
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,10 @@ class Op:
     """One store request (two for CHECK_GET when the keys exist) on a slot's keys.
 
     ADD: add(key, delta); CHECK: check(keys); CHECK_EACH: one check per key;
-    CHECK_GET: check(keys), then get (one key) or multi_get (several) if all exist."""
+    CHECK_GET: check(keys), then get (one key) or multi_get (several) if all exist;
+    WAIT: a blocking wait of `delta` ms on keys nobody writes (it times out); ADD_EACH:
+    add(key, delta) per key. A slot without keys (a node's peers in a one-node job)
+    makes no request."""
 
     kind: int
     slot: str
@@ -80,11 +91,22 @@ class Plane:
     rank_every: tuple[Every, ...] = ()
     """A rank's periodic requests besides its steps."""
     step_reads: tuple[Op, ...] = ()
-    """The trainer's top-of-step reads, before its vote."""
+    """The trainer's top-of-step reads, before its vote (per rank)."""
+    last_voter_ops: tuple[Op, ...] = ()
+    """Made by the step's last voter before it writes the decision (the step-boundary
+    reads it answers for every rank: odyssey/step_controls.py)."""
+    vote_slice_s: float = WOKEN_POLL_S
+    """The decision wait's slice: POLL_S where ranks ask between slices (poll), the
+    backstop where the notice's watcher wakes the wait (notify, node)."""
     vote_slice_ops: tuple[Op, ...] = ()
-    """Made after each `POLL_S` slice of the decision wait that timed out."""
+    """Made after each slice of the decision wait that timed out."""
+    wake_on_notice: bool = True
+    """At the notice each rank's watcher aborts the decision its rank blocks on (two
+    compare_sets: the reason, the decision), with its own client."""
     node_every: tuple[Every, ...] = ()
     """A node's launcher's periodic requests; empty: no launcher client is simulated."""
+    node_watch_every: tuple[Every, ...] = ()
+    """A node's launcher's fence watch thread (its own client): blocking waits."""
     relay: bool = False
     """A node's notice relay: one client blocked in `wait` on the notice, RELAY_WAIT_S slices."""
     learn: str = "wait"
@@ -100,7 +122,10 @@ class Plane:
 
 
 _HEARTBEAT = Every(HEARTBEAT_S, (Op(ADD, "hb", 1),))
-_STEP_READS = (Op(ADD, "inject"), Op(CHECK, "stop"))
+_STEP_READS = (Op(ADD, "inject"), Op(CHECK, "stop_at"), Op(CHECK, "stop"))
+"""The trainer's step-boundary reads (odyssey/step_controls.py) as every rank made them
+before they came with the commit decision: the inject count, the agreed stop step, the
+stop request."""
 
 POLL = Plane(
     "poll",
@@ -109,6 +134,7 @@ POLL = Plane(
                 Every(POLL_S, (Op(CHECK, "notice"), Op(ADD, "exits"))),
                 Every(HB_CHECK_S, (Op(CHECK_GET, "hb_all"),))),
     step_reads=(*_STEP_READS, Op(CHECK, "notice")),
+    vote_slice_s=POLL_S, wake_on_notice=False,
     vote_slice_ops=(Op(CHECK, "notice"), Op(ADD, "exits")),
     learn="poll", learn_poll_ops=(Op(ADD, "exits"),),
     agree="poll", agree_poll_ops=(Op(ADD, "exits"), Op(ADD, "newcomers")))
@@ -117,29 +143,63 @@ NOTIFY = Plane(
     rank_init=(Op(ADD, "hb", 1),),
     rank_every=(_HEARTBEAT,
                 Every(HB_CHECK_S, (Op(ADD, "exits"), Op(CHECK_GET, "hb_next")))),
-    step_reads=_STEP_READS, learn="wait", agree="decide")
+    last_voter_ops=_STEP_READS, learn="wait", agree="decide")
 NODE = Plane(
-    "node", step_reads=_STEP_READS,
+    "node", last_voter_ops=_STEP_READS,
     node_every=(Every(NODE_BEAT_S, (Op(ADD, "node_beat", 1),)),),
     relay=True, learn="relay", agree="decide")
 PLANES = {p.name: p for p in (POLL, NOTIFY, NODE)}
 
 LAUNCHER_LOOP = (
     Every(NODE_BEAT_S, (Op(ADD, "node_beat", 1), Op(CHECK, "node_lost"))),
-    Every(LAUNCHER_LOOP_S, (Op(ADD, "fences"),)),
+    Every(NODE_CHECK_S, (Op(CHECK, "job_status"), Op(ADD_EACH, "peer_beats"))),
     Every(FENCE_BACKSTOP_S, (Op(CHECK_EACH, "fence_local"),)),
     Every(SLOW_POLL_S, (Op(CHECK, "job_status"), Op(ADD, "spawn"))))
-"""What each node's launcher loop asks the store (launch/supervise.py): its node beat and
-lost check, the fence counter each --monitor-interval, its ranks' fence keys once a
-second, the job status and the replacement counter every 0.1 s. The same for every plane."""
+"""What each node's launcher loop asks the store (launch/agent.py): its node beat and
+lost check; its node watch (launch/node_watch.py: the job status and the counters of the
+next NodeWatchConfig.peers nodes in ring order, multi-node only); its ranks' fence keys
+once a second (and when its fence watch saw a request); the job status and the
+replacement counter every SLOW_POLL_S. The same for every plane."""
+FENCE_WATCH = (Every(FENCE_WATCH_S, (Op(WAIT, "fence_note", int(FENCE_WATCH_S * 1000)),
+                                     Op(ADD, "fences"))),)
+"""Each launcher's fence watch (launch/fence_watch.py): a blocking wait on the next fence
+note, and the counter read after each slice that timed out."""
+OLD_LAUNCHER_LOOP = (
+    Every(NODE_BEAT_S, (Op(ADD, "node_beat", 1), Op(CHECK, "node_lost"))),
+    Every(NODE_CHECK_S, (Op(CHECK, "job_status"), Op(CHECK_EACH, "other_done"),
+                         Op(CHECK_EACH, "other_beats"), Op(ADD_EACH, "other_beats"))),
+    Every(NODE_CHECK_S, (Op(CHECK, "job_status"), Op(ADD_EACH, "peer_beats"))),
+    Every(LAUNCHER_LOOP_S, (Op(ADD, "fences"),)),
+    Every(FENCE_BACKSTOP_S, (Op(CHECK_EACH, "fence_local"),)),
+    Every(0.1, (Op(CHECK, "job_status"), Op(ADD, "spawn"))))
+"""The launcher loop before the fence watch (until 2026-12-02): every other node watched
+(three reads each per check), the fence counter read each --monitor-interval, the job
+status and replacement counter every 0.1 s."""
+OLD_PLANES = {
+    "poll": POLL,
+    "notify-sliced": replace(NOTIFY, name="notify-sliced", vote_slice_s=POLL_S,
+                             wake_on_notice=False, step_reads=_STEP_READS,
+                             last_voter_ops=()),
+    "node-sliced": replace(NODE, name="node-sliced", vote_slice_s=POLL_S,
+                           wake_on_notice=False, step_reads=_STEP_READS, last_voter_ops=())}
+"""The planes as they were before the decision wait was woken by the notice (notify until
+2026-12-01, node until 2026-12-02): 20 ms decision-wait slices, and every rank making the
+step-boundary reads itself. With --launcher-loop
+they get the old launcher loop (OLD_LAUNCHER_LOOP); poll is the old design throughout."""
 
 
 def plane_for(name: str, launcher_loop: bool = False) -> Plane:
-    """The plane `name`; with `launcher_loop`, each node's launcher loop added to it."""
-    if name not in PLANES:
-        raise ValueError(f"plane must be one of {sorted(PLANES)}, got {name!r}")
+    """The plane `name` (PLANES or OLD_PLANES); with `launcher_loop`, each node's
+    launcher loop added to it (the old loop for the old planes)."""
+    if name not in PLANES and name not in OLD_PLANES:
+        raise ValueError(f"plane must be one of {sorted({*PLANES, *OLD_PLANES})}, "
+                         f"got {name!r}")
+    if name in OLD_PLANES:
+        plane = OLD_PLANES[name]
+        return replace(plane, node_every=OLD_LAUNCHER_LOOP) if launcher_loop else plane
     plane = PLANES[name]
-    return replace(plane, node_every=LAUNCHER_LOOP) if launcher_loop else plane
+    return (replace(plane, node_every=LAUNCHER_LOOP, node_watch_every=FENCE_WATCH)
+            if launcher_loop else plane)
 
 
 @dataclass(frozen=True)
@@ -173,8 +233,18 @@ def slot_keys(slot: str, layout: Layout, rank: int = 0, node: int = 0) -> list[s
         return [contract.node_beat_key(node)]
     if slot == "node_lost":
         return [contract.node_lost_key(node)]
+    if slot in ("peer_beats", "other_beats", "other_done"):
+        nodes = layout.nodes
+        others = ([(node + i) % nodes for i in range(1, nodes)] if slot != "peer_beats" else
+                  [(node + i) % nodes for i in range(1, min(nodes, NodeWatchConfig.peers + 1))])
+        if slot == "other_done":
+            return [contract.node_done_key(x) for x in others]
+        return [contract.node_beat_key(x) for x in others]
+    if slot == "fence_note":  # the next fence's note: never written in the simulation
+        return [contract.fence_note_key(1)]
     fixed = {"notice": contract.notice_key(0), "exits": contract.EXITS_COUNT,
              "inject": contract.INJECT_COUNT, "stop": contract.STOP_REQUEST,
+             "stop_at": contract.STOP_AT,
              "newcomers": contract.NEWCOMERS_COUNT, "fences": contract.FENCES_COUNT,
              "job_status": contract.JOB_STATUS, "spawn": contract.SPAWN_COUNT}
     if slot not in fixed:
@@ -197,6 +267,7 @@ class Templates:
     vote: str = _template(contract.vote_key(0, _STEP, _RANK))
     votes: str = _template(contract.vote_count_key(0, _STEP))
     decision: str = _template(contract.decision_key(0, _STEP))
+    abort_reason: str = _template(contract.abort_reason_key(0, _STEP))
     join: str = _template(contract.join_key(1, _RANK))
     joined: str = contract.joined_count_key(1)
     members: str = contract.members_key(1)
@@ -209,24 +280,30 @@ class Templates:
 
 def op_requests(op: Op, layout: Layout, node: int = 0) -> int:
     """Requests `op` makes when every key it reads exists (as in steady training)."""
-    if op.kind == CHECK_EACH:
+    if op.kind in (CHECK_EACH, ADD_EACH):
         return len(slot_keys(op.slot, layout, node=node))
+    if op.kind == ADD and not slot_keys(op.slot, layout, node=node):
+        return 0
+    if op.kind == WAIT:
+        return 1
     return 2 if op.kind == CHECK_GET else 1
 
 
 def offered_per_s(plane: Plane, layout: Layout, step_s: float) -> tuple[float, float]:
     """(per rank, per node) store requests/s the plane asks for in steady training.
 
-    A step: the reads, the vote's set and add, the last voter's compare_set (1/N per
-    rank), one wait for the decision and its get; decision-wait slices that time out
+    A step: the reads, the vote's set and add, the last voter's reads and compare_set
+    (1/N per rank), one wait for the decision and its get; decision-wait slices that time out
     (poll: two more requests each) are not counted. A relay: one wait slice per
     RELAY_WAIT_S."""
     def rate(every: tuple[Every, ...]) -> float:
         return sum(sum(op_requests(o, layout) for o in e.ops) / e.period_s for e in every)
 
-    step = (len(plane.step_reads) + 4 + 1 / layout.ranks) / step_s
+    step = (len(plane.step_reads) + 4 + (1 + len(plane.last_voter_ops)) / layout.ranks
+            ) / step_s
     return (rate(plane.rank_every) + step,
-            rate(plane.node_every) + (1 / RELAY_WAIT_S if plane.relay else 0.0))
+            rate(plane.node_every) + rate(plane.node_watch_every)
+            + (1 / RELAY_WAIT_S if plane.relay else 0.0))
 
 
 def phase_s(client: int, period_s: float) -> float:
@@ -243,7 +320,8 @@ def scheduled_requests(plane: Plane, layout: Layout, step_s: float, seconds: flo
 
     Per periodic task of a client with offset p: ceil((seconds - p) / period) requests
     times its ops; per rank the init ops and ceil(seconds / step_s) - 1 steps (the first
-    at step_s) of offered_per_s's requests; per relay one wait slice per RELAY_WAIT_S."""
+    at step_s) of offered_per_s's requests; per relay one wait slice per RELAY_WAIT_S.
+    Client ids: ranks 0..N-1, node i's launcher N + i, its fence watch N + nodes + i."""
     eps = 1e-9
 
     def count(every: tuple[Every, ...], client: int, node: int = 0) -> int:
@@ -252,9 +330,12 @@ def scheduled_requests(plane: Plane, layout: Layout, step_s: float, seconds: flo
 
     n = layout.ranks
     steps = max(0, math.ceil(seconds / step_s - eps) - 1)
-    ranks = (n * (len(plane.rank_init) + steps * (len(plane.step_reads) + 4)) + steps
+    ranks = (n * (len(plane.rank_init) + steps * (len(plane.step_reads) + 4))
+             + steps * (1 + len(plane.last_voter_ops))
              + sum(count(plane.rank_every, r) for r in range(n)))
-    nodes = sum(count(plane.node_every, n + i, i) for i in range(layout.nodes))
+    nodes = sum(count(plane.node_every, n + i, i)
+                + count(plane.node_watch_every, n + layout.nodes + i, i)
+                for i in range(layout.nodes))
     if plane.relay:
         nodes += layout.nodes * math.floor(seconds / RELAY_WAIT_S + eps)
     return ranks, nodes
@@ -283,8 +364,10 @@ def vote(c: Client, plane: Plane, t: Templates, step: int, rank: int, n: int,
     c.set(t.key(t.vote, step, rank), "{}")
     decision = t.key(t.decision, step)
     if c.add(t.key(t.votes, step), 1) == n:
+        for op in plane.last_voter_ops:
+            c.do(op)
         c.compare_set(decision, "", "commit")
-    while not c.wait([decision], POLL_S):
+    while not c.wait([decision], plane.vote_slice_s):
         for op in plane.vote_slice_ops:
             c.do(op)
         if time.monotonic() > t_notice:  # the step is aborted by the notice
@@ -294,8 +377,9 @@ def vote(c: Client, plane: Plane, t: Templates, step: int, rank: int, n: int,
 
 
 def learn_notice(c: Client, plane: Plane, t: Templates, relayed) -> None:
-    """Block until this rank knows of the notice (store_load_gen.h: `learn_notice`).
-    `relayed`: the node relay's local event (plane.learn == "relay")."""
+    """Block until this rank knows of the notice, then (wake_on_notice) make its
+    watcher's abort of the decision (store_load_gen.h: `learn_notice`). `relayed`: the
+    node relay's local event (plane.learn == "relay")."""
     if plane.learn == "poll":
         while not c.check([t.notice]):
             for op in plane.learn_poll_ops:
@@ -305,6 +389,9 @@ def learn_notice(c: Client, plane: Plane, t: Templates, relayed) -> None:
         relayed.wait(NOTICE_WAIT_S)  # the relayed notice file: a local look, no request
     else:
         c.wait([t.notice], NOTICE_WAIT_S)
+    if plane.wake_on_notice:  # the watcher aborts the decision its rank would block on
+        c.compare_set(t.key(t.abort_reason, WAKE_STEP), "", "failure")
+        c.compare_set(t.key(t.decision, WAKE_STEP), "", "abort")
 
 
 def agree(c: Client, plane: Plane, t: Templates, rank: int, n: int) -> None:

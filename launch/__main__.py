@@ -1,5 +1,5 @@
 """``python -m launch ...`` is the same as the ``odyssey`` console script."""
 
-from launch.cli import main
+from launch.cli import console
 
-raise SystemExit(main())
+console()

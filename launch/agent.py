@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from launch.fence_watch import FenceWatch
 from launch.node_liveness import NodePlane
 from launch.node_watch import NodeWatcher
 from launch.notice import announce_exits
@@ -37,8 +38,8 @@ uninterruptible sleep can take longer; then ``fenced`` is written when the reapi
 sees it die, never before."""
 
 _FENCE_BACKSTOP_S = 1.0
-"""How often the launcher looks at its ranks' fence keys even when FENCES_COUNT did not
-move (a fence request written without the bump, e.g. by an older client)."""
+"""How often the launcher looks at its ranks' fence keys even when no fence note came
+(a fence request written without its bump and note, e.g. by an older client)."""
 
 
 
@@ -92,6 +93,7 @@ class Agent:
         self._fenced: dict[int, str] = {}
         self._fences_seen = -1  # FENCES_COUNT at the last look at the fence keys
         self._fences_checked = 0.0
+        self._fence_watch: FenceWatch | None = None  # started by run()
         self._status_checked = 0.0  # the job status's last look
         self._fencing: dict[int, str] = {}  # SIGKILL sent, death not yet confirmed
         self._signal: signal.Signals | None = None
@@ -177,6 +179,9 @@ class Agent:
     def run(self) -> AgentResult:
         """Loop until every worker has exited; returns what happened."""
         forwarded = False
+        client = self.store.clone()
+        if client is not None:
+            self._fence_watch = FenceWatch(client, self._wake.set).start()
         while True:
             self._wake.clear()  # before reaping: a death after this wakes the next wait
             self._reap()
@@ -204,6 +209,8 @@ class Agent:
         self._poll_fences()
         if self._node_plane is not None:
             self._node_plane.stop()
+        if self._fence_watch is not None:
+            self._fence_watch.stop()
         return AgentResult(
             exits={r: w.exit for r, w in self.workers.items() if w.exit is not None},
             fenced=dict(self._fenced),
@@ -255,15 +262,23 @@ class Agent:
 
     # -- fencing -------------------------------------------------------------------
     def _poll_fences(self) -> None:
-        """Fence requests for local ranks. One counter read per period; the ranks' keys
-        only when it moved, or once per `_FENCE_BACKSTOP_S` (a request written without
-        the bump): at 1024 ranks a key check per rank per 20 ms period was most of the
-        store's load (docs/BENCHMARKS.md, control-plane load)."""
+        """Fence requests for local ranks: the ranks' keys are read when the fence watch
+        saw a request (without the watch: when FENCES_COUNT moved, one read per period),
+        or once per `_FENCE_BACKSTOP_S`. At 1024 ranks a key check per rank per 20 ms
+        period, then the counter read per period, were most of the launchers' store
+        load (docs/BENCHMARKS.md, control-plane load)."""
         now = time.monotonic()
-        count = self.store.add(contract.FENCES_COUNT, 0)
-        if count == self._fences_seen and now - self._fences_checked < _FENCE_BACKSTOP_S:
-            return
-        self._fences_seen, self._fences_checked = count, now
+        backstop = now - self._fences_checked >= _FENCE_BACKSTOP_S
+        watch = self._fence_watch
+        if watch is not None and watch.alive:
+            if not watch.take() and not backstop:
+                return
+        else:
+            count = self.store.add(contract.FENCES_COUNT, 0)
+            if count == self._fences_seen and not backstop:
+                return
+            self._fences_seen = count
+        self._fences_checked = now
         for rank, worker in self.workers.items():
             if rank in self._fenced or rank in self._fencing:
                 continue

@@ -44,6 +44,12 @@ class NodeWatchConfig:
     """How often each launcher bumps its node's heartbeat counter."""
     check_interval_s: float = 0.25
     """How often a watcher reads the other nodes' counters."""
+    peers: int = 2
+    """How many nodes one watcher watches: the first of its `nodes` (a launcher: the
+    next ones in ring order after its own) that are neither declared lost nor finished,
+    so every node has `peers` watchers and a launcher's reads do not grow with the job
+    (every launcher reading every node was nodes x nodes requests). 0: all of them
+    (`odyssey store`)."""
 
 
 def publish_job(store: SafeStore, nnodes: int, world_size: int, node_timeout_s: float) -> None:
@@ -73,11 +79,20 @@ class NodeWatcher:
     declared: dict[int, dict] = field(default_factory=dict)
     """Nodes this watcher saw declared lost (by itself or another watcher)."""
     _seen: dict[int, tuple[int, float, float]] = field(default_factory=dict)
+    _started: set[int] = field(default_factory=set)
+    _done: set[int] = field(default_factory=set)
     _last_check: float = float("-inf")
+
+    def watched(self) -> list[int]:
+        """The nodes this watcher reads now (see NodeWatchConfig.peers)."""
+        live = [n for n in self.nodes if n not in self.declared and n not in self._done]
+        return live[:self.config.peers] if self.config.peers > 0 else live
 
     def poll(self, now: float | None = None) -> list[int]:
         """Check once (rate-limited to ``check_interval_s``); returns nodes declared now
-        by this watcher. Nodes that are done, or already declared, are not watched."""
+        by this watcher. Nodes that are done, or already declared, are not watched. In
+        steady state one read per watched node: whether it started is asked until it
+        has, whether it finished only once its counter stops moving."""
         now = time.monotonic() if now is None else now
         if now - self._last_check < self.config.check_interval_s:
             return []
@@ -85,17 +100,21 @@ class NodeWatcher:
         if self.store.check(contract.JOB_STATUS):
             return []  # the job is over: nodes stop beating as they finish
         mine = []
-        for node in self.nodes:
-            if node in self.declared or self.store.check(contract.node_done_key(node)):
-                continue
-            if not self.store.check(contract.node_beat_key(node)):
-                continue  # not started yet: rendezvous or spawning is still under way
-            beat = self.store.add(contract.node_beat_key(node), 0)
+        for node in self.watched():
+            key = contract.node_beat_key(node)
+            if node not in self._started:
+                if not self.store.check(key):
+                    continue  # not started yet: rendezvous or spawning is still under way
+                self._started.add(node)
+            beat = self.store.add(key, 0)
             prev = self._seen.get(node)
             if prev is None or prev[0] != beat:
                 self._seen[node] = (beat, now, time.time())
                 continue
             if now - prev[1] <= self.config.node_timeout_s:
+                continue
+            if self.store.check(contract.node_done_key(node)):
+                self._done.add(node)  # it finished and stopped beating: not lost
                 continue
             if self._declare(node, silent_s=now - prev[1], last_beat_wall=prev[2]):
                 mine.append(node)

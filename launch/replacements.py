@@ -19,9 +19,10 @@ from odyssey.control import CommandGate, sign
 
 log = logging.getLogger("launch")
 
-SLOW_POLL_S = 0.1
-"""Period of the launcher's looks at the replacement counter (and the job status): a
-tenth of a second later for a replacement costs nothing."""
+SLOW_POLL_S = 0.5
+"""Period of the launcher's looks at the replacement counter (and the job status): half
+a second later for a replacement (whose start takes seconds) costs nothing, and at 1024
+ranks a faster look was a fifth of the launchers' store load."""
 
 WRITE_WAIT_S = 5.0
 """A request counted but not yet written is waited for this long, then skipped."""

@@ -104,7 +104,8 @@ def _watcher_for_job(store: SafeStore) -> NodeWatcher | None:
     if job is None:
         return None
     return NodeWatcher(store, list(range(int(job["nnodes"]))), int(job["world_size"]),
-                       NodeWatchConfig(node_timeout_s=float(job["node_timeout_s"])),
+                       NodeWatchConfig(node_timeout_s=float(job["node_timeout_s"]),
+                                       peers=0),
                        who="odyssey store")
 
 

@@ -112,8 +112,9 @@ def _run(opts: LaunchOptions, backend: Backend, store: SafeStore, agent: Agent
         agent.enable_spawning(start_replacement)
         if multi:
             publish_job(store, layout.nnodes, layout.world_size, opts.node_timeout_s)
+            me, n = layout.node_rank, layout.nnodes  # the next nodes in ring order
             agent.enable_node_watch(NodeWatcher(
-                store, [n for n in range(layout.nnodes) if n != layout.node_rank],
+                store, [(me + i) % n for i in range(1, n)],
                 layout.world_size, NodeWatchConfig(node_timeout_s=opts.node_timeout_s),
                 who=f"node {layout.node_rank}"))
         log.info("store %s:%d, %s, started in %.1fs, run dir %s", layout.store_addr,

@@ -2,10 +2,10 @@
 
 The last voter sets `decision` to "commit"; anyone who learns of a failure sets it to
 "abort". Whoever writes first wins, so every survivor reads one outcome and either all
-apply the optimizer step or none does. On the notify control plane a rank blocks on the
-decision and its notice watcher writes the abort when a notice arrives (one wait request
-per vote, not one per 20 ms slice); elsewhere it waits in `poll_s` slices and asks
-`abort_check` between them.
+apply the optimizer step or none does. On the notify and node control planes a rank
+blocks on the decision and its notice watcher writes the abort when a notice arrives (one
+wait request per vote, not one per 20 ms slice); under poll it waits in `poll_s` slices
+and asks `abort_check` between them.
 
 When a step needs global totals before its update (the gradient norm for clipping, fp16
 overflow), the last voter sums them from the votes and writes them into the commit
@@ -25,6 +25,9 @@ from odyssey import contract
 
 COMMIT = "commit"
 ABORT = "abort"
+
+WOKEN_POLL_S = 1.0
+"""The decision wait's backstop slice where the notice's watcher wakes it (notify, node)."""
 
 NoticeAction = Callable[[dist.Store, dict], None]
 """What the failure monitor's watcher runs on a notice, with its own store client."""
@@ -48,12 +51,16 @@ class CommitProtocol:
         poll_s: float = 0.05,
         abort_check: Callable[[], str | None] | None = None,
         on_notice: Callable[[NoticeAction | None], None] | None = None,
-        woken_poll_s: float = 1.0,
+        woken_poll_s: float = WOKEN_POLL_S,
+        control: Callable[[dist.Store], dict] | None = None,
     ):
         """`on_notice`: registers an action the failure monitor's watcher runs when a
-        notice arrives (`FailureMonitor.on_notice`, notify plane): with it, a rank waits
-        for the decision in `woken_poll_s` slices (a backstop) and the watcher aborts the
-        decision to wake it; without it, in `poll_s` slices asking `abort_check`."""
+        notice arrives (`FailureMonitor.on_notice`, notify and node planes): with it, a
+        rank waits for the decision in `woken_poll_s` slices (a backstop) and the watcher
+        aborts the decision to wake it; without it, in `poll_s` slices asking
+        `abort_check`. `control`: the last voter calls it (odyssey/step_controls.read)
+        and writes its answer into the commit decision; every rank then finds it in
+        `last_control`."""
         self.store = store
         self.generation = generation
         self.members = sorted(members)
@@ -61,6 +68,10 @@ class CommitProtocol:
         self.abort_check = abort_check or (lambda: None)
         self.on_notice = on_notice
         self.woken_poll = timedelta(seconds=max(poll_s, woken_poll_s))
+        self.control = control
+        self.last_control: dict | None = None
+        """`control`'s answer in the last decision this rank read (None: an abort, or
+        no decision read yet in this generation)."""
 
     def vote(self, worker_id: int, step: int, payload: dict, totals: bool = False
              ) -> tuple[str, dict | None]:
@@ -70,15 +81,19 @@ class CommitProtocol:
         g = self.generation
         self.store.set(contract.vote_key(g, step, worker_id), json.dumps(payload))
         if self.store.add(contract.vote_count_key(g, step), 1) == len(self.members):
-            value = COMMIT
+            extra: dict = {}
             if totals:
                 votes = self.votes(step).values()  # in member order: one sum everywhere
-                value += " " + json.dumps({
-                    "sumsq": sum(v.get("sumsq", 0.0) for v in votes),
-                    "overflow": any(v.get("overflow", False) for v in votes)})
+                extra = {"sumsq": sum(v.get("sumsq", 0.0) for v in votes),
+                         "overflow": any(v.get("overflow", False) for v in votes)}
+            if self.control is not None:
+                extra["ctl"] = self.control(self.store)
+            value = COMMIT + (" " + json.dumps(extra) if extra else "")
             self.store.compare_set(contract.decision_key(g, step), "", value)
-        decision, _, extra = self.wait_decision(step).partition(" ")
-        return decision, (json.loads(extra) if extra and decision == COMMIT else None)
+        decision, _, raw = self.wait_decision(step).partition(" ")
+        extra = json.loads(raw) if raw and decision == COMMIT else {}
+        self.last_control = extra.pop("ctl", None)
+        return decision, (extra if totals and extra else None)
 
     def abort(self, step: int, reason: str) -> str:
         """Try to abort `step`; returns the decision value that stands (commit, with its

@@ -218,14 +218,21 @@ def exit_key(rank: int) -> str:
 
 def fence_key(rank: int) -> str:
     """Set (value: the reason, signed with the job token) to ask the owning launcher to
-    kill `rank`, then add 1 to FENCES_COUNT; an unsigned or forged value is ignored
-    (odyssey/control.py)."""
+    kill `rank`, then add 1 to FENCES_COUNT and write that count's fence_note_key; an
+    unsigned or forged value is ignored (odyssey/control.py)."""
     return f"odyssey/fence/{rank}"
 
 
 FENCES_COUNT = "odyssey/fences/count"
-"""Bumped after every fence request: a launcher reads this one counter each period and
-looks at its ranks' fence keys only when it moved (or, as a backstop, once a second)."""
+"""Bumped after every fence request (then its note is written: fence_note_key); a
+launcher looks at its ranks' fence keys when a note appears (or, as a backstop, once a
+second; without its watch thread: when this counter moved)."""
+
+
+def fence_note_key(k: int) -> str:
+    """Written (value: the rank) by the fencer whose bump of FENCES_COUNT returned `k`:
+    each launcher's watch thread blocks on the next one (launch/fence_watch.py)."""
+    return f"odyssey/fences/note/{k}"
 
 
 def fenced_key(rank: int) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from odyssey import checkpoint as ckpt
-from odyssey import contract
+from odyssey import contract, step_controls
 from odyssey.comm import AbortHung, Comm, CommConfig, CommError, StepAborted
 from odyssey.commit import CommitProtocol
 from odyssey.engine import Engine
@@ -154,11 +154,10 @@ class Coordinator:
         if self.monitor.notified:  # abort_check is a local flag: look at it often, for free
             comm_cfg = dataclasses.replace(comm_cfg, poll_s=self.monitor.cfg.local_poll_s)
         comm = Comm(self.store, self.rank, number, comm_cfg, abort).setup(program, extra)
-        # notify: the watcher thread wakes decision waiters (node: its watcher reads files)
-        wake = (self.monitor.on_notice if self.monitor.notified
-                and self.monitor.cfg.control_plane == "notify" else None)
+        # the notice's watcher thread wakes decision waiters (notify, node)
+        wake = self.monitor.on_notice if self.monitor.wakes_decisions else None
         commit = CommitProtocol(self.store, number, plan.ranks, self.comm_cfg.poll_s, abort,
-                                on_notice=wake)
+                                on_notice=wake, control=step_controls.read)
         return Generation(number, plan, program, comm, commit, plan.ranks)
 
     def begin(self, plan: Plan, number: int = 0) -> Generation:

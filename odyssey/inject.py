@@ -57,9 +57,12 @@ class FaultInjector:
                                  f"rank {worker_id}")
         self._seen = 0
 
-    def poll(self, store, next_step: int) -> None:
-        """Pick up requests from `odyssey inject` (one store round trip when none)."""
-        count = store.add(contract.INJECT_COUNT, 0)
+    def poll(self, store, next_step: int, count: int | None = None) -> None:
+        """Pick up requests from `odyssey inject`. `count`: the request count the last
+        commit decision carried (odyssey/step_controls.read); None: one store round trip
+        to read it."""
+        if count is None:
+            count = store.add(contract.INJECT_COUNT, 0)
         while self._seen < count:
             key = contract.inject_key(self._seen)
             if not store.check([key]):

@@ -120,6 +120,7 @@ class FailureMonitor:
         self._gen_changed = threading.Event()
         self._seen: dict | None = None  # notify: the notice the watcher saw (any generation)
         self._on_notice: NoticeAction | None = None
+        self._wake_store: dist.Store | None = None  # node: the watcher's idle client
         self.noticed_at: dict[int, float] = {}
         """Wall time this rank learned of each generation's notice."""
 
@@ -168,6 +169,10 @@ class FailureMonitor:
         self._hb_thread = threading.Thread(target=beat_loop, name=f"heartbeat-{self.rank}",
                                            daemon=True)
         self._hb_thread.start()
+        if self.store_factory is not None:
+            # an idle connection (no requests) to abort the decision a rank blocks on
+            # when a notice is relayed, so votes need no short wait slices here either
+            self._wake_store = self.store_factory()
         self._watcher = threading.Thread(target=self._watch_files,
                                          name=f"notice-watcher-{self.rank}", daemon=True)
         self._watcher.start()
@@ -191,10 +196,21 @@ class FailureMonitor:
                 if not woke:  # the launcher closed it: look at the file instead
                     wake = None
                 continue
-            self._saw(record)
+            try:
+                self._deliver(self._wake_store, record)
+            except Exception:  # noqa: BLE001 - the store host is gone: waits time out
+                pass
             while self.generation == gen and not self._stop.is_set():
                 self._gen_changed.wait(0.5)
                 self._gen_changed.clear()
+
+    @property
+    def wakes_decisions(self) -> bool:
+        """A notice's watcher aborts the decision its rank blocks on (notify; node with a
+        store client): the commit protocol then needs no short wait slices."""
+        if self._watcher is None:
+            return False
+        return self.cfg.control_plane == "notify" or self._wake_store is not None
 
     @property
     def notified(self) -> bool:
@@ -212,10 +228,7 @@ class FailureMonitor:
             try:
                 store.wait([key], period)
                 record = json.loads(store.get(key))
-                self._saw(record)
-                act = self._on_notice
-                if act is not None:
-                    act(store, record)
+                self._deliver(store, record)
                 while self.generation == gen and not self._stop.is_set():
                     self._gen_changed.wait(0.5)
                     self._gen_changed.clear()
@@ -262,11 +275,20 @@ class FailureMonitor:
         self._seen = record
         self.noticed_at.setdefault(record["gen"], time.time())
 
+    def _deliver(self, store: dist.Store | None, record: dict) -> None:
+        """The watcher saw `record`: set the flag, then run the registered action with
+        the watcher's own client (in this order: see on_notice)."""
+        self._saw(record)
+        act = self._on_notice
+        if act is not None and store is not None:
+            act(store, record)
+
     def on_notice(self, act: NoticeAction | None) -> None:
-        """notify: run `act(store, notice)` in the watcher thread, with its own store
-        client, when a notice arrives, until set back to None; a notice that came before
-        is not replayed. The commit protocol aborts the decision its rank blocks on with
-        it, so waiters wake on the notice instead of re-asking the store in short slices.
+        """notify and node (see wakes_decisions): run `act(store, notice)` in the watcher
+        thread, with its own store client, when a notice arrives, until set back to
+        None; a notice that came before is not replayed. The commit protocol aborts the
+        decision its rank blocks on with it, so waiters wake on the notice instead of
+        re-asking the store in short slices.
         Set it before looking at `abort_check` (the watcher sets the flag before it looks
         at this): a notice is then seen by one or both, never missed."""
         self._on_notice = act
@@ -379,7 +401,8 @@ class FailureMonitor:
         standing = store.compare_set(key, "", value).decode()
         if standing != value and verify(self.token, key, standing) is None:
             store.set(key, value)  # a forged value must not block the real fence
-        store.add(contract.FENCES_COUNT, 1)  # launchers look at fence keys when it moves
+        k = store.add(contract.FENCES_COUNT, 1)
+        store.set(contract.fence_note_key(k), str(rank))  # wakes every launcher's watch
 
     def fenced_or_exited(self, rank: int) -> bool:
         return bool(self.store.check([contract.fenced_key(rank)]) or

@@ -249,7 +249,8 @@ class Trainer:
         eval_due: int | None = None  # a committed step whose evaluation is still to run
         while step < t.steps or eval_due is not None:
             self.checkpointer.poll()
-            if self.in_place and self.stop.stop_before(step):
+            known = self.gen.commit.last_control  # read by the last voter for everyone
+            if self.in_place and self.stop.stop_before(step, known):
                 stopped = True
                 self.monitor.publish("stop", f"stop requested ({self.stop.reason})")
                 break
@@ -257,7 +258,7 @@ class Trainer:
                 if self.in_place:
                     if self.monitor.notice() is not None:
                         raise StepAborted("membership change announced")
-                    self.faults.poll(w.store, step)
+                    self.faults.poll(w.store, step, None if known is None else known["inject"])
                 if eval_due is not None:  # redone under the new plan if a failure ends it
                     self._evaluate(eval_due, result)
                     eval_due = None

@@ -71,35 +71,36 @@ class ControlPlaneModel:
                 grow * self.agree_s_per_rank, grow * self.rebuild_s_per_rank)
 
 
-# Fitted from `benchmarks/store_load.py --seconds 3 --engine cpp --knee poll` on the shared
-# 2-core development machine (2026-12-01, the compiled generator, 8 ranks per node;
-# benchmarks/results/store_load_cpp.json and store_load_knee.json; table in
-# docs/BENCHMARKS.md, "Store load at 1024 ranks"). Per-rank rates: the steady req/s over N
-# where the generator kept up (poll 121, notify 21.3 per rank; node 10.0 per rank + 4.3
-# per node), the same at N = 8, 64, 256 and as both generators measure them. Capacity: the
-# most the server answered on this machine, 29k req/s (poll at N = 256, where achieved
-# fell below offered); the knee, p50 rising from 0.06 to 2.6 ms, came at 15.6k-19.4k
-# req/s, utilisation 0.54-0.67 of it, as a single server's queue predicts. The notice and
-# agreement slopes are fitted at N = 1024, where this factor is largest, so that the
-# model reproduces those points: notify, publish -> every rank saw it 0.3 -> 75.8 ms and
-# seen -> agreed 0.7 -> 103.6 ms at utilisation 0.75 (factor 4.05); node, publish ->
-# every rank saw it (through 128 relays) 0.4 -> 103.1 ms and seen -> agreed 0.6 ->
-# 102.6 ms at utilisation 0.37 (factor 1.59). The earlier Python-generator fit (8 -> 256
-# ranks: 6.6e-5 notice and 1.3e-4 agree per rank for notify, 6.1e-4 per node) charged
-# 3-5x what 1024 ranks then cost. Not re-fitted: poll's slopes (at N = 1024 its load was
-# past the knee and the generator made 7% of it) and the rebuild slope (two store
-# requests per rank of ~20 us each, the loopback round trip; not measured here).
+# Fitted from benchmarks/store_load.py with the compiled generator on the shared 2-core
+# development machine, 8 ranks per node (docs/BENCHMARKS.md, "Store load at 1024 ranks").
+# Capacity: the most the server answered on that machine under load, 29k req/s
+# (2026-12-01, poll at N = 256; the knee, p50 0.06 -> 2.6 ms, came at 15.6k-19.4k req/s,
+# utilisation 0.54-0.67 of it); on a quieter run (2026-12-02) the knee was at 39k. Kept
+# at the loaded figure: a shared store host is the case to plan for. poll: 121 req/s per
+# rank and its slopes from the 2026-12-01 runs (at N = 1024 it is past the knee: the
+# generator made 7-8% of its load); not re-fitted. notify and node: 2026-12-02,
+# `--ranks 8,64,256,1024 --launcher-loop --seconds 3 --knee poll`
+# (benchmarks/results/store_load_woken.json), the planes as they are now (decision wait
+# woken by the notice, step-boundary reads in the commit decision, each launcher's fence
+# watch and ring node watch), launcher traffic counted: per rank 19.0 (notify) and 8.0
+# (node) req/s, per node 33.0 and 33.5 (store_load_traffic.offered_per_s at 0.5 s steps;
+# the generator made 100% of its schedule at every point). Slopes fitted at N = 1024 so
+# the model reproduces those points: notify, publish -> every rank saw it 0.7 -> 161.8 ms
+# and seen -> agreed 0.4 -> 83.7 ms at utilisation 0.82 (factor 5.45); node, publish ->
+# every rank saw it (through 128 relays) 0.7 -> 157.4 ms and seen -> agreed 0.5 ->
+# 43.9 ms at utilisation 0.43 (factor 1.76). Not measured here: the rebuild slope (two
+# store requests per rank of ~20 us each, the loopback round trip).
 CAPACITY_RPS = 29_000.0
 POLL = ControlPlaneModel("poll", per_rank_rps=121.0, capacity_rps=CAPACITY_RPS,
                          notice_s_per_rank=6.0e-5, agree_s_per_rank=1.3e-4,
                          rebuild_s_per_rank=4.0e-5)
-NOTIFY = ControlPlaneModel("notify", per_rank_rps=21.3, capacity_rps=CAPACITY_RPS,
-                           notice_s_per_rank=1.8e-5, agree_s_per_rank=2.5e-5,
-                           rebuild_s_per_rank=4.0e-5)
-NODE = ControlPlaneModel("node", per_rank_rps=10.0, capacity_rps=CAPACITY_RPS,
-                         notice_s_per_rank=0.0, agree_s_per_rank=6.3e-5,
-                         rebuild_s_per_rank=4.0e-5, per_node_rps=4.3,
-                         notice_s_per_node=5.1e-4)
+NOTIFY = ControlPlaneModel("notify", per_rank_rps=19.0, capacity_rps=CAPACITY_RPS,
+                           notice_s_per_rank=2.9e-5, agree_s_per_rank=1.5e-5,
+                           rebuild_s_per_rank=4.0e-5, per_node_rps=33.0)
+NODE = ControlPlaneModel("node", per_rank_rps=8.0, capacity_rps=CAPACITY_RPS,
+                         notice_s_per_rank=0.0, agree_s_per_rank=2.4e-5,
+                         rebuild_s_per_rank=4.0e-5, per_node_rps=33.5,
+                         notice_s_per_node=7.0e-4)
 MODELS = {"poll": POLL, "notify": NOTIFY, "node": NODE}
 """Designs by monitor.control_plane name; "fixed" (no growth) is handled by the caller."""
 

@@ -87,6 +87,60 @@ def test_live_finished_and_unstarted_nodes_are_never_declared(store):
     assert watcher.poll() == [] and not store.check([contract.node_lost_key(0)])
 
 
+class Counting:
+    """A store client that counts the requests made through it."""
+
+    def __init__(self, client) -> None:
+        self._client, self.calls = client, 0
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        def counted(*args):
+            self.calls += 1
+            return method(*args)
+
+        return counted
+
+
+@pytest.mark.timeout(30)
+def test_each_launcher_watches_two_ring_successors_and_two_lost_neighbours_are_found(store):
+    # 6 nodes; each launcher watches the next 2 live nodes in ring order, so its reads
+    # do not grow with the job. Nodes 3 and 4 go silent together: node 2 (their only
+    # common watcher), 1 and 3's other watchers declare both, once each.
+    n, cfg = 6, NodeWatchConfig(node_timeout_s=0.4, check_interval_s=0.02)
+    for node in range(n):
+        store.set(contract.worker_key(node), json.dumps(
+            {"rank": node, "pid": 100 + node, "node": node, "host": "h"}))
+    clients = [Counting(store_client(store)) for _ in range(n)]
+    watchers = [NodeWatcher(SafeStore(clients[m]), [(m + i) % n for i in range(1, n)], n,
+                            cfg, who=f"node {m}") for m in range(n)]
+    assert [w.watched() for w in watchers[:3]] == [[1, 2], [2, 3], [3, 4]]
+    for node in range(n):
+        store.add(contract.node_beat_key(node), 1)
+    for w in watchers:
+        w.poll()
+    before = [c.calls for c in clients]
+    time.sleep(0.03)
+    for node in range(n):
+        store.add(contract.node_beat_key(node), 1)
+    watchers[0].poll()
+    # steady: the job status and one counter read per watched node
+    assert clients[0].calls - before[0] == 1 + 2
+    declared: list[tuple[int, int]] = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3 and len(declared) < 2:
+        for node in (0, 1, 2, 5):
+            store.add(contract.node_beat_key(node), 1)
+        for m in (0, 1, 2, 5):
+            declared += [(m, x) for x in watchers[m].poll()]
+        time.sleep(0.02)
+    assert sorted(x for _, x in declared) == [3, 4], declared
+    assert {m for m, _ in declared} <= {1, 2}  # 3's watchers are 1 and 2; 4's: 2 (and 3)
+    assert watchers[2].watched() == [5, 0]  # past the lost ones, still two watched
+    assert not any(store.check([contract.node_lost_key(x)]) for x in (0, 1, 2, 5))
+
+
 @pytest.mark.timeout(60)
 def test_launcher_declared_lost_kills_its_workers_and_keeps_the_record(store):
     # A launcher cut off from the store long enough to be declared lost reconnects:

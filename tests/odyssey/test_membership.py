@@ -158,3 +158,41 @@ def test_watcher_fences_a_stalled_neighbour(server):
 def test_control_plane_is_validated():
     with pytest.raises(ValueError, match="control_plane"):
         MonitorConfig(control_plane="gossip")
+
+
+def test_the_last_voter_reads_the_step_controls_once_for_every_rank(server):
+    # Stop request, agreed stop step and inject count are read by the last voter only
+    # and reach every rank in the decision; the totals are unchanged beside them.
+    from odyssey import step_controls
+
+    server.add(contract.INJECT_COUNT, 2)
+    server.set(contract.STOP_REQUEST, "SIGTERM")
+    calls: list[int] = []
+
+    def read(store):
+        calls.append(1)
+        return step_controls.read(store)
+
+    out: dict[int, tuple] = {}
+
+    def vote(w: int) -> None:
+        commit = CommitProtocol(store_client(server), 0, [0, 1, 2], control=read)
+        got = commit.vote(w, 5, {"sumsq": float(w)}, totals=True)
+        out[w] = (got, commit.last_control)
+
+    threads = [threading.Thread(target=vote, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 1
+    want = {"stop": True, "stop_at": None, "inject": 2}
+    assert out[0] == out[1] == out[2] == ((COMMIT, {"sumsq": 3.0, "overflow": False}), want)
+    server.delete_key(contract.STOP_REQUEST)
+    commit = CommitProtocol(store_client(server), 0, [0], control=read)
+    assert commit.vote(0, 7, {}) == (COMMIT, None)  # no totals asked: none returned
+    assert commit.last_control == {"stop": False, "stop_at": None, "inject": 2}
+    # an aborted step carries none: ranks read the store themselves at the next boundary
+    commit = CommitProtocol(store_client(server), 0, [0, 1, 2], control=read)
+    abort_step(server, 0, 6, "test")
+    assert commit.vote(0, 6, {}) == (ABORT, None) and commit.last_control is None

@@ -11,6 +11,7 @@ the hung rank fenced by its own launcher.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ import pytest
 from torch.distributed import TCPStore
 
 from odyssey import contract
+from odyssey.commit import ABORT, CommitProtocol
 from odyssey.liveness_files import read_beat, write_notice
 from odyssey.monitor import FailureMonitor, MonitorConfig
 from tests.odyssey.test_fault_tolerance import STEPS, TINY, check_same_numbers, recoveries, run_job
@@ -121,6 +123,35 @@ def test_node_plane_watcher_wakes_on_the_launchers_pipe(server, tmp_path, monkey
         mon.stop()
         os.close(write_end)
         os.close(read_end)
+
+
+@pytest.mark.timeout(30)
+def test_node_plane_notice_wakes_a_rank_blocked_on_the_decision(server, tmp_path):
+    # A rank voted and blocks on step 2's decision with a 30 s backstop slice; the
+    # launcher relays a notice: the rank's watcher aborts the decision with its idle
+    # client and the vote returns at once. Before the notice that client asked nothing.
+    mon, clients = _monitor(server, "node", tmp_path)
+    mon.watch(0, [0, 1])
+    mon.start_heartbeat()
+    try:
+        assert mon.wakes_decisions
+        commit = CommitProtocol(server, 0, [0, 1], 0.02, mon.abort_check,
+                                on_notice=mon.on_notice, woken_poll_s=30.0)
+        got = {}
+        t = threading.Thread(target=lambda: got.update(d=commit.vote(0, 2, {})))
+        t.start()
+        time.sleep(0.3)
+        assert t.is_alive() and _requests(clients) == 0
+        t0 = time.monotonic()
+        write_notice(str(tmp_path), {"kind": "failure", "reason": "rank(s) [1] exited",
+                                     "suspects": [1], "by": "launcher 0", "gen": 0,
+                                     "time": time.time()})
+        t.join(10)
+        assert got["d"] == (ABORT, None) and time.monotonic() - t0 < 5
+        assert server.get(contract.abort_reason_key(0, 2)).decode() == (
+            "failure: rank(s) [1] exited")
+    finally:
+        mon.stop()
 
 
 def test_node_plane_needs_a_launcher_directory(server, monkeypatch):

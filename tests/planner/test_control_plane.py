@@ -28,12 +28,13 @@ def test_names():
 def test_node_plane_grows_with_nodes_and_stays_under_the_knee():
     assert model_for("node") is NODE
     assert NODE.extra_s(REFERENCE_RANKS) == (0.0, 0.0, 0.0)
-    # 1024 ranks: fewer ranks per node means more relays and launcher beats
-    assert NODE.utilisation(1024, 8) < NODE.utilisation(1024, 1) < 1
-    assert NODE.utilisation(1024) < NOTIFY.utilisation(1024) / 2
+    # 1024 ranks: fewer ranks per node means more relays and launcher loops (33.5
+    # requests/s each: at one rank per node they alone would pass the store's capacity)
+    assert NODE.utilisation(1024, 8) < NODE.utilisation(1024, 2) < 1 < NODE.utilisation(1024, 1)
+    assert NODE.utilisation(1024) < 0.6 * NOTIFY.utilisation(1024)
     assert NODE.extra_s(1024, 8)[0] < NODE.extra_s(1024, 2)[0]  # more relays to wake
-    # measured at 1024 ranks (benchmarks/store_load.py --engine cpp): node is cheaper in
-    # total, agreement and rebuild; its notice, through 128 relays, took longer than
-    # notify's 1024 wake-ups (103 against 76 ms after the publish)
+    # measured at 1024 ranks (benchmarks/store_load.py --engine cpp --launcher-loop): node
+    # is cheaper in total, agreement and rebuild; its notice, through 128 relays, took
+    # about as long as notify's 1024 wake-ups (157 against 162 ms after the publish)
     node, notify = NODE.extra_s(1024), NOTIFY.extra_s(1024)
     assert sum(node) < sum(notify) and node[1] <= notify[1] and node[2] < notify[2]
