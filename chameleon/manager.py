@@ -211,6 +211,15 @@ class SwapManager:
             except BudgetError:
                 self.policy = None  # reactive rule only until the next detailed step
 
+    def copy_Bps(self) -> float | None:
+        """The copy lanes' bandwidth now (harmonic mean of device->host and back), as the
+        meter learnt it from the start-up calibration and every copy since; None before
+        both directions have a figure."""
+        bw = self.executor.bw.Bps
+        if not bw.get("out") or not bw.get("in"):
+            return None
+        return 2.0 / (1.0 / bw["out"] + 1.0 / bw["in"])
+
     # ---- reporting ---------------------------------------------------------------------
     @property
     def last(self) -> StepReport | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from statistics import median
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,9 @@ class StepTimeModel:
         self._predicted_now: float | None = None
         self.slowdowns: dict[int, float] = {}
         """Rank -> measured slowdown of the ranks found slow now."""
+        self.copy_Bps: dict[int, float] = {}
+        """Rank -> copy bandwidth to host and back its Chameleon lanes measure while it
+        swaps (the latest vote that carried one)."""
 
     def set_slowdowns(self, slow: dict[int, float], plan: Plan | None = None,
                       measured_s: float | None = None) -> None:
@@ -74,6 +78,14 @@ class StepTimeModel:
         for r, v in votes.items():
             if r not in self.slowdowns:
                 self.online.observe(v["timing"])
+            bw = (v.get("swap") or {}).get("copy_Bps")
+            if bw:
+                self.copy_Bps[r] = float(bw)
+
+    def host_copy_Bps(self) -> float | None:
+        """The copy bandwidth swap pricing should use: the median of what the swapping
+        ranks' lanes measure online (None until one has swapped)."""
+        return median(self.copy_Bps.values()) if self.copy_Bps else None
 
     def current_profile(self) -> Profile:
         """The profile predictions use: the given one, or the one measured online."""

@@ -100,7 +100,8 @@ class Coordinator:
                  say: Callable[..., None],
                  before_migrate: Callable[[int], None] | None = None,
                  memory_model: Callable[[], MemoryModel] | None = None,
-                 partitioner: Callable[[], Partitioner] | None = None):
+                 partitioner: Callable[[], Partitioner] | None = None,
+                 copy_bandwidth: Callable[[], float | None] | None = None):
         self.store = store
         self.rank = rank
         self.engine = engine
@@ -114,7 +115,8 @@ class Coordinator:
         self._before_migrate = before_migrate
         self.memory_model = memory_model  # None: candidates' memory is not predicted
         self.partitioner = partitioner  # None: fresh plans split layers evenly
-        self.swap_pricing = self._swap_pricing()
+        self._start_pricing = self._swap_pricing()
+        self._copy_bandwidth = copy_bandwidth  # measured online while ranks swap
         self.current: Generation | None = None
         self._trained_plan: Plan | None = None  # of the last generation that committed
         self._adopted: tuple[int, list[int]] | None = None  # a joiner's starting point
@@ -122,9 +124,20 @@ class Coordinator:
         self._interrupted = 0
         self._replan: MitigationChoice | None = None  # the leader's pending request
 
+    @property
+    def swap_pricing(self) -> SwapPricing | None:
+        """How swapping is priced now: the start-up pricing, with the copy bandwidth the
+        swapping ranks' lanes measured online once there is one (calibrated by the
+        copies of the plan running, not only by the start-up copy)."""
+        base = self._start_pricing
+        bw = self._copy_bandwidth() if self._copy_bandwidth is not None else None
+        if base is None or not bw:
+            return base
+        return dataclasses.replace(base, host_Bps=bw)
+
     def _swap_pricing(self) -> SwapPricing | None:
         """How the leader prices swapping to fit (None: it does not): only with a finite
-        capacity and the engine able to swap; the copy bandwidth is measured here once
+        capacity and the engine able to swap; the copy bandwidth is first measured here
         (Chameleon's calibration copy, a few ms) so the decision does not wait for it, and
         the host memory a rank may swap into is read here, at the job's start."""
         rec = self.recovery
@@ -250,7 +263,8 @@ class Coordinator:
             committed_step=m.committed_step, agreed_at=m.decided_at, decided_at=time.time(),
             candidates=[c.row() for c in sorted(cands, key=lambda c: -c.score)],
             dropped=dropped, ranks_lost=sorted(set(trained.ranks) - set(m.members)),
-            newcomers=m.newcomers, interrupted=self._interrupted)
+            newcomers=m.newcomers, interrupted=self._interrupted,
+            swap_host_Bps=pricing.host_Bps if (pricing := self.swap_pricing) else None)
         self.store.set(contract.plan_key(m.generation), json.dumps(decision.to_dict()))
         return decision
 
@@ -289,7 +303,8 @@ class Coordinator:
             generation=m.generation, chosen=chosen, policy="mitigate",
             horizon_s=self.recovery.horizon_s, members=m.members,
             committed_step=m.committed_step, agreed_at=m.decided_at, decided_at=time.time(),
-            candidates=replan.rows(), interrupted=self._interrupted)
+            candidates=replan.rows(), interrupted=self._interrupted,
+            swap_host_Bps=pricing.host_Bps if (pricing := self.swap_pricing) else None)
         self.store.set(contract.plan_key(m.generation), json.dumps(decision.to_dict()))
         return decision
 

@@ -376,7 +376,8 @@ class Engine:
             payload["overflow"] = True
         if self._swap is not None:  # what Chameleon kept resident, against its budget
             payload["swap"] = {"budget": self._swap.work_budget,
-                               "peak": self._swap.executor.stats.peak_resident}
+                               "peak": self._swap.executor.stats.peak_resident,
+                               "copy_Bps": self._swap.copy_Bps()}
         need_totals = self.optim_cfg.grad_clip > 0 or self.precision.scaled
         decision, totals = self.commit.vote(self.worker_id, st.step, payload, need_totals)
         if decision != COMMIT:

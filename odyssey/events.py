@@ -114,6 +114,7 @@ def recovery_event(store: dist.Store, generation: int, decision: RecoveryDecisio
         "agree_trace": (_get_json(store, contract.members_key(generation)) or {}).get("trace"),
         "redone_step_s": first_step_s,
         "interrupted_recoveries": decision.interrupted,
+        "swap_host_Bps": decision.swap_host_Bps,
     }
 
 

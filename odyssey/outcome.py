@@ -47,6 +47,8 @@ class RecoveryOutcome(TrainerHook):
                 seen = self._swap.setdefault(r, {"budget": s["budget"], "peak_resident": 0})
                 seen["budget"] = s["budget"]
                 seen["peak_resident"] = max(seen["peak_resident"], s["peak"])
+                if s.get("copy_Bps"):
+                    seen["copy_Bps"] = s["copy_Bps"]
         if self._skip_first:
             self._skip_first = False
             return

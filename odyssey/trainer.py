@@ -122,7 +122,8 @@ class Trainer:
             self.step_model.predictor, self.step_model.layer_bytes,
             lambda msg, step=-1: self._say(msg, step, always=True),
             before_migrate=self.faults.before_migrate,
-            memory_model=self.step_model.memory_model, partitioner=self.step_model.partitioner)
+            memory_model=self.step_model.memory_model, partitioner=self.step_model.partitioner,
+            copy_bandwidth=self.step_model.host_copy_Bps)
         # under torchrun a re-plan would be a restart: find stragglers, never re-plan
         self.mitigation = StragglerMitigation(replace(job.straggler, mitigate=job.straggler
                                                       .mitigate and self.in_place),

@@ -43,6 +43,9 @@ class RecoveryDecision:
     """Replacement workers that join with this generation."""
     interrupted: int = 0
     """Recoveries abandoned on the way to this one (a failure during recovery)."""
+    swap_host_Bps: float | None = None
+    """The copy bandwidth swapping was priced at (measured online once ranks swapped,
+    else at the start-up calibration); None: swapping was not priced."""
 
     def to_dict(self) -> dict:
         return {"generation": self.generation, "chosen": self.chosen.to_dict(),
@@ -50,7 +53,8 @@ class RecoveryDecision:
                 "committed_step": self.committed_step, "agreed_at": self.agreed_at,
                 "decided_at": self.decided_at, "candidates": self.candidates,
                 "dropped": self.dropped, "ranks_lost": self.ranks_lost,
-                "newcomers": self.newcomers, "interrupted": self.interrupted}
+                "newcomers": self.newcomers, "interrupted": self.interrupted,
+                "swap_host_Bps": self.swap_host_Bps}
 
     @classmethod
     def from_dict(cls, d: dict) -> RecoveryDecision:

@@ -91,6 +91,8 @@ def test_gradients_bitwise_equal_and_budget_held(name: str, tier: str, lanes: st
         assert total_rc > 0, "GELU outputs should have been recomputed"
         assert mgr.generation >= 1 and mgr.policy is not None
         assert mgr.executor.arena.used == 0, "host copies freed by reference"
+        bw = mgr.executor.bw.Bps  # what swap pricing is told (harmonic mean both ways)
+        assert mgr.copy_Bps() == pytest.approx(2 / (1 / bw["out"] + 1 / bw["in"]))
     finally:
         mgr.close()
 

@@ -62,3 +62,20 @@ def test_the_engine_measures_each_layers_share(tmp_path):
     # preempted layer on a loaded machine can skew one step's shares
     heavy = median(t["shares"][1] for t in votes.timings)
     assert 0.6 < heavy < 0.9, votes.timings
+
+
+def test_swap_pricing_takes_the_copy_bandwidth_measured_online():
+    # the leader prices swapping at the start-up calibration until swapping ranks report
+    # their lanes' bandwidth with their votes; then at the median of those
+    from types import SimpleNamespace
+
+    from odyssey.coordinator import Coordinator
+    from planner.memory import SwapPricing
+
+    base = SwapPricing(host_Bps=5e9, overlap=0.8, host_bytes=1e9)
+    coord = SimpleNamespace(_start_pricing=base, _copy_bandwidth=lambda: None)
+    assert Coordinator.swap_pricing.fget(coord) is base
+    coord._copy_bandwidth = lambda: 2e9
+    assert Coordinator.swap_pricing.fget(coord) == SwapPricing(2e9, 0.8, 1e9)
+    coord._start_pricing = None  # swapping not priced at all: nothing to adjust
+    assert Coordinator.swap_pricing.fget(coord) is None

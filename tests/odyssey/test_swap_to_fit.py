@@ -107,7 +107,15 @@ def test_a_plan_that_fits_only_by_swapping_runs_with_chameleon_at_its_budget(tmp
         assert len(swapping) == chosen["swap_ranks"], (gen, swapping, chosen)
         for r, s in swapping.items():
             assert 0 < s["peak_resident"] <= s["budget"], (gen, r, s)
+            assert s["copy_Bps"] > 0  # the lanes' bandwidth, measured while swapping
         assert results[gen]["predicted_step_s"] > 0 and results[gen]["measured_step_s"] > 0
     assert results[1]["swapping"]  # the first plan swaps
+    # the first decision priced swapping at the leader's start-up calibration; the
+    # join's at what the swapping ranks' lanes measured since (the median of their latest
+    # figures: the EWMA moves on after the figures the outcome event kept)
+    first, second = events[0]["swap_host_Bps"], events[1]["swap_host_Bps"]
+    measured = sorted(s["copy_Bps"] for s in results[1]["swapping"].values())
+    assert first > 0 and second != first
+    assert measured[0] / 3 <= second <= measured[-1] * 3, (second, measured)
     check_exact(on, tmp_path / "on" / "run", steps)
     assert any(e["kind"] == "recovery_result" for e in on["events"])
