@@ -22,26 +22,20 @@ log = logging.getLogger("odyssey.stop")
 
 
 class StopWatch:
-    """Checks for a stop request at step boundaries (from the last commit decision; two
-    store round trips where there is none)."""
+    """Checks for a stop request at step boundaries (odyssey/step_controls.py)."""
 
     def __init__(self, store: dist.Store, rank: int, token: str | None):
         self.store = store
         self._gate = CommandGate(token, log, f"rank {rank}")
         self.reason: str | None = None
 
-    def stop_before(self, step: int, known: dict | None = None) -> bool:
+    def stop_before(self, step: int, known: dict) -> bool:
         """True if the job stops before `step` (this rank may be the one that decides).
-        `known`: what the last commit decision said (odyssey/step_controls.read): no
-        store request unless it names a stop request."""
-        if known is not None:
-            if known["stop_at"] is not None:
-                return True
-            if not known["stop"]:
-                return False
-        elif self.agreed() is not None:
+        `known`: the step-boundary reads (odyssey/step_controls.read, usually from the
+        last commit decision): no store request unless they name a stop request."""
+        if known["stop_at"] is not None:
             return True
-        if not self.store.check([contract.STOP_REQUEST]):
+        if not known["stop"] or not self.store.check([contract.STOP_REQUEST]):
             return False
         text = self._gate.open(contract.STOP_REQUEST,
                                self.store.get(contract.STOP_REQUEST).decode())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from odyssey import contract, ds_config, emulate
+from odyssey import contract, ds_config, emulate, step_controls
 from odyssey.calibration import StepTimeModel
 from odyssey.comm import CommError, StepAborted
 from odyssey.coordinator import Coordinator, Generation
@@ -250,7 +250,10 @@ class Trainer:
         eval_due: int | None = None  # a committed step whose evaluation is still to run
         while step < t.steps or eval_due is not None:
             self.checkpointer.poll()
-            known = self.gen.commit.last_control  # read by the last voter for everyone
+            # the step-boundary reads: from the last commit decision (its last voter read
+            # them for everyone), else (a generation's first step) from the store
+            known = (self.gen.commit.last_control or step_controls.read(w.store)
+                     if self.in_place else None)
             if self.in_place and self.stop.stop_before(step, known):
                 stopped = True
                 self.monitor.publish("stop", f"stop requested ({self.stop.reason})")
@@ -259,7 +262,7 @@ class Trainer:
                 if self.in_place:
                     if self.monitor.notice() is not None:
                         raise StepAborted("membership change announced")
-                    self.faults.poll(w.store, step, None if known is None else known["inject"])
+                    self.faults.poll(w.store, step, known["inject"])
                 if eval_due is not None:  # redone under the new plan if a failure ends it
                     self._evaluate(eval_due, result)
                     eval_due = None
