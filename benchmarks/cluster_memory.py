@@ -5,7 +5,8 @@ The same scenarios as benchmarks/cluster_scale.py (GPT-3 6.7B-like model by form
 A100-class compute; 32 GPUs over the Bamboo p3 spot trace, 256 and 1024 GPUs over 7 days
 of Poisson failures), with a per-GPU device memory every plan is checked against. Runs:
 
-- adaptive, memory-aware, swap priced (`--device-memory D --swap`);
+- adaptive, memory-aware, swap priced (`--device-memory D --swap`), and the same
+  without two-phase candidates (`adaptive-one-phase`, what adaptive was before them);
 - adaptive, memory-aware, no swap: an unfit candidate is dropped, so it picks another
   plan or restarts (the kinds it chose are counted), or, when no candidate fits, runs
   over budget (counted);
@@ -63,6 +64,7 @@ def scenarios(model: ModelConfig) -> dict[str, tuple]:
 def variants(base: SimConfig) -> list[tuple[str, str, SimConfig]]:
     aware = replace(base, memory_aware=True, swap=True)
     return [("adaptive (aware, swap)", "adaptive", aware),
+            ("adaptive one-phase (aware, swap)", "adaptive-one-phase", aware),
             ("adaptive (aware, no swap)", "adaptive", replace(aware, swap=False)),
             ("adaptive (unaware)", "adaptive", replace(aware, memory_aware=False, swap=False)),
             *[(f"{k} (aware, swap)", k, aware) for k in FIXED]]

@@ -162,7 +162,8 @@ def recovery_speed(args: argparse.Namespace, prof, rows: list) -> bool:
                     ctx, predict, predict_len=by_len, memory=cost.memory,
                     capacity_bytes=capacity,
                     swap=SwapPricing(args.swap_GBps * 1e9) if args.swap_GBps > 0 else None,
-                    partitioner=cost.partitioner(plan.microbatch_size))
+                    partitioner=cost.partitioner(plan.microbatch_size),
+                    two_phase=True)  # as the live leader (RecoveryConfig.two_phase)
                 build.append(time.perf_counter() - t0)
                 score(cands, ctx, RecoveryConfig(), predict)
                 chosen = choose(cands, RecoveryConfig())

@@ -9,7 +9,8 @@ plus PNG plots (throughput over time with events marked; average throughput bars
     odyssey simulate --num-nodes 128 --trace-node-gpus 8 --days 7 --mtbf-hours 2.5
     odyssey simulate --num-nodes 4 --days 1 --straggler-gap-hours 3 --out sim-out
 
-Policies: adaptive (Odyssey), reroute (ReCycle-like), reroute+bf (with bubble filling),
+Policies: adaptive (Odyssey; adaptive-one-phase: without two-phase candidates; two-phase:
+always reroute first and copy behind), reroute (ReCycle-like), reroute+bf (with bubble filling),
 reparallelize (Oobleck-like), redundant (Bamboo-like), restart (torchrun + checkpoints
 at the Young/Daly interval), drop-replica (torchft-like). Fail-slow nodes (a trace's
 `slow` lines, --straggler-gap-hours) slow every policy; adaptive finds them with the
@@ -31,7 +32,7 @@ from planner.plan import PlanError
 from profiler.configtree import ConfigParser, section
 from profiler.profile import ProfileError
 
-POLICY_CHOICES = (*SIM_POLICIES, "reroute+bf")
+POLICY_CHOICES = (*SIM_POLICIES, "reroute+bf", "two-phase", "adaptive-one-phase")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class SimulateCommand:
 
     policies: tuple[str, ...] = SIM_POLICIES
     """Policies to simulate, of adaptive, reroute, reroute+bf, reparallelize, redundant,
-    restart, drop-replica."""
+    restart, drop-replica, two-phase, adaptive-one-phase."""
     out: str = ""
     """Folder for NAME.json, NAME-timeline.png, NAME-bars.png (empty: print only)."""
     name: str = "simulate"

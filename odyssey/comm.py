@@ -166,6 +166,15 @@ class Comm:
                                 self.worker_id, name, list(members), self.generation, took)
         return self
 
+    def open_channels(self, channels: list[Channel]) -> Comm:
+        """Create the 2-member groups of `channels` this rank is in (a barrier with each
+        peer, in the given order)."""
+        for ch in channels:
+            name = _channel_key(ch)
+            if self.worker_id in (ch.src, ch.dst) and name not in self._groups:
+                self._groups[name] = (self._new_group(name, (ch.src, ch.dst)), (ch.src, ch.dst))
+        return self
+
     def close(self) -> None:
         self._groups.clear()
 

@@ -278,6 +278,19 @@ def started_key(gen: int, rank: int) -> str:
     return f"odyssey/gen{gen}/started/{rank}"
 
 
+def copied_key(gen: int, rank: int) -> str:
+    """Set by `rank` once a two-phase background copy of generation `gen` has brought it
+    every layer's state (its value: the wall time)."""
+    return f"odyssey/gen{gen}/copied/{rank}"
+
+
+def switch_key(gen: int) -> str:
+    """Set by the leader of two-phase generation `gen` once its copy is done (JSON: time,
+    reason); the step's last voter reads it into the commit decision, so every member
+    leaves for the switch at the same step boundary, no step aborted."""
+    return f"odyssey/gen{gen}/switch"
+
+
 def injected_key(rank: int) -> str:
     """When an injected fault fired in `rank` (wall time), for MTTR accounting."""
     return f"odyssey/injected/{rank}"

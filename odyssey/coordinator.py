@@ -6,11 +6,15 @@ leader scores every recovery candidate with the cost model and publishes its cho
 everyone builds the new groups, moves layer state from live replicas (or reloads the
 checkpoint), checks replicas agree, and resumes at the step after the last committed
 one with the same sample ids. A failure during any of this starts the next agreement.
+A two-phase choice resumes on the reroute plan at once and copies the state of the plan
+it switches to behind the training (odyssey/background_copy.py); its leader asks for the
+switch once the copy is done, and the members leave for it at one step boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -23,13 +27,16 @@ import torch.distributed as dist
 
 from odyssey import checkpoint as ckpt
 from odyssey import contract, step_controls
+from odyssey.background_copy import BackgroundCopy
 from odyssey.comm import AbortHung, Comm, CommConfig, CommError, StepAborted
 from odyssey.commit import CommitProtocol
+from odyssey.devices import device_memory_bytes, host_available_bytes
 from odyssey.engine import Engine
 from odyssey.membership import Membership, agree, wait_fenced
 from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
-from planner.decision import RecoveryDecision
+from odyssey.replica_check import ReplicaCheck
+from planner.decision import SWITCH, RecoveryDecision
 from planner.memory import MemoryModel, SwapPricing
 from planner.mitigation import MitigationChoice
 from planner.partition import Partitioner
@@ -45,26 +52,6 @@ from planner.recovery import (
     choose,
     score,
 )
-
-
-def device_memory_bytes(device: torch.device) -> float | None:
-    """Total memory the device reports (None off CUDA: the planner then has no default
-    capacity, see `RecoveryConfig.capacity_bytes`)."""
-    if device.type != "cuda":
-        return None
-    return float(torch.cuda.get_device_properties(device).total_memory)
-
-
-def host_available_bytes() -> float | None:
-    """The node's available host memory now (Linux MemAvailable; None elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 class RecoveryFailed(RuntimeError):
@@ -122,7 +109,10 @@ class Coordinator:
         self._adopted: tuple[int, list[int]] | None = None  # a joiner's starting point
         self._graveyard: list[Comm] = []  # old groups: destroying them can block
         self._interrupted = 0
-        self._replan: MitigationChoice | None = None  # the leader's pending request
+        self.replicas = ReplicaCheck(store, rank, engine.layer_digests, monitor.abort_check,
+                                     comm_cfg.poll_s)
+        self._replan: tuple[MitigationChoice, str] | None = None  # the leader's request
+        self._background: BackgroundCopy | None = None  # a two-phase generation's copies
 
     @property
     def swap_pricing(self) -> SwapPricing | None:
@@ -152,13 +142,20 @@ class Coordinator:
         return SwapPricing(host_Bps=bw, overlap=rec.swap_overlap,
                            host_bytes=rec.host_bytes(host_available_bytes(), ranks_on_node))
 
+    @property
+    def two_phase(self) -> bool:
+        """Whether two-phase candidates compete: on gloo only (a background copy over NCCL
+        from another thread, beside the training's kernels, is not built: untested
+        without a GPU)."""
+        return self.recovery.two_phase and self.comm_cfg.backend != "nccl"
+
     def capacity_bytes(self) -> float:
         """Per-rank device capacity plans are checked against (inf: unchecked)."""
         return self.recovery.capacity_bytes(device_memory_bytes(self.engine.device))
 
     # ---- generations ---------------------------------------------------------------
     def _open(self, number: int, plan: Plan, extra: list[Channel] | None = None,
-              starting: bool = False) -> Generation:
+              starting: bool = False, two_phase: bool = False) -> Generation:
         program = self.engine.compile(plan)  # with the model's tied groups
         abort = self.monitor.abort_check
         comm_cfg = self.comm_cfg
@@ -169,8 +166,10 @@ class Coordinator:
         comm = Comm(self.store, self.rank, number, comm_cfg, abort).setup(program, extra)
         # the notice's watcher thread wakes decision waiters (notify, node)
         wake = self.monitor.on_notice if self.monitor.wakes_decisions else None
+        control = (functools.partial(step_controls.read, switch_gen=number) if two_phase
+                   else step_controls.read)
         commit = CommitProtocol(self.store, number, plan.ranks, self.comm_cfg.poll_s, abort,
-                                on_notice=wake, control=step_controls.read)
+                                on_notice=wake, control=control)
         return Generation(number, plan, program, comm, commit, plan.ranks)
 
     def begin(self, plan: Plan, number: int = 0) -> Generation:
@@ -195,14 +194,31 @@ class Coordinator:
             self.store.set(contract.GENERATION, str(gen.number))
 
     def committed(self) -> None:
-        """A step committed under the current generation."""
+        """A step committed under the current generation. The leader of a two-phase
+        generation asks for the switch once the background copy is done."""
         self._trained_plan = self.current.plan
+        bg = self._background
+        if (bg is not None and self._replan is None and self.rank == min(self.current.members)
+                and bg.copied()):
+            self.request_switch()
 
-    def request_replan(self, choice: MitigationChoice, reason: str) -> None:
+    def request_replan(self, choice: MitigationChoice, reason: str,
+                       policy: str = "mitigate") -> None:
         """Leader: switch every member to `choice.chosen`'s plan at the next step boundary
-        (the notice aborts the step in flight; nobody is lost, nothing is redone)."""
-        self._replan = choice
+        (the notice aborts the step in flight; nobody is lost, nothing is redone);
+        `policy` names the decision ("switch": a two-phase switch)."""
+        self._replan = (choice, policy)
         self.monitor.publish("replan", reason)
+
+    def request_switch(self) -> None:
+        """Leader: the background copy is done: switch to the plan it copied for. No
+        notice, no step aborted: the request reaches every member through the next
+        commit decision (`step_controls`), and they leave at the boundary after it."""
+        then = self.current.decision.chosen.then
+        self._replan = (MitigationChoice(then, [then]), SWITCH)
+        self.store.set(contract.switch_key(self.current.number), json.dumps(
+            {"time": time.time(), "reason": "two-phase: background copy done",
+             "kind": "switch", "by": self.rank}))
 
     # ---- recovery ------------------------------------------------------------------
     def recover(self, committed_step: int, reason: str) -> tuple[Generation, int]:
@@ -252,7 +268,10 @@ class Coordinator:
                               m.newcomers)
         replan, self._replan = self._replan, None
         if replan is not None and m.members == trained.ranks and not m.newcomers:
-            return self._publish(m, ctx, replan)  # else a failure came first: recover
+            choice, policy = replan
+            if policy == SWITCH and self._background is not None:  # the copies are held
+                ctx = dataclasses.replace(ctx, held_extra=self._background.incoming)
+            return self._publish(m, ctx, choice, policy)  # else a failure came first
         predict = self.predictor()
         cands, dropped = self.recovery_candidates(ctx)
         score(cands, ctx, self.recovery, predict)
@@ -277,7 +296,7 @@ class Coordinator:
         return build_candidates(ctx, self.predictor(), memory=memory,
                                 capacity_bytes=self.capacity_bytes(),
                                 drop_unfit=self.recovery.memory_aware, swap=self.swap_pricing,
-                                partitioner=part)
+                                partitioner=part, two_phase=self.two_phase)
 
     def drop(self, ranks: list[int], reason: str) -> bool:
         """Leader: have the launchers kill `ranks` (fence) and, once they are confirmed
@@ -290,8 +309,8 @@ class Coordinator:
         self.monitor.publish("failure", reason, sorted(ranks))
         return True
 
-    def _publish(self, m: Membership, ctx: RecoveryContext, replan: MitigationChoice
-                 ) -> RecoveryDecision:
+    def _publish(self, m: Membership, ctx: RecoveryContext, replan: MitigationChoice,
+                 policy: str = "mitigate") -> RecoveryDecision:
         """The leader's own re-plan request becomes the decision (every member is in)."""
         chosen = dataclasses.replace(replan.chosen, resume_step=m.committed_step + 1,
                                      transfers=transfers(ctx, replan.chosen.plan))
@@ -300,7 +319,7 @@ class Coordinator:
             check_memory([chosen], {}, self.memory_model(), self.capacity_bytes(),
                          drop_unfit=False, swap=self.swap_pricing)
         decision = RecoveryDecision(
-            generation=m.generation, chosen=chosen, policy="mitigate",
+            generation=m.generation, chosen=chosen, policy=policy,
             horizon_s=self.recovery.horizon_s, members=m.members,
             committed_step=m.committed_step, agreed_at=m.decided_at, decided_at=time.time(),
             candidates=replan.rows(), interrupted=self._interrupted,
@@ -331,8 +350,13 @@ class Coordinator:
                     for i, t in enumerate(cand.transfers) if t.src == self.rank}
         extra = sorted({Channel(t.src, t.dst, "mig") for t in cand.transfers},
                        key=lambda c: (c.src, c.dst))
-        gen = self._open(m.generation, cand.plan, extra)
+        gen = self._open(m.generation, cand.plan, extra,
+                         two_phase=bool(cand.background_transfers))
         gen.decision = decision
+        # a background copy ran on while the groups were built; it ends here
+        copied, moved_behind = self._end_background(decision.policy == SWITCH,
+                                                    m.committed_step)
+        gen.timeline.update(copied)
         t_rebuilt = time.time()
         self.engine.set_swap_budget(cand.swap_budgets.get(self.rank))  # on, or off again
         self.engine.install(gen.program, gen.comm, gen.commit, keep=True)
@@ -344,9 +368,15 @@ class Coordinator:
         else:
             self._migrate(gen.comm, cand.transfers, outgoing, wire)
         t_migrated = time.time()
-        self._verify(gen)
+        self._verify(gen, None if cand.from_checkpoint or self.recovery.verify == "all"
+                     else {t.layer for t in [*cand.transfers, *moved_behind]})
         self.engine.prune()
         self._activate(gen)
+        if cand.background_transfers:  # two-phase: the copies start from this state
+            self._background = BackgroundCopy(
+                self.comm_cfg, self.rank, cand.background_transfers, held, wire, self.engine.lr_at,
+                self.recovery.background_Bps, cand.resume_step, self.store, gen.number)
+            self.engine.on_committed(self._background.on_committed)
         gen.timeline.update(rebuilt=t_rebuilt, migrated=t_migrated, started=time.time())
         self.store.set(contract.started_key(gen.number, self.rank), json.dumps(gen.timeline))
         if self.rank == min(gen.members):
@@ -355,6 +385,23 @@ class Coordinator:
                      f"members {gen.members}, resuming at step {cand.resume_step}",
                      cand.resume_step)
         return gen, cand.resume_step
+
+    def _end_background(self, switch: bool, committed_step: int
+                        ) -> tuple[dict, list[Transfer]]:
+        """A transition ends the last generation's background copy: at a two-phase switch
+        its copies are finished up to `committed_step` and taken into the held layers;
+        after anything else (a failure first) they are abandoned. Returns the copy's
+        wall times (this rank's) for the switch's timeline, and its transfers."""
+        bg, self._background = self._background, None
+        if bg is None:
+            return {}, []
+        self.engine.on_committed(None)
+        if not switch:
+            bg.abandon()
+            return {}, []
+        bg.finish(committed_step, self.comm_cfg.timeout_s, self.monitor.abort_check)
+        return ({"background_started": bg.started, "background_copied": bg.copied_at,
+                 "background_finished": time.time()}, bg.transfers)
 
     def _migrate(self, comm: Comm, moves: list[Transfer], outgoing: dict[int, torch.Tensor],
                  wire: torch.device) -> None:
@@ -374,39 +421,19 @@ class Coordinator:
             for p in sends:
                 comm.wait(p)
 
-    def _verify(self, gen: Generation) -> None:
-        """Every replica of every layer must be bit-identical before training resumes."""
-        verdict = self._compare_digests(gen, str(gen.number))
+    def _verify(self, gen: Generation, layers: set[int] | None = None) -> None:
+        """Every replica of every layer (of `layers`: those whose state moved, see
+        `RecoveryConfig.verify`) must be bit-identical before training resumes."""
+        if layers is not None and not layers:
+            return  # nothing moved: the replicas are as the last check left them
+        verdict = self.replicas.compare(gen.members, str(gen.number), layers)
         if verdict != "ok":
             raise RecoveryFailed(f"state check failed in generation {gen.number}: {verdict}")
 
     def check_replicas(self) -> bool:
         """End of training: are all replicas of every layer still bit-identical?"""
-        return self._compare_digests(self.current, f"{self.current.number}/final") == "ok"
-
-    def _compare_digests(self, gen: Generation, tag: str) -> str:
-        mine = self.engine.layer_digests()  # the engine runs `gen`'s program
-        self.store.set(contract.checksum_key(tag, self.rank), json.dumps(mine))
-        key = contract.verdict_key(tag)
-        if self.rank == min(gen.members):
-            raw = self._wait_all([contract.checksum_key(tag, r) for r in gen.members])
-            digests: dict[int, set[str]] = {}
-            for v in raw:
-                for i, d in json.loads(v).items():
-                    digests.setdefault(int(i), set()).add(d)
-            bad = sorted(i for i, ds in digests.items() if len(ds) > 1)
-            self.store.set(key, "ok" if not bad else f"replicas of layers {bad} differ")
-        return self._wait_all([key])[0].decode()
-
-    def _wait_all(self, wanted: list[str]) -> list[bytes]:
-        while True:
-            try:
-                self.store.wait(wanted, _td(self.comm_cfg.poll_s))
-                return self.store.multi_get(wanted)
-            except dist.DistStoreError:
-                reason = self.monitor.abort_check()
-                if reason:
-                    raise StepAborted(f"during the state check: {reason}") from None
+        g = self.current
+        return self.replicas.compare(g.members, f"{g.number}/final") == "ok"
 
 
 def _td(seconds: float) -> timedelta:

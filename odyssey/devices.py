@@ -75,3 +75,23 @@ def prepare_process(device: torch.device, backend: str) -> None:
     if backend == "nccl":
         for name, value in NCCL_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
+
+
+def device_memory_bytes(device: torch.device) -> float | None:
+    """Total memory the device reports (None off CUDA: the planner then has no default
+    capacity, see `RecoveryConfig.capacity_bytes`)."""
+    if device.type != "cuda":
+        return None
+    return float(torch.cuda.get_device_properties(device).total_memory)
+
+
+def host_available_bytes() -> float | None:
+    """The node's available host memory now (Linux MemAvailable; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

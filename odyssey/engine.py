@@ -94,6 +94,7 @@ class Engine:
         self._swap: SwapManager | None = None
         self._stage_module: nn.ModuleList | None = None
         self._meter = SavedBytesMeter()  # saved bytes per layer, while Chameleon is off
+        self._committed_hook: Callable[[int, bool], None] | None = None
 
     # ---- configuration -------------------------------------------------------------
     def compile(self, plan: Plan) -> Program:
@@ -141,6 +142,16 @@ class Engine:
         adopts next (None: the plan fits without swapping). With `swap_to_fit`, Chameleon
         turns on for that plan and off again for a later one that fits."""
         self._plan_budget = None if budget_bytes is None else max(1, int(budget_bytes))
+
+    def on_committed(self, hook: Callable[[int, bool], None] | None) -> None:
+        """Call `hook(step, skipped)` once per committed step, after the commit decision
+        and with the final gradients in place, just before the optimizer applies them
+        (a two-phase background copy streams them); None removes it."""
+        self._committed_hook = hook
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate the optimizer step of `step` applies."""
+        return lr_at(self.optim_cfg, step)
 
     def add_op_hook(self, hook: Callable[[OpTiming], None]) -> None:
         """Call `hook` after every instruction this rank executes (telemetry, profiling;
@@ -260,6 +271,8 @@ class Engine:
             self._commit(st)
         elif op is Op.OPTIMIZER_STEP:
             st.lr = lr_at(self.optim_cfg, st.step)
+            if self._committed_hook is not None:  # final gradients, before they are applied
+                self._committed_hook(st.step, st.skipped)
             if not st.skipped:
                 self.held.step(ins.start, ins.end, st.lr)
             self.zero_grad()
@@ -416,9 +429,11 @@ class Engine:
         recovery both come here."""
         self.held.load_checkpoint(ckpt_dir, step, self.stage_layers)
 
-    def layer_digests(self) -> dict[int, str]:
-        """Digest of each layer of this rank's stage (replica checks)."""
-        return self.held.digests(self.stage_layers)
+    def layer_digests(self, only: set[int] | None = None) -> dict[int, str]:
+        """Digest of each layer of this rank's stage (replica checks), or of those of
+        them in `only`."""
+        layers = self.stage_layers
+        return self.held.digests(layers if only is None else [i for i in layers if i in only])
 
 
 @dataclass

@@ -25,7 +25,7 @@ import json
 import torch.distributed as dist
 
 from odyssey import contract
-from planner.decision import RecoveryDecision
+from planner.decision import SWITCH, RecoveryDecision
 
 
 def _get_json(store: dist.Store, key: str) -> dict | None:
@@ -64,6 +64,11 @@ def recovery_event(store: dist.Store, generation: int, decision: RecoveryDecisio
         if first is not None:
             notice = first
             break
+    if decision.policy == SWITCH:  # no notice: the members left at a step boundary
+        notice = _get_json(store, contract.switch_key(generation - 1)) or notice
+        joins = [json.loads(v) for v in store.multi_get(
+            [contract.join_key(generation, r) for r in decision.members])]
+        notice = {**notice, "time": min(j["time"] for j in joins)}
     t_fault, source = fault_time(store, lost, notice["time"])
     timelines = [json.loads(v) for v in store.multi_get(
         [contract.started_key(generation, r) for r in decision.members])]
@@ -115,7 +120,31 @@ def recovery_event(store: dist.Store, generation: int, decision: RecoveryDecisio
         "redone_step_s": first_step_s,
         "interrupted_recoveries": decision.interrupted,
         "swap_host_Bps": decision.swap_host_Bps,
+        **_two_phase(store, generation, decision, timelines),
     }
+
+
+def _two_phase(store: dist.Store, generation: int, decision: RecoveryDecision,
+               timelines: list[dict]) -> dict:
+    """A two-phase recovery's second phase (what it copies behind, predicted), or a
+    switch's background copy, measured against the prediction of the phase it ends."""
+    chosen = decision.chosen
+    if chosen.then is not None:
+        then = chosen.then
+        return {"two_phase": {"then": then.kind, "then_note": then.note,
+                              "then_pipelines": [len(p.stages) for p in then.plan.pipelines],
+                              "then_predicted_step_s": then.predicted_step_s,
+                              "background_moved_bytes": sum(t.nbytes for t in then.transfers),
+                              "predicted_background_s": chosen.background_s}}
+    began = [t["background_started"] for t in timelines if t.get("background_started")]
+    if not began:
+        return {}
+    copied = [t["background_copied"] for t in timelines if t.get("background_copied")]
+    prev = _get_json(store, contract.plan_key(generation - 1)) or {}
+    return {"background": {
+        "started": min(began), "measured_s": max(copied) - min(began) if copied else None,
+        "predicted_s": prev.get("chosen", {}).get("background_s"),
+        "steps": decision.committed_step + 1 - prev.get("chosen", {}).get("resume_step", 0)}}
 
 
 def _subphases(store: dist.Store, generation: int, decision: RecoveryDecision,

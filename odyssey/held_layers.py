@@ -77,6 +77,16 @@ class HeldLayers:
         self._modules[i] = self.model.build_layer(i).to(self.device)
         self._optimizers[i] = self._make_optimizer(self._modules[i], self.model.tied_names(i))
 
+    def sibling(self) -> HeldLayers:
+        """An empty set of layers built like these, with a loss scale of its own (a
+        two-phase copy's layers, stepped on another thread until they are adopted)."""
+        return HeldLayers(self.model, self.device, self._make_optimizer)
+
+    def adopt(self, other: HeldLayers, i: int) -> None:
+        """Take layer i, module and optimizer, from `other` (which no longer holds it)."""
+        self._modules[i] = other._modules.pop(i)
+        self._optimizers[i] = other._optimizers.pop(i)
+
     def keep_only(self, layers: Iterable[int]) -> None:
         """Drop every held layer not in `layers`."""
         keep = set(layers)
@@ -90,6 +100,27 @@ class HeldLayers:
             set_lr((self._optimizers[i] for i in range(start, end)), lr)
         for i in range(start, end):
             self._optimizers[i].step()
+
+    def grad_numel(self, layers: Iterable[int]) -> int:
+        """Elements of `flat_grads(layers)`."""
+        return sum(p.numel() for i in layers for p in self._modules[i].parameters())
+
+    def flat_grads(self, layers: Iterable[int]) -> torch.Tensor:
+        """Every parameter gradient of `layers` (zeros where none), as one fp32 copy."""
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                 for i in layers for p in self._modules[i].parameters()]
+        if not parts:
+            return torch.zeros(0, device=self.device)
+        return torch.cat(parts)
+
+    def set_flat_grads(self, layers: Iterable[int], flat: torch.Tensor) -> None:
+        """The inverse of `flat_grads`: each parameter's gradient from `flat`."""
+        offset = 0
+        for i in layers:
+            for p in self._modules[i].parameters():
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+                offset += n
 
     def zero_grad(self) -> None:
         for opt in self._optimizers.values():

@@ -26,7 +26,7 @@ from odyssey.precision import PrecisionConfig
 from odyssey.progress import MODES as PROGRESS_MODES
 from odyssey.token_data import DTYPES, TokenData, open_token_data
 from planner.plan import SCHEDULES
-from planner.recovery import POLICIES, RecoveryConfig
+from planner.recovery_config import POLICIES, RecoveryConfig
 from planner.straggler import StragglerConfig
 from profiler.configtree import section, verbatim
 

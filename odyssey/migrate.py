@@ -78,7 +78,9 @@ def unpack_layer(flat: torch.Tensor, layer: nn.Module, optim: torch.optim.Optimi
 
 
 def layer_digest(layer: nn.Module) -> str:
-    h = hashlib.sha1()
+    """A hash of the layer's parameter bytes (any dtype; hashed in place, no copy on
+    CPU: sha256, which CPUs accelerate, is ~2x faster here than sha1 of a copy)."""
+    h = hashlib.sha256()
     for p in layer.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()

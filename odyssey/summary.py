@@ -58,7 +58,9 @@ def summarize(report: dict) -> str:
             continue
         who = e["ranks_lost"] or e["newcomers"]
         ph = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in e["phases"].items())
-        lines.append(f"recovery       gen {e['generation']}: {e['cause']} of rank(s) {who} at "
+        what = ("two-phase switch" if e["cause"] == "switch"
+                else f"{e['cause']} of rank(s) {who}")
+        lines.append(f"recovery       gen {e['generation']}: {what} at "
                      f"step {e['step']}" + (f" ({e['phase']})" if e.get("phase") else "")
                      + f" -> {e['chosen']} (policy {e['policy']}), MTTR "
                      f"{e['mttr_s'] * 1e3:.0f} ms [{ph} ms]")
@@ -67,6 +69,18 @@ def summarize(report: dict) -> str:
                          f"{e['predicted_transition_s'] * 1e3:.0f} ms "
                          f"({e['transfer_rounds']} transfer rounds), measured "
                          f"{e['measured_transition_s'] * 1e3:.0f} ms (rebuild + migrate)")
+        if e.get("two_phase"):
+            t = e["two_phase"]
+            lines.append(f"               behind: {t['then']} {t['then_pipelines']}, "
+                         f"{t['background_moved_bytes'] / 1e6:.1f} MB copied while training, "
+                         f"predicted {t['predicted_background_s'] * 1e3:.0f} ms")
+        if e.get("background"):
+            b = e["background"]
+            pred = b["predicted_s"]
+            lines.append(f"               background copy measured "
+                         f"{b['measured_s'] * 1e3:.0f} ms"
+                         + (f" (predicted {pred * 1e3:.0f} ms)" if pred else "")
+                         + f", {b['steps']} step(s) trained meanwhile")
         for c in e["candidates"][:6]:
             lines.append(f"                 {c['kind']:>14}: transition "
                          f"{c['predicted_transition_s'] * 1e3:7.1f} ms, step "

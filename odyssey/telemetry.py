@@ -138,7 +138,12 @@ class Telemetry(TrainerHook):
             self._plan_kind = event["chosen"]
             if self.tb is not None:
                 self.tb.recovery(event)
-            if event["cause"] == "replan":
+            if event.get("background"):
+                b = event["background"]
+                self.say(f"switched to {event['chosen']} ({event['chosen_note']}) after a "
+                         f"{b['measured_s'] * 1e3:.0f} ms background copy over {b['steps']} "
+                         f"step(s): switch {event['mttr_s'] * 1e3:.0f} ms", c.step, c.generation)
+            elif event["cause"] == "replan":
                 self.say(f"re-planned with {event['chosen']} ({event['chosen_note']}): "
                          f"switch {event['mttr_s'] * 1e3:.0f} ms", c.step, c.generation)
             else:

@@ -258,6 +258,11 @@ class Trainer:
                 stopped = True
                 self.monitor.publish("stop", f"stop requested ({self.stop.reason})")
                 break
+            if self.in_place and known.get("switch"):  # two-phase: every member, here
+                self.gen, step = self.coord.recover(committed, "two-phase switch")
+                self._recovered(step)
+                last = time.perf_counter()
+                continue
             try:
                 if self.in_place:
                     if self.monitor.notice() is not None:
@@ -285,9 +290,7 @@ class Trainer:
                     committed = step - 1
                     if eval_due is not None and eval_due > committed:
                         eval_due = None  # its step is redone, and its evaluation with it
-                recovery = Recovery(self.gen.number, self.gen.decision, step)
-                for hook in self.hooks:
-                    hook.on_recovered(recovery)
+                self._recovered(step)
                 last = time.perf_counter()
                 continue
             now = time.perf_counter()
@@ -332,6 +335,11 @@ class Trainer:
             hook.on_fit_end(result)
         self.monitor.stop()
         return result
+
+    def _recovered(self, step: int) -> None:
+        recovery = Recovery(self.gen.number, self.gen.decision, step)
+        for hook in self.hooks:
+            hook.on_recovered(recovery)
 
     def _on_commit(self, step: int, res: StepResult, at: float, dt: float, previous: int
                    ) -> float | None:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from planner.recovery import RecoveryCandidate
 
+SWITCH = "switch"
+"""`RecoveryDecision.policy` of a two-phase switch (the plan its background copy was for)."""
+
 
 @dataclass
 class RecoveryDecision:

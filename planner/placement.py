@@ -78,6 +78,9 @@ class RecoveryContext:
     checkpoint_step: int | None = None
     """Latest complete checkpoint, if any."""
     newcomers: list[int] = field(default_factory=list)
+    held_extra: dict[int, frozenset[int]] = field(default_factory=dict)
+    """Layers a member holds beside its stage of the old plan, up to date (a two-phase
+    background copy's): none of them needs fetching."""
 
     def __post_init__(self) -> None:
         self._members = frozenset(self.members)
@@ -254,8 +257,9 @@ def transfers(ctx: RecoveryContext, plan: Plan) -> list[Transfer]:
     for r in plan.ranks:
         st = plan.stage(r)
         have = old.stage(r).layers if old.has_rank(r) else range(0)
+        extra = ctx.held_extra.get(r, ())
         for layer in st.layers:
-            if layer in have:
+            if layer in have or layer in extra:
                 continue
             heap = heaps.get(layer)
             if heap is None:

@@ -12,6 +12,9 @@ change: samples = (H - transition) / step_time x global batch. Kinds:
   layers and optimizer state fetched from surviving replicas.
 - restart: the same fresh plan, state reloaded from the last checkpoint; steps after
   it are redone. The fallback when some layer has no surviving replica.
+- two-phase: reroute at once, copy a reparallelized plan's state in the background
+  while the rerouted plan trains, switch to it at a step boundary once the copy is done
+  (`then`); scored over the horizon with both phases (`two_phase`).
 Upward changes (a replacement worker joins) re-plan through reparallelize.
 
 Fresh plans and state transfers come from `planner.placement`; the live coordinator and
@@ -36,6 +39,7 @@ from planner.memory import (
     SwapPricing,
     peak_memory,
     peak_of,
+    plan_memory,
     swap_floor,
     swap_need,
 )
@@ -50,95 +54,8 @@ from planner.placement import (
     transfers,
 )
 from planner.plan import Pipeline, Plan, PlanError, Stage
-from profiler.units import format_size, parse_size
-
-KINDS = ("reroute", "redundant", "reparallelize", "restart")
-POLICIES = ("adaptive", *KINDS)
-
-
-@dataclass(frozen=True)
-class RecoveryConfig:
-    """How a recovery plan is chosen."""
-
-    policy: str = "adaptive"
-    """adaptive (best predicted work over the horizon) or a fixed kind: reroute,
-    redundant, reparallelize, restart (falls back to adaptive when infeasible)."""
-    horizon_s: float = 600.0
-    """Expected time until the next membership change (e.g. MTBF / ranks)."""
-    transfer_Bps: float = 500e6
-    """Bandwidth of one state transfer between two ranks."""
-    rebuild_s: float = 0.05
-    """Agreement + group rebuild time common to every in-place kind."""
-    checkpoint_load_Bps: float = 200e6
-    """Read bandwidth when reloading a checkpoint."""
-    device_memory: str = ""
-    """Device memory per rank every candidate must fit in, e.g. 16GiB or 80GB (parsed by
-    `profiler.units.parse_size`). Empty: on CUDA what the device reports minus
-    `memory_reserve`, elsewhere unlimited; "off": unlimited."""
-    memory_reserve: str = "1GiB"
-    """Kept out of a device-reported capacity (CUDA context, allocator cache,
-    fragmentation); not applied to an explicit `device_memory`."""
-    memory_aware: bool = True
-    """Drop candidates whose predicted peak exceeds the capacity (off: they only carry
-    fits=false and may still be chosen, as before memory was checked)."""
-    swap_to_fit: bool = True
-    """With `memory_aware`: price a candidate over the capacity with swapping its saved
-    activations to host memory (`planner.memory.swap_need`, at the copy bandwidth
-    Chameleon measures on the leader) and keep it when that fits; the ranks that need it
-    run Chameleon at the computed budget while that plan runs."""
-    swap_overlap: float = 1.0
-    """In that price, the fraction of the copy time Chameleon's timeline hides under
-    compute that really hides (`planner.memory.SwapPricing.overlap`)."""
-    host_memory: str = "auto"
-    """Host memory per rank that swapped activations may fill, e.g. 32GiB; a plan whose
-    swapping needs more on some rank is infeasible. "auto": the node's available memory
-    when the job starts, over its ranks, less `host_reserve`; "off": unchecked."""
-    host_reserve: str = "10%"
-    """Kept out of an "auto" host capacity: a size, or a percentage of it."""
-
-    def __post_init__(self) -> None:
-        if self.device_memory not in ("", "off"):
-            _size("device_memory", self.device_memory)
-        _size("memory_reserve", self.memory_reserve)
-        if self.host_memory not in ("auto", "off"):
-            _size("host_memory", self.host_memory)
-        self._host_reserve(1.0)
-        if not 0.0 <= self.swap_overlap <= 1.0:
-            raise ValueError(f"swap_overlap must be within [0, 1], got {self.swap_overlap}")
-
-    def capacity_bytes(self, device_total: float | None = None) -> float:
-        """Per-rank capacity candidates are checked against (inf: unchecked);
-        `device_total` is what the device reports (the runtime asks it, not the planner)."""
-        if self.device_memory == "off":
-            return math.inf
-        if self.device_memory:
-            return float(_size("device_memory", self.device_memory))
-        if device_total is None:
-            return math.inf
-        return max(0.0, device_total - _size("memory_reserve", self.memory_reserve))
-
-    def host_bytes(self, available: float | None, ranks_on_node: int) -> float:
-        """Host bytes per rank swapped activations may fill (inf: unchecked);
-        `available`: the node's available host memory (the runtime reads it)."""
-        if self.host_memory == "off":
-            return math.inf
-        if self.host_memory != "auto":
-            return float(_size("host_memory", self.host_memory))
-        if available is None:
-            return math.inf
-        return max(0.0, available - self._host_reserve(available)) / max(1, ranks_on_node)
-
-    def _host_reserve(self, available: float) -> float:
-        text = self.host_reserve.strip()
-        if text.endswith("%"):
-            try:
-                frac = float(text[:-1]) / 100
-            except ValueError:
-                frac = -1.0
-            if not 0 <= frac < 1:
-                raise ValueError(f"host_reserve {text!r}: a percentage must be in [0, 100)")
-            return frac * available
-        return float(_size("host_reserve", text))
+from planner.recovery_config import POLICIES, RecoveryConfig
+from profiler.units import format_size
 
 
 @dataclass
@@ -171,9 +88,21 @@ class RecoveryCandidate:
     Chameleon budget while this plan runs (empty: none swaps)."""
     floor_bytes: float = 0.0
     """Least per-rank capacity it fits in with swapping (0: swapping not priced)."""
+    then: RecoveryCandidate | None = None
+    """two-phase: the plan switched to once its transfers (copied in the background
+    while this candidate's plan trains) are done."""
+    background_s: float = 0.0
+    """two-phase: predicted duration of that background copy."""
+    shadow_bytes: dict[int, float] = field(default_factory=dict)
+    """two-phase: state bytes each receiving rank holds beside its stage while the copy
+    runs (in `peak_bytes`)."""
 
     def row(self) -> dict:
-        return {"kind": self.kind, "predicted_transition_s": self.predicted_transition_s,
+        extra = {}
+        if self.then is not None:
+            extra = {"background_s": self.background_s, "then": self.then.row(),
+                     "shadow_bytes": max(self.shadow_bytes.values(), default=0.0)}
+        return {**extra, "kind": self.kind, "predicted_transition_s": self.predicted_transition_s,
                 "predicted_step_s": self.predicted_step_s, "score": self.score,
                 "lost_steps": self.lost_steps, "transfers": len(self.transfers),
                 "transfer_rounds": len({t.round for t in self.transfers}),
@@ -189,6 +118,9 @@ class RecoveryCandidate:
                  from_checkpoint=self.from_checkpoint,
                  transfers=[asdict(t) for t in self.transfers],
                  swap_budgets={str(r): b for r, b in self.swap_budgets.items()})
+        if self.then is not None:
+            d.update(then=self.then.to_dict(),
+                     shadow_bytes={str(r): b for r, b in self.shadow_bytes.items()})
         return d
 
     @classmethod
@@ -202,7 +134,15 @@ class RecoveryCandidate:
                    peak_bytes=d.get("peak_bytes", 0.0), peak_rank=d.get("peak_rank", -1),
                    fits=d.get("fits", True), swap_s=d.get("swap_s", 0.0),
                    swap_budgets={int(r): b for r, b in d.get("swap_budgets", {}).items()},
-                   floor_bytes=d.get("floor_bytes", 0.0))
+                   floor_bytes=d.get("floor_bytes", 0.0),
+                   then=cls.from_dict(d["then"]) if d.get("then") else None,
+                   background_s=d.get("background_s", 0.0),
+                   shadow_bytes={int(r): b for r, b in d.get("shadow_bytes", {}).items()})
+
+    @property
+    def background_transfers(self) -> list[Transfer]:
+        """two-phase: the state copied while this plan trains (empty otherwise)."""
+        return self.then.transfers if self.then is not None else []
 
 
 # ---- candidate builders -------------------------------------------------------------
@@ -298,7 +238,7 @@ def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | No
                      *, predict_len: PredictLength | None = None, exact_upto: int = 64,
                      memory: MemoryModel | None = None, capacity_bytes: float = math.inf,
                      drop_unfit: bool = True, swap: SwapPricing | None = None,
-                     partitioner: Partitioner | None = None
+                     partitioner: Partitioner | None = None, two_phase: bool = False
                      ) -> tuple[list[RecoveryCandidate], dict[str, str]]:
     """Every feasible candidate, and why each infeasible kind was dropped.
 
@@ -308,7 +248,9 @@ def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | No
     each candidate gets its predicted peak and `fits`, and with `swap` a swap price when
     it fits only by swapping (see `check_memory`). With `partitioner` (the profile's
     layer tables), fresh plans split layers by predicted time within the capacity
-    (`balanced_split`; the capacity only when memory-aware), else evenly."""
+    (`balanced_split`; the capacity only when memory-aware), else evenly. With
+    `two_phase`, each kept reroute pairs with each kept reparallelize that moves state
+    (`two_phase_candidates`)."""
     cands: list[RecoveryCandidate] = []
     dropped: dict[str, str] = {}
     fits = None
@@ -333,7 +275,50 @@ def build_candidates(ctx: RecoveryContext, predict: Callable[[Plan], float] | No
             dropped[kind] = str(e)
     if memory is not None:
         cands = check_memory(cands, dropped, memory, capacity_bytes, drop_unfit, swap)
+    if two_phase:
+        cands.extend(two_phase_candidates(cands, dropped, memory, capacity_bytes, drop_unfit))
     return cands, dropped
+
+
+def two_phase_candidates(cands: list[RecoveryCandidate], dropped: dict[str, str],
+                         memory: MemoryModel | None = None, capacity_bytes: float = math.inf,
+                         drop_unfit: bool = True) -> list[RecoveryCandidate]:
+    """Reroute now, each reparallelize later: one candidate per reparallelize among
+    `cands` that moves state, its transfers copied while the reroute plan trains. While
+    they run, each receiving rank holds the copied layers' state beside its stage; with
+    `memory` that is added to its phase-one peak, and (with `drop_unfit`) a pair whose
+    receivers would not fit is left out, the reason in `dropped["two-phase"]`."""
+    first = next((c for c in cands if c.kind == "reroute"), None)
+    later = [c for c in cands if c.kind == "reparallelize" and c.transfers]
+    if first is None or not later:
+        dropped.setdefault("two-phase", "needs a reroute and a reparallelize that moves state")
+        return []
+    per_rank = plan_memory(first.plan, memory) if memory is not None else {}
+    out = []
+    for then in later:
+        shadow: dict[int, float] = {}
+        for t in then.transfers:
+            shadow[t.dst] = shadow.get(t.dst, 0.0) + t.nbytes
+        c = RecoveryCandidate("two-phase", first.plan, resume_step=first.resume_step,
+                              then=then, shadow_bytes=shadow,
+                              note=f"reroute now, then {then.note} once "
+                                   f"{len(then.transfers)} layer(s) are copied behind")
+        c.swap_s, c.swap_budgets = first.swap_s, dict(first.swap_budgets)
+        c.floor_bytes = first.floor_bytes
+        if per_rank:
+            totals = {r: m.total + shadow.get(r, 0.0) for r, m in per_rank.items()}
+            c.peak_rank = min(totals, key=lambda r: (-totals[r], r))
+            c.peak_bytes = totals[c.peak_rank]
+            # a receiver that swaps in phase one would need its budget re-priced: not done
+            over = [r for r in shadow if totals.get(r, 0.0) > capacity_bytes
+                    or r in first.swap_budgets]
+            c.fits = first.fits and not over
+            if over and drop_unfit:
+                dropped.setdefault("two-phase", f"ranks {sorted(over)} would exceed "
+                                   f"{format_size(capacity_bytes)} holding the copied state")
+                continue
+        out.append(c)
+    return out
 
 
 def check_memory(cands: list[RecoveryCandidate], dropped: dict[str, str],
@@ -394,10 +379,17 @@ def score(cands: list[RecoveryCandidate], ctx: RecoveryContext, cfg: RecoveryCon
           predict: Callable[[Plan], float]) -> None:
     """Fill in each candidate's predicted transition, step time and horizon score."""
     steps: dict[int, float] = {}  # restart shares reparallelize's plans: predict once
-    for c in cands:
+
+    def step_s(c: RecoveryCandidate) -> float:
         if id(c.plan) not in steps:
             steps[id(c.plan)] = predict(c.plan)
-        c.predicted_step_s = steps[id(c.plan)] + c.swap_s
+        return steps[id(c.plan)] + c.swap_s
+
+    for c in cands:
+        c.predicted_step_s = step_s(c)
+        if c.then is not None:
+            two_phase(c, cfg, step_s(c.then))
+            continue
         if c.from_checkpoint:
             load = sum(ctx.layer_bytes) / cfg.checkpoint_load_Bps
             c.predicted_transition_s = cfg.rebuild_s + load + c.lost_steps * c.predicted_step_s
@@ -408,6 +400,27 @@ def score(cands: list[RecoveryCandidate], ctx: RecoveryContext, cfg: RecoveryCon
         c.score = useful / c.predicted_step_s * c.plan.global_batch
 
 
+SWITCH_STEPS = 1.5
+"""Phase-one steps between the copy's end and the switch: the leader sees the copy done
+at the next commit (half a step on average), the members learn it from the commit
+decision after that (one step), and leave at that boundary, nothing aborted."""
+
+
+def two_phase(c: RecoveryCandidate, cfg: RecoveryConfig, then_step_s: float) -> None:
+    """Score a two-phase candidate (its `predicted_step_s` is phase one's): it trains at
+    phase one's speed while the background copy runs (`background_s`, the transfers'
+    rounds at the background bandwidth) and `SWITCH_STEPS` steps more, stalls for the
+    switch (`switch_s`: nothing moves), then trains at `then_step_s` for the rest."""
+    c.predicted_transition_s = cfg.rebuild_s
+    c.background_s = rounds_s(c.then.transfers, lambda t: t.nbytes / cfg.background_link_Bps)
+    c.then.predicted_step_s = then_step_s
+    useful = max(0.0, cfg.horizon_s - c.predicted_transition_s)
+    phase1 = c.background_s + SWITCH_STEPS * c.predicted_step_s
+    first = min(useful, phase1)
+    rest = max(0.0, useful - phase1 - cfg.switch_s)
+    c.score = (first / c.predicted_step_s + rest / then_step_s) * c.plan.global_batch
+
+
 def choose(cands: list[RecoveryCandidate], cfg: RecoveryConfig) -> RecoveryCandidate:
     """The fixed policy's best candidate when it has one, else the best overall."""
     if cfg.policy not in POLICIES:
@@ -416,10 +429,3 @@ def choose(cands: list[RecoveryCandidate], cfg: RecoveryConfig) -> RecoveryCandi
         raise PlanError("no feasible recovery candidate")
     pool = [c for c in cands if c.kind == cfg.policy] or cands
     return max(pool, key=lambda c: (c.score, -c.predicted_transition_s))
-
-
-def _size(name: str, text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise ValueError(f"{name} {text!r}: {e}") from None

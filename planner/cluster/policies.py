@@ -65,6 +65,13 @@ class Reaction:
     """Memory dropped some candidate (or none fitted) at this change."""
     memory_fallback: bool = False
     """A fixed policy's kind was dropped for memory, so the best candidate ran instead."""
+    then: RecoveryCandidate | None = None
+    """two-phase: the plan switched to `background_s` after the transition, unless
+    another change comes first (the copy is then abandoned)."""
+    background_s: float = 0.0
+    """two-phase: how long the background copy runs (the candidate's prediction)."""
+    switch_s: float = 0.0
+    """two-phase: the switch's own stall (agreement and rebuild, nothing moves)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ class Policy:
         self.predict, self.predict_len, self.horizon_s = predict, predict_len, horizon_s
         self.memory = memory
         self._partitioners: dict[int, Partitioner] = {}
+        self.two_phase = False  # whether two-phase candidates compete (Odyssey's policies)
 
     def step_factor(self, plan: Plan) -> float:
         return 1.0
@@ -151,11 +159,11 @@ class Policy:
         part = self._partitioner(ctx.old_plan.microbatch_size)
         if mem is None:
             return build_candidates(ctx, self.predict, predict_len=self.predict_len,
-                                    partitioner=part)
+                                    partitioner=part, two_phase=self.two_phase)
         return build_candidates(ctx, self.predict, predict_len=self.predict_len,
                                 memory=self.cost.memory, capacity_bytes=mem.capacity_bytes,
                                 drop_unfit=mem.aware, swap=mem.swap if mem.aware else None,
-                                partitioner=part)
+                                partitioner=part, two_phase=self.two_phase)
 
     def _partitioner(self, mb: int) -> Partitioner:
         """The cost model's layer tables (the simulator's cost does not change: built
@@ -201,6 +209,7 @@ class RecoveryPolicy(Policy):
     def __init__(self, kind: str, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.kind = self.name = kind
+        self.two_phase = kind in ("adaptive", "two-phase")
 
     @property
     def mitigates(self) -> bool:
@@ -219,11 +228,14 @@ class RecoveryPolicy(Policy):
         fallback = self.kind != "adaptive" and chosen.kind != self.kind
         detect = self.costs.detect_s if lost else 0.0
         for_memory = {k for k, why in dropped.items() if memory_reason(k, why)}
+        rc = self.recovery_config(self.kind)
         return Reaction(chosen.plan, chosen.kind, detect + self.transition_s(chosen),
                         rollback=chosen.from_checkpoint, fallback=fallback,
                         swap_s=chosen.swap_s, swap_ranks=len(chosen.swap_budgets),
                         memory_dropped=bool(for_memory),
-                        memory_fallback=fallback and self.kind in for_memory)
+                        memory_fallback=fallback and self.kind in for_memory,
+                        then=chosen.then, background_s=chosen.background_s,
+                        switch_s=rc.switch_s)
 
 
 class BubbleFillReroute(RecoveryPolicy):
@@ -381,12 +393,17 @@ def memory_reason(key: str, reason: str) -> bool:
 
 
 def make_policy(name: str, *args, **kwargs) -> Policy:
-    """The policy object for a name in SIM_POLICIES (plus 'reroute+bf')."""
-    if name in ("adaptive", "reroute", "reparallelize"):
+    """The policy object for a name in SIM_POLICIES (plus 'reroute+bf', 'two-phase' and
+    'adaptive-one-phase')."""
+    if name in ("adaptive", "reroute", "reparallelize", "two-phase"):
         return RecoveryPolicy(name, *args, **kwargs)
+    if name == "adaptive-one-phase":  # adaptive as before two-phase candidates
+        pol = RecoveryPolicy("adaptive", *args, **kwargs)
+        pol.name, pol.two_phase = name, False
+        return pol
     table = {"redundant": RedundantPolicy, "restart": RestartPolicy,
              "drop-replica": DropReplicaPolicy, "reroute+bf": BubbleFillReroute}
     if name not in table:
         raise PlanError(f"unknown policy {name!r}; expected one of "
-                        f"{(*SIM_POLICIES, 'reroute+bf')}")
+                        f"{(*SIM_POLICIES, 'reroute+bf', 'two-phase', 'adaptive-one-phase')}")
     return table[name](*args, **kwargs)

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 from planner.closed_form import estimate_plan, pipeline_s
 from planner.cost import CostModel
-from planner.plan import Plan, PlanError, even_partition
+from planner.placement import LayerSplit, balanced_split
+from planner.plan import Plan, PlanError
 from planner.simulate import simulate_plan
 
 
@@ -34,6 +35,7 @@ class Predictor:
         self.cache: dict[tuple, float] = {}
         self.calls = 0
         self._slowed: dict[tuple, Predictor] = {}  # see `with_slowdown`
+        self._split: LayerSplit | None = None  # see `by_length`
 
     def key(self, plan: Plan) -> tuple:
         node = self.cost.node_of
@@ -63,13 +65,17 @@ class Predictor:
         return self.cache[k]
 
     def by_length(self, length: int, m: int, dp: int) -> float:
-        """Cheap screen of a pipeline count: one even pipeline of `length` stages over m
-        microbatches, plus the ring all-reduce of its largest stage over the dp replicas
-        across nodes; inf when that stage's static state does not fit in memory."""
+        """Cheap screen of a pipeline count: one pipeline of `length` stages over m
+        microbatches, its layers split as the fresh plan will split them (by time within
+        the memory limit, `planner.placement.balanced_split`, as the live leader's screen
+        does), plus the ring all-reduce of its largest stage over the dp replicas across
+        nodes; inf when a stage's static state does not fit in memory."""
         key = ("len", length, m, dp)
         if key in self.cache:
             return self.cache[key]
-        sizes = even_partition(self.cost.num_layers, length)
+        if self._split is None:  # the screen's microbatch of 1, as its times below
+            self._split = balanced_split(self.cost.partitioner(1), "1f1b", self.memory_limit)
+        sizes = self._split(length, m)
         b = [sum(sizes[:i]) for i in range(length + 1)]
         fwd = [self.cost.forward_s(b[i], b[i + 1], 1) for i in range(length)]
         bwd = [self.cost.backward_s(b[i], b[i + 1], 1) for i in range(length)]

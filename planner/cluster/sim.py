@@ -51,6 +51,7 @@ from planner.cluster.policies import (
     Costs,
     DropReplicaPolicy,
     Policy,
+    Reaction,
     RedundantPolicy,
     make_policy,
 )
@@ -62,6 +63,7 @@ from planner.cluster.traces import TraceError, TraceEvent, mean_gap_s
 from planner.cost import CostModel
 from planner.memory import peak_memory
 from planner.plan import Pipeline, Plan, PlanError
+from planner.recovery import SWITCH_STEPS
 
 
 def simulate_trace(policy_name: str, initial_plan: Plan, cost: CostModel,
@@ -154,6 +156,7 @@ class _Run:
         self.post_num = 0.0
         self.post_den = 0.0
         self.swap_s = 0.0  # step time the current plan's swapping adds
+        self.switch: tuple[float, Reaction] | None = None  # two-phase: (due, reaction)
         self.capacity = sc.capacity_bytes()
         self.res.capacity_bytes = self.capacity
         self.over = self.check_memory(plan, 0)
@@ -261,7 +264,7 @@ class _Run:
         i, evs = 0, self.events
         while i < len(evs) and self.t < self.duration:
             at = evs[i].time_s
-            if self.detected_before(at):
+            if self.detected_before(at) or self.switched_before(at):
                 continue
             batch = []
             while i < len(evs) and evs[i].time_s == at:
@@ -314,7 +317,8 @@ class _Run:
                 if self.watch.known:  # a straggler is still there: re-plan around it
                     self.mitigate()
                 self.rewatch()
-        while self.detected_before(self.duration):  # detections after the last event
+        while (self.detected_before(self.duration)  # detections after the last event
+               or self.switched_before(self.duration)):
             continue
         if self.t < self.duration:
             self.train_until(self.duration, finish=False)
@@ -339,6 +343,7 @@ class _Run:
         return self.res
 
     def react(self, members: list[int], lost: bool, at: float) -> None:
+        self.switch = None  # a two-phase copy still running is abandoned
         r = self.pol.react(self.plan, members, self.steps, self.ckpt[0], lost)
         self.res.transitions += 1
         self.res.kinds[r.kind] = self.res.kinds.get(r.kind, 0) + 1
@@ -353,11 +358,31 @@ class _Run:
             self.since_ckpt = 0.0
         self.stall(r.transition_s, r.kind)
         self.adopt(r.plan, r.samples_per_step or r.plan.global_batch, r.swap_s, r.swap_ranks)
+        if r.then is not None:  # the switch: the copy's end and SWITCH_STEPS steps on
+            self.switch = (self.t + r.background_s + SWITCH_STEPS * self.step_s(), r)
         self.res.memory_dropped += int(r.memory_dropped)
         self.res.memory_fallbacks += int(r.memory_fallback)
         self.changed = True
         self.ref = (self.ff_for(members) if self.ff_for
                     else self.ff * len(members) / self.initial_live)
+
+    def switched_before(self, t: float) -> bool:
+        """Train until a two-phase switch due before `t` and make it; whether one was.
+        It is due `SWITCH_STEPS` phase-one steps after the copy ends (set by `react`)
+        and stalls for its own cost, as `planner.recovery.two_phase` scores it."""
+        if self.switch is None or self.switch[0] >= min(t, self.duration) or self.idle:
+            return False
+        (due, r), self.switch = self.switch, None
+        self.train_until(due, finish=True)
+        then = r.then
+        self.stall(r.switch_s, "switch")
+        self.res.kinds["switch"] = self.res.kinds.get("switch", 0) + 1
+        pipes = [len(p.stages) for p in then.plan.pipelines]
+        shape = f"{pipes}" if len(pipes) <= 8 else f"{len(pipes)} pipelines"
+        self.res.events.append((self.t, f"=switch {then.kind} {shape}"))
+        self.adopt(then.plan, then.plan.global_batch, then.swap_s, len(then.swap_budgets))
+        self.rewatch()
+        return True
 
     def stall(self, seconds: float, kind: str) -> float:
         """Nobody trains for `seconds` (cut at the end): a transition of `kind`."""
@@ -410,6 +435,7 @@ class _Run:
         if not choice.switch:
             return
         c = choice.chosen
+        self.switch = None  # a re-plan ends a two-phase copy too
         self.res.mitigation_stall_s += self.stall(c.predicted_transition_s, c.kind)
         if w.known:
             self.res.mitigations += 1

@@ -76,13 +76,13 @@ def test_the_simulator_drops_unfit_candidates_as_the_live_leader_does(cost):
     ctx = RecoveryContext(plan, members, 10, layer_state_bytes(cost), 5, [])
     live, live_dropped = build_candidates(ctx, predict, predict_len=predict.by_length,
                                           memory=cost.memory, capacity_bytes=ROOM,
-                                          drop_unfit=True)
+                                          drop_unfit=True, two_phase=True)
     score(live, ctx, rc, predict)
     assert [c.row() for c in cands] == [c.row() for c in live]
     assert dropped == live_dropped
     assert "redundant" in dropped and "> device memory" in dropped["redundant"]
     assert any(k.startswith("reparallelize [") for k in dropped)
-    assert {c.kind for c in cands} == {"reroute", "reparallelize", "restart"}
+    assert {c.kind for c in cands} == {"reroute", "reparallelize", "restart", "two-phase"}
     assert all(c.fits and c.peak_bytes <= ROOM for c in cands)
     assert chosen.fits and [len(p.stages) for p in chosen.plan.pipelines] == [4, 3]
 
@@ -156,7 +156,8 @@ def test_without_a_device_memory_results_are_unchanged(cost):
                       predict.by_length, 600.0, memory=SimConfig().memory_limits())
     _, cands, rc, dropped = pol.decide(plan, members, 10, 5, "adaptive")
     ctx = RecoveryContext(plan, members, 10, layer_state_bytes(cost), 5, [])
-    plain, plain_dropped = build_candidates(ctx, predict, predict_len=predict.by_length)
+    plain, plain_dropped = build_candidates(ctx, predict, predict_len=predict.by_length,
+                                            two_phase=True)
     score(plain, ctx, rc, predict)
     assert [c.row() for c in cands] == [c.row() for c in plain] and dropped == plain_dropped
 

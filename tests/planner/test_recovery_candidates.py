@@ -198,3 +198,25 @@ def test_a_split_by_time_keeps_within_the_memory_limit():
     assert balanced_split(part(), "1f1b", memory_limit=11)(2, 4) == [6, 2]
     # no split fits: the one that needs least memory (swapping may still fit it)
     assert balanced_split(part(), "1f1b", memory_limit=5)(2, 4) == [7, 1]
+
+
+def test_the_cluster_screen_splits_layers_as_the_fresh_plans_do():
+    from planner.closed_form import pipeline_s
+    from planner.cluster.predict import Predictor
+    from planner.placement import balanced_split
+    from planner.plan import even_partition
+
+    def estimate(sizes, m):
+        b = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        fwd = [HEAVY_TAIL.forward_s(b[i], b[i + 1], 1) for i in range(len(sizes))]
+        bwd = [HEAVY_TAIL.backward_s(b[i], b[i + 1], 1) for i in range(len(sizes))]
+        return pipeline_s("1f1b", fwd, bwd, m)
+
+    pr = Predictor(HEAVY_TAIL, "closed-form", 1.0)
+    split = balanced_split(HEAVY_TAIL.partitioner(1), "1f1b")
+    for length in (2, 3, 4):
+        sizes = split(length, 8)
+        # dp=1: no all-reduce, the screen is the pipeline alone
+        assert pr.by_length(length, 8, 1) == pytest.approx(estimate(sizes, 8))
+        assert pr.by_length(length, 8, 1) <= estimate(even_partition(8, length), 8)
+    assert pr.by_length(3, 8, 1) < 0.9 * estimate(even_partition(8, 3), 8)  # heavy tail
