@@ -386,6 +386,10 @@ class Coordinator:
                      cand.resume_step)
         return gen, cand.resume_step
 
+    def stop_background(self) -> None:
+        """Training ended before a two-phase switch: stop its copies' threads."""
+        self._end_background(False, -1)
+
     def _end_background(self, switch: bool, committed_step: int
                         ) -> tuple[dict, list[Transfer]]:
         """A transition ends the last generation's background copy: at a two-phase switch

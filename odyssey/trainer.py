@@ -309,6 +309,7 @@ class Trainer:
                 eval_due = step
             step += 1
         train_s = time.perf_counter() - t_start
+        self.coord.stop_background()  # a two-phase copy the run ended before switching
         c = self.cfg.checkpoint
         if ((c.every or stopped) and c.at_end and committed >= 0
                 and self.checkpointer.saved != committed):

@@ -77,9 +77,12 @@ def test_pp2_ranks_hold_only_their_layers_and_follow_the_reference(tiny, tmp_pat
         for sd in replicas[1:]:  # replicas bit-identical
             assert all(torch.equal(sd[k], replicas[0][k]) for k in sd)
         for k, v in ref_layers[i].state_dict().items():
-            # GPT-2's key bias has an exactly-zero gradient: Adam turns its rounding noise
-            # into updates, so it matches the reference only to that noise
-            atol = 1e-4 if k.endswith("attn.c_attn.bias") else 1e-6
+            # the pipeline sums gradients in another order than the reference, and Adam
+            # turns that rounding into updates where a gradient is tiny: up to 1.5e-6 on
+            # one element of 2048 (llama, tied) on some CPUs; a lost or doubled update
+            # would be ~lr (3e-3). GPT-2's key bias has an exactly-zero gradient: there
+            # the update is all noise
+            atol = 1e-4 if k.endswith("attn.c_attn.bias") else 1e-5
             torch.testing.assert_close(replicas[0][k], v, rtol=1e-5, atol=atol,
                                        msg=lambda m, i=i, k=k: f"layer {i} {k}: {m}")
     if tiny.tied:  # still one weight after training
