@@ -90,8 +90,8 @@ class BackgroundCopy:
         """Engine hook: queue this step's final gradients of the layers sent away (once
         the snapshot is packed: the optimizer step about to run changes the state)."""
         for s in self._senders:
-            s.packed.wait()
-            s.queue.put((step, skipped, self.held.flat_grads(s.layers)))
+            s.packed.wait()  # the message: [step, skipped, gradients...]
+            s.queue.put(self.held.flat_grads(s.layers, (step, 1.0 if skipped else 0.0)))
 
     def finish(self, step: int, timeout_s: float, abort_check: Callable[[], str | None]
                ) -> None:
@@ -99,7 +99,7 @@ class BackgroundCopy:
         `step`, then move the copies into the held layers; raises `StepAborted` when the
         job aborts meanwhile, `CommError` when a copy failed or took over `timeout_s`."""
         for s in self._senders:
-            s.queue.put((_END, False, None))
+            s.queue.put(None)  # after the last step's gradients: the end
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             while t.is_alive():
@@ -188,14 +188,14 @@ class _Sender:
             self.packs = []  # sent: the snapshot's memory goes back
             while not bg._stop.is_set():
                 try:
-                    step, skipped, grads = self.queue.get(timeout=0.05)
+                    msg = self.queue.get(timeout=0.05)
                 except queue.Empty:
                     continue
-                msg = torch.empty(2 + bg.held.grad_numel(self.layers), device=bg.wire)
-                msg[0], msg[1] = float(step), 1.0 if skipped else 0.0
-                if grads is not None:
-                    msg[2:] = grads.to(bg.wire)
-                if not bg._wait(comm.send(msg, self.peer, KIND)) or step == _END:
+                end = msg is None
+                if end:  # as long as the others: the receiver posts one size
+                    msg = torch.zeros(2 + bg.held.grad_numel(self.layers))
+                    msg[0] = _END
+                if not bg._wait(comm.send(msg.to(bg.wire), self.peer, KIND)) or end:
                     return
         except Exception as e:  # the coordinator reports it at the switch
             bg._error.append(f"to rank {self.peer}: {e}")

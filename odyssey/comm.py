@@ -157,23 +157,26 @@ class Comm:
         for members in program.allreduce_groups():
             wanted.append((members, "ar-" + "-".join(map(str, members))))
         for members, name in sorted(wanted, key=lambda w: (sorted(w[0]), w[1])):
-            if self.worker_id in members and name not in self._groups:
-                t0 = time.monotonic()
-                self._groups[name] = (self._new_group(name, members), members)
-                took = time.monotonic() - t0
-                if took > _SLOW_GROUP_S:  # a member late, or a stalled store: say which
-                    log.warning("rank %d: group %s %s of generation %d took %.1f s to build",
-                                self.worker_id, name, list(members), self.generation, took)
+            self._ensure(name, members)
         return self
 
     def open_channels(self, channels: list[Channel]) -> Comm:
         """Create the 2-member groups of `channels` this rank is in (a barrier with each
         peer, in the given order)."""
         for ch in channels:
-            name = _channel_key(ch)
-            if self.worker_id in (ch.src, ch.dst) and name not in self._groups:
-                self._groups[name] = (self._new_group(name, (ch.src, ch.dst)), (ch.src, ch.dst))
+            self._ensure(_channel_key(ch), (ch.src, ch.dst))
         return self
+
+    def _ensure(self, name: str, members: tuple[int, ...]) -> None:
+        """Build group `name` unless this rank is not in it or already has it."""
+        if self.worker_id not in members or name in self._groups:
+            return
+        t0 = time.monotonic()
+        self._groups[name] = (self._new_group(name, members), members)
+        took = time.monotonic() - t0
+        if took > _SLOW_GROUP_S:  # a member late, or a stalled store: say which
+            log.warning("rank %d: group %s %s of generation %d took %.1f s to build",
+                        self.worker_id, name, list(members), self.generation, took)
 
     def close(self) -> None:
         self._groups.clear()

@@ -111,7 +111,8 @@ class Coordinator:
         self._interrupted = 0
         self.replicas = ReplicaCheck(store, rank, engine.layer_digests, monitor.abort_check,
                                      comm_cfg.poll_s)
-        self._replan: tuple[MitigationChoice, str] | None = None  # the leader's request
+        # the leader's request and its decision's policy (mitigate, or a two-phase switch)
+        self._replan: tuple[MitigationChoice, str] | None = None
         self._background: BackgroundCopy | None = None  # a two-phase generation's copies
 
     @property
@@ -202,12 +203,10 @@ class Coordinator:
                 and bg.copied()):
             self.request_switch()
 
-    def request_replan(self, choice: MitigationChoice, reason: str,
-                       policy: str = "mitigate") -> None:
+    def request_replan(self, choice: MitigationChoice, reason: str) -> None:
         """Leader: switch every member to `choice.chosen`'s plan at the next step boundary
-        (the notice aborts the step in flight; nobody is lost, nothing is redone);
-        `policy` names the decision ("switch": a two-phase switch)."""
-        self._replan = (choice, policy)
+        (the notice aborts the step in flight; nobody is lost, nothing is redone)."""
+        self._replan = (choice, "mitigate")
         self.monitor.publish("replan", reason)
 
     def request_switch(self) -> None:

@@ -13,7 +13,7 @@ layer's packed state and checkpoint entry, so any rank that receives any layer h
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -105,12 +105,12 @@ class HeldLayers:
         """Elements of `flat_grads(layers)`."""
         return sum(p.numel() for i in layers for p in self._modules[i].parameters())
 
-    def flat_grads(self, layers: Iterable[int]) -> torch.Tensor:
-        """Every parameter gradient of `layers` (zeros where none), as one fp32 copy."""
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                 for i in layers for p in self._modules[i].parameters()]
-        if not parts:
-            return torch.zeros(0, device=self.device)
+    def flat_grads(self, layers: Iterable[int], head: Sequence[float] = ()) -> torch.Tensor:
+        """Every parameter gradient of `layers` (zeros where none), as one fp32 copy,
+        after the values of `head` (a message's header: one copy in all)."""
+        parts = [torch.tensor(head, dtype=torch.float32, device=self.device)]
+        parts += [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                  for i in layers for p in self._modules[i].parameters()]
         return torch.cat(parts)
 
     def set_flat_grads(self, layers: Iterable[int], flat: torch.Tensor) -> None:

@@ -223,12 +223,11 @@ class RecoveryPolicy(Policy):
         return c.predicted_transition_s  # score's: agree + plan + rebuild + migration
 
     def react(self, plan, members, committed_step, checkpoint_step, lost):
-        chosen, _, _, dropped = self.decide(plan, members, committed_step, checkpoint_step,
-                                            self.kind)
+        chosen, _, rc, dropped = self.decide(plan, members, committed_step, checkpoint_step,
+                                             self.kind)
         fallback = self.kind != "adaptive" and chosen.kind != self.kind
         detect = self.costs.detect_s if lost else 0.0
         for_memory = {k for k, why in dropped.items() if memory_reason(k, why)}
-        rc = self.recovery_config(self.kind)
         return Reaction(chosen.plan, chosen.kind, detect + self.transition_s(chosen),
                         rollback=chosen.from_checkpoint, fallback=fallback,
                         swap_s=chosen.swap_s, swap_ranks=len(chosen.swap_budgets),

@@ -348,9 +348,7 @@ class _Run:
         self.res.transitions += 1
         self.res.kinds[r.kind] = self.res.kinds.get(r.kind, 0) + 1
         self.res.fallbacks += int(r.fallback)
-        pipes = [len(p.stages) for p in r.plan.pipelines]
-        shape = f"{pipes}" if len(pipes) <= 8 else f"{len(pipes)} pipelines"
-        self.res.events.append((at, f"{'-' if lost else '+'}{r.kind} {shape}"))
+        self.res.events.append((at, f"{'-' if lost else '+'}{r.kind} {_shape(r.plan)}"))
         if r.rollback:
             step, samples, _ = self.ckpt
             self.res.lost_work_s += self.since_ckpt
@@ -377,9 +375,7 @@ class _Run:
         then = r.then
         self.stall(r.switch_s, "switch")
         self.res.kinds["switch"] = self.res.kinds.get("switch", 0) + 1
-        pipes = [len(p.stages) for p in then.plan.pipelines]
-        shape = f"{pipes}" if len(pipes) <= 8 else f"{len(pipes)} pipelines"
-        self.res.events.append((self.t, f"=switch {then.kind} {shape}"))
+        self.res.events.append((self.t, f"=switch {then.kind} {_shape(then.plan)}"))
         self.adopt(then.plan, then.plan.global_batch, then.swap_s, len(then.swap_budgets))
         self.rewatch()
         return True
@@ -451,3 +447,9 @@ class _Run:
         w.switched(self.plan)
         # in place: the candidates are not priced for swapping; the plan's stays
         self.adopt(c.plan, c.plan.global_batch, self.swap_s, 0)
+
+
+def _shape(plan: Plan) -> str:
+    """Stages per pipeline, for an event line (a count past 8 pipelines)."""
+    pipes = [len(p.stages) for p in plan.pipelines]
+    return f"{pipes}" if len(pipes) <= 8 else f"{len(pipes)} pipelines"
