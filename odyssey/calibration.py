@@ -75,9 +75,9 @@ class StepTimeModel:
             self.store.set(contract.CALIBRATION_FACTOR, repr(measured_s / predicted))
 
     def observe_votes(self, votes: dict[int, dict]) -> None:
+        self.online.observe_step([v["timing"] for r, v in votes.items()
+                                  if r not in self.slowdowns])
         for r, v in votes.items():
-            if r not in self.slowdowns:
-                self.online.observe(v["timing"])
             bw = (v.get("swap") or {}).get("copy_Bps")
             if bw:
                 self.copy_Bps[r] = float(bw)

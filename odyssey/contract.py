@@ -291,6 +291,29 @@ def switch_key(gen: int) -> str:
     return f"odyssey/gen{gen}/switch"
 
 
+def parked_key(rank: int) -> str:
+    """JSON {"rank","factor","since_step","step","generation","by","time"} set by the
+    leader when straggler mitigation parks `rank` (it leaves the plan, stays in the job,
+    probes its speed); the rank deletes it when it rejoins. While it is set, membership
+    neither expects nor admits the rank (odyssey/parked.py)."""
+    return f"odyssey/parked/{rank}"
+
+
+def unparked_key(rank: int) -> str:
+    """JSON {"rank","factor","probes","parked_step","time"} the parked `rank` writes when
+    its probe clears it, just before it deletes its park record and rejoins."""
+    return f"odyssey/parked/back/{rank}"
+
+
+PARKED_COUNT = "odyssey/parked/count"
+"""Bumped once per park (then that count's parked_note_key names the rank)."""
+
+
+def parked_note_key(k: int) -> str:
+    """The rank the park whose bump of PARKED_COUNT returned `k` parked."""
+    return f"odyssey/parked/note/{k}"
+
+
 def injected_key(rank: int) -> str:
     """When an injected fault fired in `rank` (wall time), for MTTR accounting."""
     return f"odyssey/injected/{rank}"

@@ -35,6 +35,7 @@ from odyssey.engine import Engine
 from odyssey.membership import Membership, agree, wait_fenced
 from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
+from odyssey.parked import Parked, announce, record_of
 from odyssey.replica_check import ReplicaCheck
 from planner.decision import SWITCH, RecoveryDecision
 from planner.memory import MemoryModel, SwapPricing
@@ -114,6 +115,10 @@ class Coordinator:
         # the leader's request and its decision's policy (mitigate, or a two-phase switch)
         self._replan: tuple[MitigationChoice, str] | None = None
         self._background: BackgroundCopy | None = None  # a two-phase generation's copies
+        self._parked: set[int] = set()  # leader: ranks it parked (until they rejoin)
+        self.on_unparked: Callable[[list[int], int], None] | None = None
+        """Leader: parked ranks are back (newcomers of the agreement being decided, and
+        its committed step)."""
 
     @property
     def swap_pricing(self) -> SwapPricing | None:
@@ -209,6 +214,19 @@ class Coordinator:
         self._replan = (choice, "mitigate")
         self.monitor.publish("replan", reason)
 
+    def park(self, choice: MitigationChoice, step: int, factors: dict[int, float],
+             reference_s: dict[int, float], reason: str) -> None:
+        """Leader: take `choice.leaving` out of the plan, in the job (`odyssey.parked`:
+        each probes against its `reference_s`, its full-speed time per layer and
+        microbatch), and switch the others to `choice.chosen` at the next boundary."""
+        for r in choice.leaving:
+            announce(self.store, r, {"factor": factors.get(r, 1.0), "step": step,
+                                     "reference_s": reference_s[r],
+                                     "generation": self.current.number, "by": self.rank,
+                                     "reason": reason})
+        self._parked |= set(choice.leaving)
+        self.request_replan(choice, reason)
+
     def request_switch(self) -> None:
         """Leader: the background copy is done: switch to the plan it copied for. No
         notice, no step aborted: the request reaches every member through the next
@@ -230,6 +248,9 @@ class Coordinator:
             raise RuntimeError("recover() before begin() or adopt()")
         if self.current is not None:
             self._abort(self.current.comm)
+            if (parked := record_of(self.store, self.rank)) is not None:
+                self._leave()
+                raise Parked(parked)
         self._interrupted = 0
         while True:
             t0 = time.time()
@@ -250,6 +271,13 @@ class Coordinator:
                 number += 1
                 self._interrupted += 1
 
+    def _leave(self) -> None:
+        """Parked: out of the generation, its groups aborted; `adopt` and `recover` later
+        join a new one."""
+        self._end_background(False, -1)
+        self._graveyard.append(self.current.comm)
+        self.current = None
+
     def _abort(self, comm: Comm) -> None:
         """Abort the old generation's communicators (NCCL) before building new ones; a
         rank whose abort hangs fences itself: it leaves, and its exit record lets the
@@ -266,7 +294,13 @@ class Coordinator:
                               ckpt.latest_step(self.ckpt_dir, trained.num_layers),
                               m.newcomers)
         replan, self._replan = self._replan, None
-        if replan is not None and m.members == trained.ranks and not m.newcomers:
+        back = sorted(self._parked & set(m.newcomers))
+        if back:  # parked ranks rejoin at speed: the step-time model forgets them first
+            self._parked -= set(back)
+            if self.on_unparked is not None:
+                self.on_unparked(back, m.committed_step)
+        if replan is not None and not m.newcomers and m.members == sorted(
+                set(trained.ranks) - set(replan[0].leaving)):
             choice, policy = replan
             if policy == SWITCH and self._background is not None:  # the copies are held
                 ctx = dataclasses.replace(ctx, held_extra=self._background.incoming)

@@ -208,6 +208,28 @@ class Engine:
             p.grad = torch.zeros_like(p)
         opt.step()
 
+    def probe(self) -> float:
+        """Seconds of one forward and backward of this rank's stage (the last installed
+        program's) on one microbatch, the way training runs it: how fast a parked
+        straggler computes now (odyssey/parked.py). Gradients are discarded and
+        the random state is restored, so nothing the rank later trains with changes."""
+        layers = self.stage_layers
+        ids = self.sampler.sample_ids(0, 0)
+        x, y = (t.to(self.device) for t in self.data.batch(ids))
+        if layers.start > 0:
+            x = self._empty_activation(layers.start).zero_().requires_grad_(True)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]), self.precision.autocast(self.device):
+            h = x
+            for i in layers:
+                h = self.held.module(i)(h)
+            out = (self.model.loss_fn(h, y).sum() if layers.stop == self.model.num_layers
+                   else h.float().sum())
+            out.backward()
+        seconds = time.perf_counter() - t0
+        self.zero_grad()
+        return seconds
+
     # ---- execution -----------------------------------------------------------------
     def run_step(self, step: int) -> StepResult:
         """Execute this rank's program for `step`; raises `StepAborted` on abort."""

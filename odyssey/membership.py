@@ -68,6 +68,13 @@ def pending_newcomers(store: dist.Store) -> list[int]:
     return sorted({int(store.get(contract.newcomer_key(i))) for i in range(n)})
 
 
+def parked_ranks(store: dist.Store) -> set[int]:
+    """Ranks straggler mitigation parked that have not rejoined (contract.parked_key)."""
+    n = store.add(contract.PARKED_COUNT, 0)
+    ranks = {int(store.get(contract.parked_note_key(k))) for k in range(1, n + 1)}
+    return {r for r in ranks if store.check([contract.parked_key(r)])}
+
+
 def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
           previous: list[int], committed_step: int) -> Membership:
     """Register `me` for `generation` and return the agreed membership.
@@ -101,8 +108,10 @@ def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,
             # A launcher recorded us as gone (our node was declared lost while we were
             # cut off): the others are deciding without us, so we must not join.
             raise Fenced(f"rank {me} has an exit record (its node was declared lost)")
-        newcomers = [r for r in pending_newcomers(store) if r not in previous]
-        expected = sorted((set(previous) - dead) | set(newcomers) | {me})
+        parked = parked_ranks(store) - {me}  # out of the plan, not failed: not expected
+        newcomers = [r for r in pending_newcomers(store) if r not in previous
+                     and r not in parked]
+        expected = sorted((set(previous) - dead - parked) | set(newcomers) | {me})
         timed_out = time.monotonic() > deadline
         count = store.add(contract.joined_count_key(generation), 0)
         all_in = count >= len(expected) and store.check(

@@ -4,9 +4,11 @@ When the straggler watch (odyssey/stragglers.py) finds a rank slow or clears one
 step-time model is told the slow ranks' factors (so every prediction, recoveries' too,
 covers them) and `planner.mitigation.plan_mitigation` chooses between keeping the plan,
 re-dealing microbatches and re-partitioning the slow pipeline's layers (with the
-microbatches re-dealt too or not), and, under a launcher that fences, dropping the slow
-ranks: they are killed and the survivors recover without them, an ordinary failure
-recovery (`Coordinator.drop`). The plan before the first switch is kept as `home`:
+microbatches re-dealt too or not), parking the slow ranks (they leave the plan, their
+stages' work rerouted through their replicas, and rejoin once their own probe finds them
+fast again: odyssey/parked.py, `Coordinator.park`), and, under a launcher that fences,
+dropping them: they are killed and the survivors recover without them, an ordinary
+failure recovery (`Coordinator.drop`). The plan before the first switch is kept as `home`:
 once nobody is slow, re-split pipelines take its layouts back. A switch goes through
 `Coordinator.request_replan`: an ordinary generation change with every member in, so the
 usual guarantees hold (same samples, same trajectory, replicas checked); layers that move
@@ -27,12 +29,25 @@ from statistics import median
 from odyssey.calibration import StepTimeModel
 from odyssey.coordinator import Coordinator
 from odyssey.hooks import CommittedStep, Recovery, TrainerHook
+from odyssey.parked import back_record
 from planner.cost import CostModel
 from planner.mitigation import plan_mitigation
 from planner.placement import RecoveryContext
 from planner.plan import Plan
 from planner.recovery import RecoveryConfig
 from planner.straggler import StragglerConfig
+
+
+def full_speed_s(votes: dict[int, dict], rank: int, factor: float) -> float:
+    """`rank`'s forward + backward seconds per layer and microbatch at full speed, from a
+    step's votes: its replicas' (the ranks that ran the same layers), else its own over
+    its slowdown `factor`."""
+    own = votes[rank]["timing"]
+    same = [v["timing"] for r, v in votes.items() if r != rank and "timing" in v
+            and (v["timing"]["start"], v["timing"]["end"]) == (own["start"], own["end"])]
+    if same:
+        return median(t["fwd_s"] + t["bwd_s"] for t in same)
+    return (own["fwd_s"] + own["bwd_s"]) / factor
 
 
 class StragglerMitigation(TrainerHook):
@@ -55,6 +70,8 @@ class StragglerMitigation(TrainerHook):
         self._pending: dict | None = None  # a switch whose measured step time is due
         self._recheck = False  # a recovery replaced the plan while stragglers are known
         self._home: Plan | None = None  # the plan before mitigation, to go back to
+        self._parked: dict[int, dict] = {}  # parked stragglers, as the status lists them
+        coord.on_unparked = self.unparked
 
     def stragglers_changed(self, c: CommittedStep, slow: dict[int, float]) -> None:
         """The watch's set of stragglers changed at committed step `c` (leader)."""
@@ -65,12 +82,15 @@ class StragglerMitigation(TrainerHook):
         ctx = RecoveryContext(c.plan, c.members, c.step, self.step_model.layer_bytes())
         cost = CostModel(self.step_model.current_profile(), slowdown=slow)
         capacity = self.coord.capacity_bytes()
+        # never the leader: it holds the detector and the decision
+        parkable = [r for r in slow if r != min(c.members)] if self.cfg.park else []
         recover = ((lambda without: self.coord.recovery_candidates(without)[0])
-                   if self.can_drop else None)
+                   if self.can_drop or parkable else None)
         choice = plan_mitigation(ctx, self.step_model.predictor(), self.recovery,
                                  self.cfg.min_gain, cost=cost, home=self._home,
                                  memory_limit=capacity, recover=recover,
-                                 drop_gain=self.cfg.drop_gain)
+                                 drop_gain=self.cfg.drop_gain, can_drop=self.can_drop,
+                                 parkable=parkable)
         keep = next(x for x in choice.candidates if x.kind == "keep")
         chosen = choice.chosen
         record = {"kind": "mitigation", "step": c.step, "generation": c.generation,
@@ -97,11 +117,38 @@ class StragglerMitigation(TrainerHook):
                 self.say(f"mitigation: no launcher confirmed fencing rank(s) {gone}; "
                          f"keeping them", c.step, c.generation)
             return
+        if chosen.kind == "park":  # they come back through their own probe, not home
+            reference = {r: full_speed_s(c.votes or {}, r, slow[r]) for r in choice.leaving}
+            for r in choice.leaving:
+                self._parked[r] = {"rank": r, "factor": slow[r], "since_step": c.step,
+                                   "reference": "parked"}
+            self.coord.park(choice, c.step, slow, reference,
+                            f"straggler parked: {chosen.note}")
+            return
         if not slow:
             self._home = None  # on the way back
         elif self._home is None:
             self._home = c.plan
         self.coord.request_replan(choice, f"straggler mitigation: {chosen.note}")
+
+    def unparked(self, ranks: list[int], step: int) -> None:
+        """Parked ranks rejoin, their probes found them at speed: no longer slow (the
+        recovery deciding their return predicts them at full speed)."""
+        slow = {r: f for r, f in self.step_model.slowdowns.items() if r not in ranks}
+        self.step_model.set_slowdowns(slow)
+        for r in ranks:
+            self._parked.pop(r, None)
+            back = back_record(self.coord.store, r)
+            self.event({"kind": "straggler_cleared", "rank": r, "factor": back["factor"],
+                        "since_step": back["parked_step"], "step": step,
+                        "reference": "probe", "probes": back["probes"],
+                        "generation": self._generation})
+            self.say(f"straggler cleared: rank {r} probed {back['factor']:.1f}x (after "
+                     f"{back['probes']} probes) and rejoins", step, self._generation)
+
+    def parked(self) -> list[dict]:
+        """Stragglers parked now (out of the plan, probing), for the status record."""
+        return [self._parked[r] for r in sorted(self._parked)]
 
     def on_recovered(self, recovery: Recovery) -> None:
         # a failure's recovery plan is chosen with the stragglers' factors but not around

@@ -5,9 +5,9 @@ microbatch and layer, each layer's share of the stage's forward time (layers tim
 by one on CPU; the backward is split by the same shares; without shares, evenly), its
 layers' parameter counts, and the bytes each layer saved for backward per microbatch
 (`profiler.saved_bytes`; not reported while Chameleon swaps on that rank). The leader
-folds these into EWMAs per layer, so when it must plan a recovery it has a current,
-real-machine profile without stopping to measure (online calibration of the cost
-model).
+folds these into EWMAs per layer (per step, the fastest rank that ran the layer), so
+when it must plan a recovery it has a current, real-machine profile without stopping to
+measure (online calibration of the cost model).
 """
 
 from __future__ import annotations
@@ -46,22 +46,35 @@ class OnlineProfile:
         """Bytes saved for backward per microbatch (the latest report: it is a size)."""
 
     def observe(self, timing: dict) -> None:
-        n = timing["end"] - timing["start"]
-        shares = timing.get("shares")
-        if shares is None or len(shares) != n:
-            shares = [1.0 / n] * n  # the stage's time spread evenly
-        for j, i in enumerate(range(timing["start"], timing["end"])):
-            # a layer's part of the stage's time: its share of the timed forward (the
-            # backward split the same way: roughly proportional, and not timed per layer)
-            scale = n * shares[j]
-            for table, value in ((self.fwd, timing["fwd_s"] * scale),
-                                 (self.bwd, timing["bwd_s"] * scale)):
+        """Fold one stage's timing in."""
+        self.observe_step([timing])
+
+    def observe_step(self, timings: list[dict]) -> None:
+        """Fold one committed step's timings in: per layer, the fastest of the ranks that
+        ran it (replicas in other pipelines): the profile is a layer's cost at full
+        speed, and a straggler not found yet would otherwise inflate its layers, and so
+        every prediction with them, by its slowdown."""
+        best: dict[int, tuple[float, float]] = {}
+        for timing in timings:
+            n = timing["end"] - timing["start"]
+            shares = timing.get("shares")
+            if shares is None or len(shares) != n:
+                shares = [1.0 / n] * n  # the stage's time spread evenly
+            for j, i in enumerate(range(timing["start"], timing["end"])):
+                # a layer's part of the stage's time: its share of the timed forward (the
+                # backward split the same way: roughly proportional, not timed per layer)
+                scale = n * shares[j]
+                value = (timing["fwd_s"] * scale, timing["bwd_s"] * scale)
+                if i not in best or sum(value) < sum(best[i]):
+                    best[i] = value
+                if j < len(timing["params"]):
+                    self.params[i] = int(timing["params"][j])
+                if j < len(timing.get("saved", ())):
+                    self.saved[i] = float(timing["saved"][j])
+        for i, (fwd, bwd) in best.items():
+            for table, value in ((self.fwd, fwd), (self.bwd, bwd)):
                 old = table[i]
                 table[i] = value if old is None else (1 - self.alpha) * old + self.alpha * value
-            if j < len(timing["params"]):
-                self.params[i] = int(timing["params"][j])
-            if j < len(timing.get("saved", ())):
-                self.saved[i] = float(timing["saved"][j])
 
     def to_profile(self, model_name: str, microbatch_size: int, activation_bytes: float
                    ) -> Profile:

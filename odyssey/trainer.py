@@ -10,6 +10,7 @@ the hooks every committed step and recovery is reported to).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from odyssey.mitigation import StragglerMitigation
 from odyssey.model import LayeredModel
 from odyssey.monitor import FailureMonitor
 from odyssey.outcome import RecoveryOutcome
+from odyssey.parked import Parked, SpeedProbe, job_step, probe_once, unpark
 from odyssey.prefetch import BatchLoader
 from odyssey.run_checkpoints import RunCheckpoints
 from odyssey.status import StatusPublisher
@@ -106,7 +108,7 @@ class Trainer:
             worker.store, worker.rank, self.run_dir, mode=job.training.mode,
             steps=job.training.steps, prometheus_addr=job.metrics.prometheus_addr,
             last_checkpoint=lambda: self.checkpointer.last_complete,
-            stragglers=self.stragglers.current)
+            stragglers=lambda: [*self.stragglers.current(), *self.mitigation.parked()])
         self.hooks: list[TrainerHook] = [self.telemetry, self.stragglers, self.status, *hooks]
         for hook in self.hooks:
             if overrides_on_op(hook):
@@ -193,8 +195,9 @@ class Trainer:
         if (n := self.monitor.notice()) is not None:
             raise StepAborted(f"membership change announced: {n['reason']}")
 
-    def _join(self) -> int | None:
-        """A replacement worker: announce itself, then enter the next generation.
+    def _join(self, rejoin: bool = False) -> int | None:
+        """A replacement worker (or a parked rank back at speed: `rejoin`): announce
+        itself, then enter the next generation.
 
         Returns the first step to run, or None when the job already finished."""
         store, me = self.worker.store, self.worker.rank
@@ -202,7 +205,8 @@ class Trainer:
             return None
         # warm up before announcing: the first optimizer step in a process pays seconds of
         # lazy imports, which must not land inside the survivors' recovery time
-        self.engine.warm_up()
+        if not rejoin:
+            self.engine.warm_up()
         if store.check([contract.JOB_STATUS]):  # it finished while this rank warmed up
             return None
         idx = store.add(contract.NEWCOMERS_COUNT, 1) - 1
@@ -215,11 +219,42 @@ class Trainer:
         members = (json.loads(store.get(contract.members_key(g)))["members"] if g > 0
                    else self.plan.ranks)
         self.monitor.watch(g, members)
-        self.monitor.publish("join", f"rank {me} joins the job", generation=g)
+        self.monitor.publish("join", f"rank {me} {'rejoins' if rejoin else 'joins'} the job",
+                             generation=g)
         self.coord.adopt(self.plan, g, members)
         self.gen, step = self.coord.recover(-1, "joining")
         self._say(f"joined in generation {self.gen.number}", step, always=True)
         return step
+
+    def _recover(self, committed: int, reason: str) -> int | None:
+        """Into the next generation: its first step to run. A rank parked by straggler
+        mitigation probes its speed first and rejoins once it is fast again (None: the
+        job finished meanwhile)."""
+        try:
+            self.gen, step = self.coord.recover(committed, reason)
+            return step
+        except Parked as p:
+            return self._park(p.record)
+
+    def _park(self, record: dict) -> int | None:
+        store, cfg = self.worker.store, self.cfg.straggler
+        step = record["step"] + 1
+        self._say(f"parked: {record['reason']}; probing my speed every "
+                  f"{cfg.probe_every_s:g} s", step, always=True)
+        probe = SpeedProbe(cfg, self.worker.rank, record["factor"], record["reference_s"],
+                           functools.partial(probe_once, self.engine, self.faults),
+                           done=lambda: store.check([contract.JOB_STATUS]),
+                           step=lambda: job_step(store))
+        factor = probe.wait_until_fast()
+        if factor is None:
+            return None
+        self._say(f"probed at {factor:.2f}x after {probe.probes} probes: rejoining", step,
+                  always=True)
+        unpark(store, self.worker.rank, record, factor, probe.probes)
+        try:
+            return self._join(rejoin=True)
+        except JobFinished:
+            return None
 
     # ---- main loop -----------------------------------------------------------------
     def fit(self) -> FitResult:
@@ -259,7 +294,11 @@ class Trainer:
                 self.monitor.publish("stop", f"stop requested ({self.stop.reason})")
                 break
             if self.in_place and known.get("switch"):  # two-phase: every member, here
-                self.gen, step = self.coord.recover(committed, "two-phase switch")
+                step = self._recover(committed, "two-phase switch")
+                if step is None:
+                    return self._left(result)
+                if self.worker.rank in self.gen.decision.newcomers:
+                    committed, eval_due = step - 1, None
                 self._recovered(step)
                 last = time.perf_counter()
                 continue
@@ -285,7 +324,12 @@ class Trainer:
                     stopped = True
                     break
                 self.monitor.publish("failure", f"{type(e).__name__}: {e}")
-                self.gen, step = self.coord.recover(committed, str(e))
+                step = self._recover(committed, str(e))
+                if step is None:
+                    return self._left(result)
+                if self.worker.rank in self.gen.decision.newcomers:
+                    committed = step - 1  # rejoined from a park: the others went on
+                    eval_due = None  # they evaluated without it
                 if self.gen.decision.chosen.from_checkpoint:
                     committed = step - 1
                     if eval_due is not None and eval_due > committed:
@@ -334,6 +378,14 @@ class Trainer:
             self.telemetry.close(result.report, self.gen.number)
         for hook in self.hooks:
             hook.on_fit_end(result)
+        self.monitor.stop()
+        return result
+
+    def _left(self, result: FitResult) -> FitResult:
+        """A parked rank whose job finished before it rejoined: nothing more to do."""
+        self._say("the job finished while this rank was parked", -1, always=True)
+        self.checkpointer.flush()
+        self.loader.close()
         self.monitor.stop()
         return result
 

@@ -18,6 +18,12 @@ Candidates are `RecoveryCandidate`s, scored over the horizon like recoveries
   back to its layout in `home` (the plan before mitigation). Its layers move to their
   new holders (`planner.placement.transfers`), a transition priced like a recovery's.
 - repartition+rebalance: that, with the microbatches re-dealt on top.
+- park: the slow ranks (never the caller's leader) leave the plan but stay in the job:
+  the survivors' ``reroute`` recovery (`planner.recovery`: a pipeline missing a stage
+  sends its microbatches through another pipeline's holder of those layers), built by
+  the caller's `recover` and scored with the step in flight the switch aborts. Nothing
+  moves; a parked rank probes its speed and rejoins once it is fast again, so it is
+  reversible and needs no bar beyond `min_gain`.
 - drop: the slow ranks leave (fenced, as if lost) and the survivors recover without
   them: the recovery candidate the failure's own decision would choose
   (`planner.recovery.choose`), built by the caller's `recover` (the live leader's
@@ -155,7 +161,8 @@ class MitigationChoice:
     chosen: RecoveryCandidate
     candidates: list[RecoveryCandidate]
     leaving: list[int] = dataclasses.field(default_factory=list)
-    """The ranks a chosen ``drop`` takes out of the job (empty for any other kind)."""
+    """The ranks a chosen ``drop`` takes out of the job, or a chosen ``park`` out of the
+    plan (empty for any other kind)."""
 
     @property
     def switch(self) -> bool:
@@ -169,7 +176,8 @@ class MitigationChoice:
 def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
                     recovery: RecoveryConfig, min_gain: float, cost: CostModel | None = None,
                     home: Plan | None = None, memory_limit: float = math.inf,
-                    recover: RecoverWithout | None = None, drop_gain: float = 1.25
+                    recover: RecoverWithout | None = None, drop_gain: float = 1.25,
+                    can_drop: bool = True, parkable: list[int] | None = None
                     ) -> MitigationChoice:
     """Keep `ctx.old_plan`, rebalance it, (with `cost`) re-partition it, or (with `cost`
     and `recover`) drop its slow ranks; `predict` and `cost` must already know the slow
@@ -177,7 +185,9 @@ def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
 
     `ctx.members` are the current plan's ranks (nobody is lost); `home`: the plan
     before mitigation, whose layouts re-split pipelines go back to once no longer slow;
-    `drop_gain`: how much faster than the best in-place candidate a drop must be."""
+    `drop_gain`: how much faster than the best in-place candidate a drop must be;
+    `can_drop`: offer the drop (with `recover`); `parkable`: the ranks that may be parked
+    (with `recover`; None: parking off)."""
     plan, resume = ctx.old_plan, ctx.committed_step + 1
     keep = RecoveryCandidate("keep", plan, resume_step=resume,
                              note=f"microbatches {counts_of(plan)}")
@@ -195,7 +205,13 @@ def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
     keep.score = recovery.horizon_s / keep.predicted_step_s * plan.global_batch
     in_place = max(cands, key=lambda c: c.score)
     slow = sorted(r for r in plan.ranks if cost is not None and cost.speed_factor(r) > 1)
-    if recover is not None and slow:
+    park = [r for r in slow if r in (parkable or [])]
+    if recover is not None and park:
+        cand = parked(ctx, park, recover, recovery, predict, keep.predicted_step_s)
+        if cand is not None:
+            cands.append(cand)
+            in_place = max(in_place, cand, key=lambda c: c.score)  # reversible too
+    if recover is not None and slow and can_drop:
         drop = dropped(ctx, slow, recover, recovery, predict, keep.predicted_step_s)
         if drop is not None:
             cands.append(drop)
@@ -211,7 +227,8 @@ def plan_mitigation(ctx: RecoveryContext, predict: Callable[[Plan], float],
             best = back
     if best is not keep and keep.predicted_step_s < best.predicted_step_s * min_gain:
         best = keep  # not worth a switch: hysteresis against flapping
-    return MitigationChoice(best, cands, slow if best.kind == "drop" else [])
+    leaving = slow if best.kind == "drop" else park if best.kind == "park" else []
+    return MitigationChoice(best, cands, leaving)
 
 
 def _repartitions(ctx: RecoveryContext, predict: Callable[[Plan], float], cost: CostModel,
@@ -240,25 +257,52 @@ def _repartitions(ctx: RecoveryContext, predict: Callable[[Plan], float], cost: 
     return out
 
 
+def _without(ctx: RecoveryContext, gone: list[int], recover: RecoverWithout,
+             recovery: RecoveryConfig, predict: Callable[[Plan], float]
+             ) -> tuple[RecoveryContext, list[RecoveryCandidate]]:
+    """The recovery context and scored candidates once `gone` leave the plan."""
+    without = RecoveryContext(ctx.old_plan, [r for r in ctx.members if r not in gone],
+                              ctx.committed_step, ctx.layer_bytes, ctx.checkpoint_step)
+    cands = recover(without) if without.members else []
+    score(cands, without, recovery, predict)
+    return without, cands
+
+
+def _leaving(then: RecoveryCandidate, kind: str, recovery: RecoveryConfig,
+             keep_step_s: float, note: str) -> RecoveryCandidate:
+    """`then` as a mitigation that takes ranks out: its transition plus the aborted
+    step in flight (`keep_step_s`), scored over the horizon."""
+    transition = then.predicted_transition_s + keep_step_s
+    useful = max(0.0, recovery.horizon_s - transition)
+    return dataclasses.replace(
+        then, kind=kind, predicted_transition_s=transition,
+        score=useful / then.predicted_step_s * then.plan.global_batch, note=note)
+
+
+def parked(ctx: RecoveryContext, slow: list[int], recover: RecoverWithout,
+           recovery: RecoveryConfig, predict: Callable[[Plan], float], keep_step_s: float
+           ) -> RecoveryCandidate | None:
+    """The survivors' reroute once `slow` leave the plan, as a ``park`` candidate (None:
+    no reroute covers their stages)."""
+    _, cands = _without(ctx, slow, recover, recovery, predict)
+    reroute = [c for c in cands if c.kind == "reroute" and not c.transfers]
+    if not reroute:
+        return None
+    then = max(reroute, key=lambda c: c.score)
+    return _leaving(then, "park", recovery, keep_step_s,
+                    f"rank(s) {slow} parked, their stages rerouted through replicas: "
+                    f"{then.note}")
+
+
 def dropped(ctx: RecoveryContext, slow: list[int], recover: RecoverWithout,
             recovery: RecoveryConfig, predict: Callable[[Plan], float], keep_step_s: float
             ) -> RecoveryCandidate | None:
     """The plan the survivors would recover with once `slow` leave (None: none is
     feasible), as a ``drop`` candidate: the failure's decision over the same builder,
     its transition plus the aborted step in flight (`keep_step_s`)."""
-    plan = ctx.old_plan
-    without = RecoveryContext(plan, [r for r in ctx.members if r not in slow],
-                              ctx.committed_step, ctx.layer_bytes, ctx.checkpoint_step)
-    if not without.members:
-        return None
-    cands = recover(without)
+    _, cands = _without(ctx, slow, recover, recovery, predict)
     if not cands:
         return None
-    score(cands, without, recovery, predict)
     then = choose(cands, recovery)
-    transition = then.predicted_transition_s + keep_step_s
-    useful = max(0.0, recovery.horizon_s - transition)
-    return dataclasses.replace(
-        then, kind="drop", predicted_transition_s=transition,
-        score=useful / then.predicted_step_s * then.plan.global_batch,
-        note=f"rank(s) {slow} leave, then {then.kind}: {then.note}")
+    return _leaving(then, "drop", recovery, keep_step_s,
+                    f"rank(s) {slow} leave, then {then.kind}: {then.note}")

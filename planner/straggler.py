@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from math import log
 from statistics import median
 
 
@@ -73,6 +74,16 @@ class StragglerConfig:
     how long a slowdown lasts, and a dropped rank stays out after it passes (in the
     cluster simulator's day with 30-minute 20x episodes, dropping trained 15% less than
     working around them); turn it on where slow nodes stay slow or get replaced."""
+    park: bool = True
+    """Mitigation may also park a straggler: it leaves the plan but stays in the job, its
+    stage's work rerouted through its replicas (the pipelines missing it send their
+    microbatches through the other pipelines' holders of those layers: the survivors'
+    ``reroute`` recovery, nothing moves), while it probes its own speed; once the probe
+    clears it (the same hysteresis, against the factor it was found at) it rejoins like
+    a replacement worker, taking its layers from live holders. Reversible, so no bar
+    beyond `min_gain`. The leader is never parked (it holds the decision)."""
+    probe_every_s: float = 0.5
+    """A parked rank times one forward and backward of its layers this often."""
     drop_gain: float = 1.25
     """How many times faster than the best in-place mitigation (predicted step time)
     dropping must be: it is irreversible (the rank does not come back when its slowdown
@@ -108,6 +119,8 @@ class StragglerConfig:
             raise ValueError(f"straggler.drop_gain must be >= 1, got {self.drop_gain}")
         if self.warmup_steps < 0:
             raise ValueError(f"straggler.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.probe_every_s <= 0:
+            raise ValueError(f"straggler.probe_every_s must be > 0, got {self.probe_every_s}")
         if self.min_compute_s < 0:
             raise ValueError(f"straggler.min_compute_s must be >= 0, got {self.min_compute_s}")
 
@@ -121,8 +134,8 @@ class Straggler:
     """Median slowdown (e.g. 3.0: three times slower): over its slow steps when found,
     over the window after that."""
     since_step: int
-    """First slow step from which its steps were persistently slow (`persistence` of
-    them reach `threshold`) up to when it was found."""
+    """The step its slowdown began, fitted over the window it was found in (see
+    `_onset`: one noisy step before the slowdown or one dip inside it does not move it)."""
     reference: str
     """What it was compared with: replicas or baseline."""
 
@@ -234,12 +247,8 @@ class StragglerDetector:
         slow_steps = sum(f >= self.cfg.threshold for _, f in state.factors)
         known = self.current.get(rank)
         if known is None and slow_steps >= self.cfg.persistence * len(state.factors):
-            # since: the first slow step from which the window's steps are still that
-            # persistently slow (a dip in the middle under load does not move it later)
             seen = list(state.factors)
-            flags = [f >= self.cfg.threshold for _, f in seen]
-            first = next(i for i, slow_at in enumerate(flags) if slow_at and
-                         sum(flags[i:]) >= self.cfg.persistence * (len(flags) - i))
+            first = _onset(seen, self.cfg.threshold)
             since = seen[first][0]
             slow = median(f for _, f in seen[first:])  # the slowdown itself
             self.current[rank] = Straggler(rank, slow, since, kind)
@@ -255,3 +264,25 @@ class StragglerDetector:
         if known is not None:  # still slow: keep the estimate current
             self.current[rank] = Straggler(rank, factor, known.since_step, known.reference)
         return None
+
+
+def _onset(seen: list[tuple[int, float]], threshold: float) -> int:
+    """Index in `seen` ((step, factor), oldest first) where the slowdown began.
+
+    A two-level fit in log space: steps before the onset at speed (factor 1), from it on
+    at the slowdown (the median of the steps over `threshold`); the onset is the slow step
+    that minimises the squared error. By magnitude, not by flags: a step of noise just
+    over the threshold before the slowdown stays before it, and a dip under load inside
+    the slowdown does not move the start past it. The latest on a tie: a lone slow step
+    followed by a fast one is likelier a preempted step of noise than a slow rank that
+    looked fast."""
+    level = log(median(f for _, f in seen if f >= threshold))
+    logs = [log(max(f, 1e-9)) for _, f in seen]
+    best, best_err = None, float("inf")
+    for i, (_, f) in enumerate(seen):
+        if f < threshold:
+            continue
+        err = sum(x * x for x in logs[:i]) + sum((x - level) ** 2 for x in logs[i:])
+        if err <= best_err + 1e-12:
+            best, best_err = i, err
+    return best

@@ -192,15 +192,21 @@ class Policy:
         """The live leader's mitigation (`planner.mitigation.plan_mitigation`): keep
         `plan`, re-deal its microbatches, (with `cost`) re-partition it or, with
         `cfg.drop`, drop the slow ranks (the survivors recover with what `decide` would
-        choose for their failure, `build`); `predict` and `cost` know the stragglers,
+        choose for their failure, `build`) or, with `cfg.park`, park them (the survivors
+        reroute; they rejoin once their slowdown ends); `predict` and `cost` know the
+        stragglers,
         `home` is the plan before mitigation, `cfg` holds `min_gain` and `drop_gain`."""
         ctx = RecoveryContext(plan, sorted(members), committed_step, list(self.layer_bytes))
-        recover = (lambda without: self.build(without)[0]) if cfg.drop else None
+        # as live: the leader (the lowest rank) is never parked
+        parkable = ([r for r in members if r != min(members) and cost is not None
+                     and cost.speed_factor(r) > 1] if cfg.park else [])
+        recover = (lambda without: self.build(without)[0]) if cfg.drop or parkable else None
         # re-partitions stay within the capacity, as live (memory-aware or not)
         limit = self.memory.capacity_bytes if self.memory is not None else math.inf
         return plan_mitigation(ctx, predict, self.recovery_config("adaptive"), cfg.min_gain,
                                cost=cost, home=home, memory_limit=limit, recover=recover,
-                               drop_gain=cfg.drop_gain)
+                               drop_gain=cfg.drop_gain, can_drop=cfg.drop,
+                               parkable=parkable)
 
 
 class RecoveryPolicy(Policy):

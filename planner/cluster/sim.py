@@ -143,6 +143,10 @@ class _Run:
         self.dropped: set[int] = set()
         """Ranks a straggler drop took out of the job (their nodes still up): out of the
         membership until their node is removed (a replacement in the slot is fresh)."""
+        self.parked: set[int] = set()
+        """Ranks a straggler park took out of the plan (in the job, probing): back once a
+        probe finds their slowdown over (`StragglerConfig.probe_every_s` x the probes the
+        detector needs to clear them)."""
         self.initial_live = cluster.world_size if ff else len(plan.ranks)
         self.ff_for = ff_for
         self.ref = 0.0
@@ -165,8 +169,9 @@ class _Run:
                       if sc.mitigate_stragglers and pol.mitigates else None)
 
     def members(self) -> list[int]:
-        """The job's ranks: the trace's live ones but the dropped stragglers."""
-        return [r for r in self.mship.members() if r not in self.dropped]
+        """The job's ranks: the trace's live ones but the dropped and parked stragglers."""
+        return [r for r in self.mship.members()
+                if r not in self.dropped and r not in self.parked]
 
     def check_memory(self, plan: Plan, swap_ranks: int) -> bool:
         """Whether `plan` runs over the device capacity without swapping (counted)."""
@@ -261,7 +266,7 @@ class _Run:
 
     def go(self) -> PolicyResult:
         t0 = time.perf_counter()
-        i, evs = 0, self.events
+        i, evs = 0, list(self.events)  # parked ranks' returns are inserted
         while i < len(evs) and self.t < self.duration:
             at = evs[i].time_s
             if self.detected_before(at) or self.switched_before(at):
@@ -279,8 +284,15 @@ class _Run:
                     gone = self.mship.ranks_of_node(e.node)
                     slow_now.append((gone, 1.0))
                     self.dropped.difference_update(gone)
-                if e.kind == "slow":
-                    slow_now.append((self.mship.ranks_of_node(e.node), e.factor))
+                    self.parked.difference_update(gone)
+                if e.kind == "rejoin":  # a parked rank's probe cleared it (if still slow: not)
+                    back = self.mship.ranks_of_node(e.node)
+                    self.parked.difference_update(r for r in back if r not in self.slow)
+                elif e.kind == "slow":
+                    ranks = self.mship.ranks_of_node(e.node)
+                    slow_now.append((ranks, e.factor))
+                    if e.factor <= 1 and self.parked & set(ranks):
+                        self.probe_back(evs, i, at, e.node)
                 else:
                     self.mship.apply(e)
             after = self.members()
@@ -419,6 +431,17 @@ class _Run:
         self.rewatch()
         return True
 
+    def probe_back(self, evs: list[TraceEvent], i: int, at: float, node: str) -> None:
+        """A parked node's slowdown ended at `at`: its probes clear it once most of their
+        window is fast (the window's median: half of it, and the next probe); it
+        rejoins."""
+        cfg = self.sc.straggler
+        due = at + (cfg.window // 2 + 1) * cfg.probe_every_s
+        k = i
+        while k < len(evs) and evs[k].time_s <= due:
+            k += 1
+        evs.insert(k, TraceEvent(due, "rejoin", node))
+
     def mitigate(self) -> None:
         """The live leader's mitigation for the stragglers it knows (or the way back).
         A drop takes the slow ranks out of the job (they stay out while their nodes are
@@ -438,9 +461,12 @@ class _Run:
         else:
             self.res.replans_back += 1
         self.res.events.append((self.t, f"~{c.kind} {c.note}"))
-        if c.kind == "drop":
-            self.res.drops += 1
-            self.dropped |= set(choice.leaving)
+        if c.kind in ("drop", "park"):
+            if c.kind == "drop":
+                self.res.drops += 1
+                self.dropped |= set(choice.leaving)
+            else:
+                self.parked |= set(choice.leaving)
             w.forget(self.members())
             self.adopt(c.plan, c.plan.global_batch, c.swap_s, len(c.swap_budgets))
             return

@@ -33,6 +33,19 @@ def test_shares_split_the_stage_time_among_its_layers():
     assert even.fwd[2:] == pytest.approx([0.02, 0.02])  # no shares: evenly
 
 
+def test_a_step_folds_in_the_fastest_holder_of_each_layer():
+    # replicas of layers 0..1 (one of them 10x slow, not found yet) and the stage 2..3:
+    # the profile learns full speed, not a mix with the straggler
+    fast = stage_timing({"forward": 0.04, "backward": 0.08}, 0, 2, 2, [1, 1])
+    slow = stage_timing({"forward": 0.4, "backward": 0.8}, 0, 2, 2, [1, 1])
+    other = stage_timing({"forward": 0.08, "backward": 0.16}, 2, 4, 2, [1, 1])
+    prof = OnlineProfile(4, alpha=0.5)
+    for order in ([slow, fast, other], [fast, slow, other]):
+        prof.observe_step(order)
+    assert prof.fwd == pytest.approx([0.01, 0.01, 0.02, 0.02])
+    assert prof.bwd == pytest.approx([0.02, 0.02, 0.04, 0.04])
+
+
 class Votes(TrainerHook):
     def __init__(self):
         self.timings: list[dict] = []

@@ -16,7 +16,8 @@ from tests.odyssey.test_fault_tolerance import TINY, check_same_numbers, run_job
 pytestmark = pytest.mark.slow  # starts `odyssey run` jobs
 
 ARGS = ["--dp", "2", "--pp", "2", "--num-microbatches", "4", "--microbatch-size", "2", *TINY]
-MITIGATIONS = ("rebalance", "repartition", "repartition+rebalance")
+MITIGATIONS = ("rebalance", "repartition", "repartition+rebalance", "park")
+NO_PARK = "--straggler.no-park"  # where a test is about working around it in place
 
 
 def _events(run_dir, kind: str) -> list[dict]:
@@ -47,7 +48,8 @@ def test_slow_rank_is_found_and_numbers_hold_through_a_kill(tmp_path):
     assert found and found[0]["rank"] == 3 and found[0]["since_step"] >= 3, found
     assert found[0]["step"] < 16 and found[0]["factor"] > 1.8
     assert "straggler: rank 3" in proc.stdout
-    # the leader routes work around rank 3 (mitigation), then is killed
+    # the leader routes work around rank 3 (mitigation; parked or in place, as the model
+    # predicts best), then is killed
     recoveries = [(e["cause"], e["ranks_lost"], e["chosen"]) for e in report["events"]
                   if e["kind"] == "recovery"]
     assert recoveries[0][:2] == ("replan", []) and recoveries[0][2] in MITIGATIONS, recoveries
@@ -65,7 +67,7 @@ def test_mitigation_is_reconsidered_after_a_failure(tmp_path):
     # recovery plan is chosen with rank 3's factor known, and the leader mitigates again
     # (36 steps: on a loaded machine rank 3 may be found only after the kill, in the new
     # generation, a window later; the mitigation must still come before the end)
-    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "36", "--inject",
+    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "36", NO_PARK, "--inject",
                                       "slow:rank=3,step=4,factor=6",
                                       "kill:rank=2,step=14,phase=backward"])
     run_dir = tmp_path / "run"
@@ -84,7 +86,7 @@ def test_layers_move_off_a_slow_rank_and_back(tmp_path):
     # without a replica holding its layers, and moves the layer back once it recovers
     # (60 steps: after a re-partition, clearing takes up to ~2 windows past the recovery
     # on a loaded machine, and the re-plan back must still come before the end)
-    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "60", "--inject",
+    report, _ = run_job(tmp_path, 4, [*ARGS, "--steps", "60", NO_PARK, "--inject",
                                       "slow:rank=3,step=4,factor=6,until=26"])
     run_dir = tmp_path / "run"
     replans = [e for e in report["events"] if e["kind"] == "recovery"]
@@ -107,7 +109,7 @@ def test_a_far_slower_rank_is_dropped_and_the_job_recovers_without_it(tmp_path):
     # rank 3 20x slower from step 4: no in-place mitigation comes close to running on
     # three ranks, so the leader has its launcher kill it (a fence) and the survivors
     # recover as from a failure of rank 3: same samples, the failure-free trajectory
-    report, proc = run_job(tmp_path, 4, [*ARGS, "--steps", "30", "--straggler.drop",
+    report, proc = run_job(tmp_path, 4, [*ARGS, "--steps", "30", "--straggler.drop", NO_PARK,
                                          "--inject", "slow:rank=3,step=4,factor=20"])
     run_dir = tmp_path / "run"
     decided = [e for e in _events(run_dir, "mitigation") if e["chosen"] != "keep"]

@@ -140,7 +140,7 @@ def test_recovery_while_slow(cost, lost):
     assert on.samples > off.samples
 
 
-DROP = StragglerConfig(drop=True)  # off by default
+DROP = StragglerConfig(drop=True, park=False)  # off by default; parking would come first
 
 
 def for_good(factor: float) -> list[TraceEvent]:
@@ -157,7 +157,7 @@ def test_a_far_slower_rank_is_dropped(cost):
     rank 2 leaves (straggler.drop, as live under odyssey run) and the survivors run what
     a failure of rank 2 would get; with drop off it is worked around in place."""
     on = run("adaptive", cost, for_good(20.0), straggler=DROP)
-    off = run("adaptive", cost, for_good(20.0))
+    off = run("adaptive", cost, for_good(20.0), straggler=StragglerConfig(park=False))
     assert on.mitigations == on.drops == 1 and on.transitions == 0
     assert off.mitigations == 1 and off.drops == 0
     (t, what), = on.events
@@ -176,6 +176,27 @@ def test_a_far_slower_rank_is_dropped(cost):
     assert on.samples > off.samples
     assert "1 mitigations (1 drops)" in on.notes[0]
     assert "| 1 (1) |" in straggler_table({"results": [on]})  # the drops column
+
+
+def test_a_far_slower_rank_is_parked_and_rejoins_when_its_slowdown_ends(cost):
+    """20x slow from SLOW_AT until 55 s, parking on (the default): rank 2 leaves the plan
+    (the survivors reroute its stage through its replica), probes, and rejoins after its
+    slowdown ends: a join recovery (the probes' time later) puts every rank back in the
+    plan, and the job trains more than working around it in place or keeping the plan."""
+    events = episode(20.0, until=55.0)
+    on = run("adaptive", cost, events)
+    inplace = run("adaptive", cost, events, straggler=StragglerConfig(park=False))
+    keep = run("adaptive", cost, events, mitigate_stragglers=False)
+    (t, park), (t2, back) = on.events
+    assert park.startswith("~park rank(s) [2] parked"), park
+    assert SLOW_AT < t < 55.0  # found within its window of (20x slow) steps
+    cfg = StragglerConfig()
+    probes = (cfg.window // 2 + 1) * cfg.probe_every_s  # the window's median turns
+    assert t2 == pytest.approx(55.0 + probes) and back.startswith("+"), back  # a join
+    assert sum(json.loads(back.split(" ", 1)[1])) == 8  # every rank in the plan again
+    assert on.mitigations == 1 and on.drops == 0 and on.transitions == 1
+    assert on.slowed_s < t - SLOW_AT + 1e-9  # out of the plan while slow
+    assert on.samples > inplace.samples > keep.samples
 
 
 def test_a_mildly_slow_rank_is_worked_around_in_place(cost):

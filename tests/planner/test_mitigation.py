@@ -241,3 +241,36 @@ def test_dropping_must_clearly_beat_working_around():
     assert 1.05 < edge < 1.25 and choice.chosen.kind == "repartition+rebalance"
     assert _with_drop({3: 6.0}, plan, drop_gain=edge * 0.99).chosen.kind == "drop"
     assert _with_drop({3: 6.0}, plan, drop_gain=edge * 1.01).chosen.kind != "drop"
+
+
+def test_a_far_slower_rank_is_parked_its_stage_rerouted_through_its_replica():
+    # 20x, dp 2 x pp 2 with 4 microbatches (rebalancing leaves its pipeline one at 20x):
+    # parking rank 3 reroutes its pipeline through rank 1, nothing moves, and it beats
+    # every in-place work-around; only parkable ranks are parked
+    plan = Plan.uniform(8, 2, 2, 4, 1)
+    slow = {3: 20.0}
+    predict = predictor(slow)
+    ctx = RecoveryContext(plan, plan.ranks, 9, [1e6] * 8)
+
+    def mitigate(parkable, **kw):
+        return plan_mitigation(ctx, predict, RecoveryConfig(), 1.05,
+                               cost=CostModel(PROFILE, slowdown=slow),
+                               recover=lambda c: build_candidates(c, predict)[0],
+                               parkable=parkable, **kw)
+
+    choice = mitigate([3], can_drop=False)
+    park = choice.chosen
+    assert park.kind == "park" and choice.leaving == [3], choice.rows()
+    assert 3 not in park.plan.ranks and not park.transfers
+    assert park.plan.to_dict() == reroute(RecoveryContext(plan, [0, 1, 2], 9,
+                                                          [1e6] * 8)).plan.to_dict()
+    assert [st.rank for st in park.plan.pipelines[1].stages] == [2, 1]  # via its replica
+    keep = next(c for c in choice.candidates if c.kind == "keep")
+    assert park.predicted_transition_s >= keep.predicted_step_s  # the aborted step
+    in_place = [c for c in choice.candidates if c.kind not in ("keep", "park")]
+    assert in_place and all(c.predicted_step_s > park.predicted_step_s for c in in_place)
+    # parking is reversible: no drop bar; dropping (irreversible) must beat it clearly
+    assert mitigate([3]).chosen.kind == "park"
+    # rank 3 not parkable (e.g. the leader), or no builder: no park candidate
+    for off in (mitigate([], can_drop=False), mitigate(None, can_drop=False)):
+        assert "park" not in {c.kind for c in off.candidates} and off.leaving == []
