@@ -22,20 +22,12 @@ from odyssey.testing.threads import run_threads
 from odyssey.trainer import Trainer
 from planner.straggler import StragglerConfig
 from tests.helpers import max_rel, reference, tiny_model
+from tests.odyssey.test_straggler_mitigation import StepTimes
 
 pytestmark = pytest.mark.slow  # jobs of 4 ranks as threads
 
 EMU = EmulationConfig(num_layers=4, forward_ms=3, backward_ms=6)
 FAST = StragglerConfig(window=4, probe_every_s=0.1)  # found and cleared in a few steps
-
-
-class StepTimes(TrainerHook):
-    def __init__(self):
-        self.times: dict[int, tuple[int, float]] = {}  # step -> (generation, seconds)
-
-    def on_step_committed(self, c: CommittedStep) -> None:
-        if c.leader:
-            self.times[c.step] = (c.generation, c.step_s)
 
 
 class StatusSeen(TrainerHook):
