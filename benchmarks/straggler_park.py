@@ -10,7 +10,7 @@ steps (after the way back), the mitigation chosen, when a parked rank rejoined, 
 sample ledger. The runs follow each other in one invocation, `--repeat` rounds
 interleaved, so load shifts hit all alike.
 
-    python benchmarks/straggler_park.py [--factor 20] [--until 40] [--steps 70]
+    python benchmarks/straggler_park.py [--factor 20] [--until 40] [--steps 100]
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def run(label: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=70, help="steps per run")
+    ap.add_argument("--steps", type=int, default=100,
+                    help="steps per run (the parked rank rejoins some 30 steps after --until)")
     ap.add_argument("--until", type=int, default=40, help="first step no longer slowed")
     ap.add_argument("--tail", type=int, default=12, help="steps the end's step time is taken over")
     ap.add_argument("--factor", type=float, default=20.0, help="slowdown of rank 3")
