@@ -292,7 +292,7 @@ def switch_key(gen: int) -> str:
 
 
 def parked_key(rank: int) -> str:
-    """JSON {"rank","factor","since_step","step","generation","by","time"} set by the
+    """JSON {"rank","factor","step","reference_s","generation","by","reason","time"} set by the
     leader when straggler mitigation parks `rank` (it leaves the plan, stays in the job,
     probes its speed); the rank deletes it when it rejoins. While it is set, membership
     neither expects nor admits the rank (odyssey/parked.py)."""

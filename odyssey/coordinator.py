@@ -115,10 +115,9 @@ class Coordinator:
         # the leader's request and its decision's policy (mitigate, or a two-phase switch)
         self._replan: tuple[MitigationChoice, str] | None = None
         self._background: BackgroundCopy | None = None  # a two-phase generation's copies
-        self._parked: set[int] = set()  # leader: ranks it parked (until they rejoin)
-        self.on_unparked: Callable[[list[int], int], None] | None = None
-        """Leader: parked ranks are back (newcomers of the agreement being decided, and
-        its committed step)."""
+        self.on_newcomers: Callable[[list[int], int], None] | None = None
+        """Leader: a decision with newcomers (parked ranks back among them) is being made
+        (the newcomers, the agreement's committed step); called before it predicts."""
 
     @property
     def swap_pricing(self) -> SwapPricing | None:
@@ -224,7 +223,6 @@ class Coordinator:
                                      "reference_s": reference_s[r],
                                      "generation": self.current.number, "by": self.rank,
                                      "reason": reason})
-        self._parked |= set(choice.leaving)
         self.request_replan(choice, reason)
 
     def request_switch(self) -> None:
@@ -294,11 +292,8 @@ class Coordinator:
                               ckpt.latest_step(self.ckpt_dir, trained.num_layers),
                               m.newcomers)
         replan, self._replan = self._replan, None
-        back = sorted(self._parked & set(m.newcomers))
-        if back:  # parked ranks rejoin at speed: the step-time model forgets them first
-            self._parked -= set(back)
-            if self.on_unparked is not None:
-                self.on_unparked(back, m.committed_step)
+        if m.newcomers and self.on_newcomers is not None:
+            self.on_newcomers(m.newcomers, m.committed_step)
         if replan is not None and not m.newcomers and m.members == sorted(
                 set(trained.ranks) - set(replan[0].leaving)):
             choice, policy = replan

@@ -71,7 +71,7 @@ class StragglerMitigation(TrainerHook):
         self._recheck = False  # a recovery replaced the plan while stragglers are known
         self._home: Plan | None = None  # the plan before mitigation, to go back to
         self._parked: dict[int, dict] = {}  # parked stragglers, as the status lists them
-        coord.on_unparked = self.unparked
+        coord.on_newcomers = self.unparked
 
     def stragglers_changed(self, c: CommittedStep, slow: dict[int, float]) -> None:
         """The watch's set of stragglers changed at committed step `c` (leader)."""
@@ -118,8 +118,9 @@ class StragglerMitigation(TrainerHook):
                          f"keeping them", c.step, c.generation)
             return
         if chosen.kind == "park":  # they come back through their own probe, not home
-            reference = {r: full_speed_s(c.votes or {}, r, slow[r]) for r in choice.leaving}
+            reference = {}
             for r in choice.leaving:
+                reference[r] = full_speed_s(c.votes or {}, r, slow[r])
                 self._parked[r] = {"rank": r, "factor": slow[r], "since_step": c.step,
                                    "reference": "parked"}
             self.coord.park(choice, c.step, slow, reference,
@@ -131,13 +132,17 @@ class StragglerMitigation(TrainerHook):
             self._home = c.plan
         self.coord.request_replan(choice, f"straggler mitigation: {chosen.note}")
 
-    def unparked(self, ranks: list[int], step: int) -> None:
-        """Parked ranks rejoin, their probes found them at speed: no longer slow (the
-        recovery deciding their return predicts them at full speed)."""
+    def unparked(self, newcomers: list[int], step: int) -> None:
+        """The parked ranks among a recovery's `newcomers` rejoin, their probes found them
+        at speed: no longer slow (the recovery deciding their return predicts them at
+        full speed)."""
+        ranks = [r for r in newcomers if r in self._parked]
+        if not ranks:
+            return
         slow = {r: f for r, f in self.step_model.slowdowns.items() if r not in ranks}
         self.step_model.set_slowdowns(slow)
         for r in ranks:
-            self._parked.pop(r, None)
+            del self._parked[r]
             back = back_record(self.coord.store, r)
             self.event({"kind": "straggler_cleared", "rank": r, "factor": back["factor"],
                         "since_step": back["parked_step"], "step": step,

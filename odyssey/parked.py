@@ -113,7 +113,6 @@ class SpeedProbe:
         self.done = done
         self.step = step
         self.probes = 0
-        self.factor = factor
 
     def wait_until_fast(self) -> float | None:
         """Probe until the rank is no longer slow: its factor then, or None when the job
@@ -130,7 +129,6 @@ class SpeedProbe:
             self.probes += 1
             for change in changes:
                 if change.cleared and change.straggler.rank == self.rank:
-                    self.factor = change.straggler.factor
-                    return self.factor
+                    return change.straggler.factor
             time.sleep(self.cfg.probe_every_s)
         return None

@@ -259,13 +259,13 @@ def _repartitions(ctx: RecoveryContext, predict: Callable[[Plan], float], cost: 
 
 def _without(ctx: RecoveryContext, gone: list[int], recover: RecoverWithout,
              recovery: RecoveryConfig, predict: Callable[[Plan], float]
-             ) -> tuple[RecoveryContext, list[RecoveryCandidate]]:
-    """The recovery context and scored candidates once `gone` leave the plan."""
+             ) -> list[RecoveryCandidate]:
+    """The recovery candidates, scored, once `gone` leave the plan."""
     without = RecoveryContext(ctx.old_plan, [r for r in ctx.members if r not in gone],
                               ctx.committed_step, ctx.layer_bytes, ctx.checkpoint_step)
     cands = recover(without) if without.members else []
     score(cands, without, recovery, predict)
-    return without, cands
+    return cands
 
 
 def _leaving(then: RecoveryCandidate, kind: str, recovery: RecoveryConfig,
@@ -284,7 +284,7 @@ def parked(ctx: RecoveryContext, slow: list[int], recover: RecoverWithout,
            ) -> RecoveryCandidate | None:
     """The survivors' reroute once `slow` leave the plan, as a ``park`` candidate (None:
     no reroute covers their stages)."""
-    _, cands = _without(ctx, slow, recover, recovery, predict)
+    cands = _without(ctx, slow, recover, recovery, predict)
     reroute = [c for c in cands if c.kind == "reroute" and not c.transfers]
     if not reroute:
         return None
@@ -300,7 +300,7 @@ def dropped(ctx: RecoveryContext, slow: list[int], recover: RecoverWithout,
     """The plan the survivors would recover with once `slow` leave (None: none is
     feasible), as a ``drop`` candidate: the failure's decision over the same builder,
     its transition plus the aborted step in flight (`keep_step_s`)."""
-    _, cands = _without(ctx, slow, recover, recovery, predict)
+    cands = _without(ctx, slow, recover, recovery, predict)
     if not cands:
         return None
     then = choose(cands, recovery)

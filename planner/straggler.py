@@ -79,7 +79,7 @@ class StragglerConfig:
     stage's work rerouted through its replicas (the pipelines missing it send their
     microbatches through the other pipelines' holders of those layers: the survivors'
     ``reroute`` recovery, nothing moves), while it probes its own speed; once the probe
-    clears it (the same hysteresis, against the factor it was found at) it rejoins like
+    clears it (the same detector, against its replicas' full-speed time) it rejoins like
     a replacement worker, taking its layers from live holders. Reversible, so no bar
     beyond `min_gain`. The leader is never parked (it holds the decision)."""
     probe_every_s: float = 0.5
