@@ -40,7 +40,11 @@ def test_torchrun_restart_resumes_from_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["launcher"] == "torchrun" and report["attempt"] == 1
-    assert [e["checkpoint_step"] for e in report["events"]] == [7]
+    # resumed from step 7's checkpoint; or, where the kill came before rank 1 had
+    # reported its files of step 7 (a loaded machine), that one is incomplete, skipped
+    # with a reason, and the run resumes from step 3's
+    kinds = [(e["kind"], e["checkpoint_step"]) for e in report["events"]]
+    assert kinds in ([("resume", 7)], [("checkpoint_skipped", 7), ("resume", 3)]), kinds
     assert report["samples"]["lost"] == 0 and report["samples"]["duplicated"] == 0
     losses = {m["step"]: m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl")}
     assert sorted(losses) == list(range(12))
