@@ -32,7 +32,7 @@ from odyssey.comm import AbortHung, Comm, CommConfig, CommError, StepAborted
 from odyssey.commit import CommitProtocol
 from odyssey.devices import device_memory_bytes, host_available_bytes
 from odyssey.engine import Engine
-from odyssey.membership import Membership, agree, wait_fenced
+from odyssey.membership import Fenced, Membership, agree, wait_fenced
 from odyssey.migrate import transport_device
 from odyssey.monitor import FailureMonitor
 from odyssey.parked import Parked, announce, record_of
@@ -254,7 +254,18 @@ class Coordinator:
             t0 = time.time()
             m: Membership | None = None
             try:
-                m = agree(self.store, self.monitor, number, self.rank, previous, committed_step)
+                try:
+                    m = agree(self.store, self.monitor, number, self.rank, previous,
+                              committed_step)
+                except Fenced:
+                    # parked while it was already agreeing (a failure's notice came first):
+                    # the others did not expect it; it probes and rejoins like any parked
+                    parked = record_of(self.store, self.rank)
+                    if (self.current is None or parked is None
+                            or self.monitor.fenced_or_exited(self.rank)):
+                        raise
+                    self._leave()
+                    raise Parked(parked) from None
                 t_agreed = time.time()
                 decision = self._decide(m) if self.rank == m.leader else self._await_decision(m)
                 t_planned = time.time()

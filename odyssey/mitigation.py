@@ -29,7 +29,7 @@ from statistics import median
 from odyssey.calibration import StepTimeModel
 from odyssey.coordinator import Coordinator
 from odyssey.hooks import CommittedStep, Recovery, TrainerHook
-from odyssey.parked import back_record
+from odyssey.parked import parked_now, take_back_record
 from planner.cost import CostModel
 from planner.mitigation import plan_mitigation
 from planner.placement import RecoveryContext
@@ -70,7 +70,6 @@ class StragglerMitigation(TrainerHook):
         self._pending: dict | None = None  # a switch whose measured step time is due
         self._recheck = False  # a recovery replaced the plan while stragglers are known
         self._home: Plan | None = None  # the plan before mitigation, to go back to
-        self._parked: dict[int, dict] = {}  # parked stragglers, as the status lists them
         coord.on_newcomers = self.unparked
 
     def stragglers_changed(self, c: CommittedStep, slow: dict[int, float]) -> None:
@@ -121,8 +120,6 @@ class StragglerMitigation(TrainerHook):
             reference = {}
             for r in choice.leaving:
                 reference[r] = full_speed_s(c.votes or {}, r, slow[r])
-                self._parked[r] = {"rank": r, "factor": slow[r], "since_step": c.step,
-                                   "reference": "parked"}
             self.coord.park(choice, c.step, slow, reference,
                             f"straggler parked: {chosen.note}")
             return
@@ -136,24 +133,24 @@ class StragglerMitigation(TrainerHook):
         """The parked ranks among a recovery's `newcomers` rejoin, their probes found them
         at speed: no longer slow (the recovery deciding their return predicts them at
         full speed)."""
-        ranks = [r for r in newcomers if r in self._parked]
-        if not ranks:
+        back = {r: b for r in newcomers
+                if (b := take_back_record(self.coord.store, r)) is not None}
+        if not back:
             return
-        slow = {r: f for r, f in self.step_model.slowdowns.items() if r not in ranks}
+        slow = {r: f for r, f in self.step_model.slowdowns.items() if r not in back}
         self.step_model.set_slowdowns(slow)
-        for r in ranks:
-            del self._parked[r]
-            back = back_record(self.coord.store, r)
-            self.event({"kind": "straggler_cleared", "rank": r, "factor": back["factor"],
-                        "since_step": back["parked_step"], "step": step,
-                        "reference": "probe", "probes": back["probes"],
+        for r, b in sorted(back.items()):
+            self.event({"kind": "straggler_cleared", "rank": r, "factor": b["factor"],
+                        "since_step": b["parked_step"], "step": step,
+                        "reference": "probe", "probes": b["probes"],
                         "generation": self._generation})
-            self.say(f"straggler cleared: rank {r} probed {back['factor']:.1f}x (after "
-                     f"{back['probes']} probes) and rejoins", step, self._generation)
+            self.say(f"straggler cleared: rank {r} probed {b['factor']:.1f}x (after "
+                     f"{b['probes']} probes) and rejoins", step, self._generation)
 
     def parked(self) -> list[dict]:
         """Stragglers parked now (out of the plan, probing), for the status record."""
-        return [self._parked[r] for r in sorted(self._parked)]
+        return [{"rank": rec["rank"], "factor": rec["factor"], "since_step": rec["step"],
+                 "reference": "parked"} for rec in parked_now(self.coord.store)]
 
     def on_recovered(self, recovery: Recovery) -> None:
         # a failure's recovery plan is chosen with the stragglers' factors but not around

@@ -13,7 +13,9 @@ same `planner.straggler.StragglerDetector` against the full-speed time the leade
 it with (its replicas' time in the step it was found, else its own over its factor), as
 if that were a replica's. Once that clears it, the rank deletes its record and rejoins
 like a replacement worker: the next generation's decision is an ordinary recovery with
-a newcomer, which takes its layers from live holders (its own copies are stale).
+a newcomer, which takes its layers from live holders (its own copies are stale). Who is
+parked lives in the store only (`parked_now`, `take_back_record`), so a leader that took
+over from the one that parked a rank lists it and records its return.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from odyssey import contract
 from odyssey.engine import Engine
 from odyssey.inject import FaultInjector
+from odyssey.membership import parked_ranks
 from planner.program import Op
 from planner.straggler import StragglerConfig, StragglerDetector
 
@@ -63,9 +66,25 @@ def unpark(store: dist.Store, rank: int, record: dict, factor: float, probes: in
     store.delete_key(contract.parked_key(rank))
 
 
-def back_record(store: dist.Store, rank: int) -> dict:
-    """What `unpark` wrote for `rank` (the leader, once it rejoined)."""
-    return json.loads(store.get(contract.unparked_key(rank)))
+def parked_now(store: dist.Store) -> list[dict]:
+    """The park records of the ranks parked now, by rank. The store is the one record of
+    them: a leader that took over from one that parked a rank reads them too."""
+    # a parked rank that died (its launcher wrote its exit record) is gone, not parked
+    alive = [r for r in sorted(parked_ranks(store)) if not store.check([contract.exit_key(r)])]
+    records = (record_of(store, r) for r in alive)
+    return [rec for rec in records if rec is not None]  # (one may rejoin meanwhile)
+
+
+def take_back_record(store: dist.Store, rank: int) -> dict | None:
+    """Leader: what `unpark` wrote for `rank`, back among a decision's newcomers, once
+    (the key is deleted: a later replacement of that rank is no parked rank); None when
+    `rank` is no parked rank back."""
+    key = contract.unparked_key(rank)
+    if not store.check([key]):
+        return None
+    back = json.loads(store.get(key))
+    store.delete_key(key)
+    return back
 
 
 def job_step(store: dist.Store) -> int | None:
