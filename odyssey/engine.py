@@ -19,12 +19,12 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from chameleon import SwapConfig, SwapManager, copy_bandwidth
+from chameleon import SwapConfig
 from odyssey.comm import Comm, Pending, StepAborted
 from odyssey.commit import COMMIT, CommitProtocol
 from odyssey.data import Sampler
@@ -41,6 +41,7 @@ from odyssey.optim import (
     sum_of_squares,
 )
 from odyssey.precision import LossScale, PrecisionConfig
+from odyssey.stage_swap import StageSwap
 from odyssey.step_result import OpTiming, StepResult, step_metrics
 from planner.plan import Plan, runs_of
 from planner.program import Instruction, Op, Program, compile_plan, tied_groups
@@ -88,11 +89,7 @@ class Engine:
         self._before_op = before_op
         self._after_op = after_op
         self._op_hooks: list[Callable[[OpTiming], None]] = []
-        self._swap_cfg: SwapConfig | None = None  # always on (the job's swap.mode auto)
-        self._swap_template: SwapConfig | None = None  # for a plan's budget (swap to fit)
-        self._plan_budget: int | None = None  # the running plan's budget for this rank
-        self._swap: SwapManager | None = None
-        self._stage_module: nn.ModuleList | None = None
+        self._swap = StageSwap(self.device)
         self._meter = SavedBytesMeter()  # saved bytes per layer, while Chameleon is off
         self._committed_hook: Callable[[int, bool], None] | None = None
 
@@ -114,34 +111,28 @@ class Engine:
         for i in self.stage_layers:
             if i not in self.held:
                 self.held.reset(i)
-        self._setup_swap()
+        self._swap.install([self.held.module(i) for i in self.stage_layers])
 
     def enable_swap(self, cfg: SwapConfig) -> None:
         """Swap saved activations with Chameleon as `cfg` says (from the next `install`
         on; its `layers` become this rank's stage)."""
-        self._swap_cfg = cfg
+        self._swap.enable(cfg)
 
     def swap_to_fit(self, template: SwapConfig) -> None:
         """When a plan gives this rank a swap budget (`set_swap_budget`), run Chameleon
         with `template`'s settings and that budget."""
-        self._swap_template = template
+        self._swap.to_fit(template)
 
     def host_copy_Bps(self) -> float | None:
-        """Copy bandwidth to host memory and back (harmonic mean of the two directions)
-        as Chameleon's lanes achieve it here with the `swap_to_fit` settings; None
-        without them."""
-        if self._swap_template is None:
-            return None
-        bw = copy_bandwidth(self._swap_template, self.device)
-        if not bw:
-            return None
-        return len(bw) / sum(1.0 / v for v in bw.values())
+        """Copy bandwidth to host memory and back as Chameleon's lanes achieve it here
+        with the `swap_to_fit` settings; None without them."""
+        return self._swap.host_copy_Bps()
 
     def set_swap_budget(self, budget_bytes: float | None) -> None:
         """Saved-activation bytes this rank may keep resident under the plan `install`
         adopts next (None: the plan fits without swapping). With `swap_to_fit`, Chameleon
         turns on for that plan and off again for a later one that fits."""
-        self._plan_budget = None if budget_bytes is None else max(1, int(budget_bytes))
+        self._swap.set_budget(budget_bytes)
 
     def on_committed(self, hook: Callable[[int, bool], None] | None) -> None:
         """Call `hook(step, skipped)` once per committed step, after the commit decision
@@ -158,37 +149,10 @@ class Engine:
         with no hook the loop takes no extra timings)."""
         self._op_hooks.append(hook)
 
-    def _effective_swap(self) -> SwapConfig | None:
-        """The always-on config (within the plan's budget when that is lower), else the
-        template at the plan's budget, else None."""
-        budget = self._plan_budget
-        if self._swap_cfg is not None:
-            if budget is not None and budget < self._swap_cfg.budget_bytes():
-                return replace(self._swap_cfg, budget=budget)
-            return self._swap_cfg
-        if budget is not None and self._swap_template is not None:
-            return replace(self._swap_template, budget=budget)
-        return None
-
-    def _setup_swap(self) -> None:
-        """(Re)create Chameleon's manager over this rank's stage (its layers changed), or
-        close it when the new plan needs no swapping."""
-        if self._swap is not None:
-            self._swap.close()
-            self._swap = None
-        cfg = self._effective_swap()
-        if cfg is None:
-            return
-        layers = [self.held.module(i) for i in self.stage_layers]
-        self._stage_module = nn.ModuleList(layers)
-        self._swap = SwapManager(self._stage_module, replace(cfg, layers=layers), self.device)
-
     def swap_report(self) -> dict | None:
         """Chameleon's report (None when swapping is off), and whether a plan's budget
         turned it on."""
-        if self._swap is None:
-            return None
-        return {**self._swap.report(), "plan_budget": self._plan_budget}
+        return self._swap.report()
 
     def prune(self) -> None:
         """Drop layers outside the current program's stage."""
@@ -237,7 +201,7 @@ class Engine:
         t0 = time.perf_counter()
         st = _StepState(step)
         op_s = st.op_seconds
-        if self._swap is not None:
+        if self._swap.on:
             swapping = self._swap.step_context()
         else:  # Chameleon's own hooks would hide the meter's: it measures only without
             modules = [self.held.module(i) for i in self.stage_layers]
@@ -403,16 +367,14 @@ class Engine:
                   for i in stage.layers]
         payload = {"loss_sum": st.loss_sum, "samples": _ranges(st.sample_ids),
                    "timing": stage_timing(st.op_seconds, stage.start, stage.end, n_mb, params,
-                                          None if self._swap is not None
+                                          None if self._swap.on
                                           else self._meter.per_microbatch(stage.layers),
                                           [st.layer_fwd_s.get(i, 0.0) for i in stage.layers]),
                    "sumsq": 0.0 if overflow else self._counted_sumsq(plan, stage.layers)}
         if overflow:
             payload["overflow"] = True
-        if self._swap is not None:  # what Chameleon kept resident, against its budget
-            payload["swap"] = {"budget": self._swap.work_budget,
-                               "peak": self._swap.executor.stats.peak_resident,
-                               "copy_Bps": self._swap.copy_Bps()}
+        if (swap := self._swap.vote()) is not None:  # resident vs budget, bandwidth
+            payload["swap"] = swap
         need_totals = self.optim_cfg.grad_clip > 0 or self.precision.scaled
         decision, totals = self.commit.vote(self.worker_id, st.step, payload, need_totals)
         if decision != COMMIT:

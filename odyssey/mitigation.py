@@ -148,9 +148,11 @@ class StragglerMitigation(TrainerHook):
                      f"{b['probes']} probes) and rejoins", step, self._generation)
 
     def parked(self) -> list[dict]:
-        """Stragglers parked now (out of the plan, probing), for the status record."""
+        """Stragglers parked now (out of the plan, probing; or cleared and waiting for
+        the join), for the status record."""
         return [{"rank": rec["rank"], "factor": rec["factor"], "since_step": rec["step"],
-                 "reference": "parked"} for rec in parked_now(self.coord.store)]
+                 "reference": "rejoining" if rec.get("rejoining") else "parked"}
+                for rec in parked_now(self.coord.store)]
 
     def on_recovered(self, recovery: Recovery) -> None:
         # a failure's recovery plan is chosen with the stragglers' factors but not around

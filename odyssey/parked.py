@@ -30,7 +30,6 @@ import torch.distributed as dist
 from odyssey import contract
 from odyssey.engine import Engine
 from odyssey.inject import FaultInjector
-from odyssey.membership import parked_ranks
 from planner.program import Op
 from planner.straggler import StragglerConfig, StragglerDetector
 
@@ -62,17 +61,29 @@ def unpark(store: dist.Store, rank: int, record: dict, factor: float, probes: in
     ``straggler_cleared`` event), then membership admits it again."""
     store.set(contract.unparked_key(rank), json.dumps(
         {"rank": rank, "factor": factor, "probes": probes, "parked_step": record["step"],
-         "time": time.time()}))
+         "time": time.time(), "park": record}))
     store.delete_key(contract.parked_key(rank))
 
 
 def parked_now(store: dist.Store) -> list[dict]:
-    """The park records of the ranks parked now, by rank. The store is the one record of
-    them: a leader that took over from one that parked a rank reads them too."""
-    # a parked rank that died (its launcher wrote its exit record) is gone, not parked
-    alive = [r for r in sorted(parked_ranks(store)) if not store.check([contract.exit_key(r)])]
-    records = (record_of(store, r) for r in alive)
-    return [rec for rec in records if rec is not None]  # (one may rejoin meanwhile)
+    """The park records of the ranks parked now, by rank; one its probe cleared that
+    the leader has not taken back yet (the join's generation is still to come) has
+    ``rejoining: True``. The store is the one record of them: a leader that took over
+    from one that parked a rank reads them too."""
+    n = store.add(contract.PARKED_COUNT, 0)
+    ever = sorted({int(store.get(contract.parked_note_key(k))) for k in range(1, n + 1)})
+    out = []
+    for r in ever:
+        if store.check([contract.exit_key(r)]):
+            continue  # a parked rank that died (its launcher's exit record) is gone
+        # the rejoin request first: `unpark` writes it before deleting the park record,
+        # and only the leader (the caller) deletes it
+        if store.check([contract.unparked_key(r)]):
+            out.append({**json.loads(store.get(contract.unparked_key(r)))["park"],
+                        "rejoining": True})
+        elif (rec := record_of(store, r)) is not None:
+            out.append(rec)
+    return out
 
 
 def take_back_record(store: dist.Store, rank: int) -> dict | None:

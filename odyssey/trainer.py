@@ -226,6 +226,24 @@ class Trainer:
         self._say(f"joined in generation {self.gen.number}", step, always=True)
         return step
 
+    def _next_generation(self, reason: str, committed: int, eval_due: int | None
+                         ) -> tuple[int, int, int | None] | None:
+        """Into the next generation (a failure, a re-plan, a two-phase switch): its first
+        step, the step committed before it and the evaluation still due; None when this
+        rank was parked until the job finished."""
+        step = self._recover(committed, reason)
+        if step is None:
+            return None
+        if self.worker.rank in self.gen.decision.newcomers:
+            # rejoined from a park: the others went on, and evaluated without it
+            committed, eval_due = step - 1, None
+        if self.gen.decision.chosen.from_checkpoint:
+            committed = step - 1
+            if eval_due is not None and eval_due > committed:
+                eval_due = None  # its step is redone, and its evaluation with it
+        self._recovered(step)
+        return step, committed, eval_due
+
     def _recover(self, committed: int, reason: str) -> int | None:
         """Into the next generation: its first step to run. A rank parked by straggler
         mitigation probes its speed first and rejoins once it is fast again (None: the
@@ -294,12 +312,10 @@ class Trainer:
                 self.monitor.publish("stop", f"stop requested ({self.stop.reason})")
                 break
             if self.in_place and known.get("switch"):  # two-phase: every member, here
-                step = self._recover(committed, "two-phase switch")
-                if step is None:
+                nxt = self._next_generation("two-phase switch", committed, eval_due)
+                if nxt is None:
                     return self._left(result)
-                if self.worker.rank in self.gen.decision.newcomers:
-                    committed, eval_due = step - 1, None
-                self._recovered(step)
+                step, committed, eval_due = nxt
                 last = time.perf_counter()
                 continue
             try:
@@ -324,17 +340,10 @@ class Trainer:
                     stopped = True
                     break
                 self.monitor.publish("failure", f"{type(e).__name__}: {e}")
-                step = self._recover(committed, str(e))
-                if step is None:
+                nxt = self._next_generation(str(e), committed, eval_due)
+                if nxt is None:
                     return self._left(result)
-                if self.worker.rank in self.gen.decision.newcomers:
-                    committed = step - 1  # rejoined from a park: the others went on
-                    eval_due = None  # they evaluated without it
-                if self.gen.decision.chosen.from_checkpoint:
-                    committed = step - 1
-                    if eval_due is not None and eval_due > committed:
-                        eval_due = None  # its step is redone, and its evaluation with it
-                self._recovered(step)
+                step, committed, eval_due = nxt
                 last = time.perf_counter()
                 continue
             now = time.perf_counter()
@@ -352,7 +361,14 @@ class Trainer:
             if self.evaluator is not None and self.evaluator.due(step):
                 eval_due = step
             step += 1
-        train_s = time.perf_counter() - t_start
+        return self._finish(result, step, committed, stopped,
+                            time.perf_counter() - t_start)
+
+    def _finish(self, result: FitResult, step: int, committed: int, stopped: bool,
+                train_s: float) -> FitResult:
+        """The end of the run (or a stop before `step`): the last checkpoint, the replica
+        check and, on the leader, the report."""
+        w, ft = self.worker, self.cfg.fault_tolerance
         self.coord.stop_background()  # a two-phase copy the run ended before switching
         c = self.cfg.checkpoint
         if ((c.every or stopped) and c.at_end and committed >= 0

@@ -99,11 +99,14 @@ def test_a_far_slower_rank_is_parked_and_rejoins(tmp_path):
     rerouted = median(t[s] for s in range(parked["resume_step"] + 1, rejoined["resume_step"]))
     after = median(t[s] for s in range(rejoined["resume_step"] + 1, 45))
     assert rerouted < slowed / 2 and after < rerouted, (slowed, rerouted, after)
-    # the live status lists it while parked (what `odyssey status` and the gauge show)
+    # the live status lists it at every step it is out (what `odyssey status` and the
+    # gauge show): parked, then, once its probe cleared it, rejoining until the join
     seen = status[0].stragglers
-    while_parked = [seen[s] for s in range(parked["resume_step"] + 1, rejoined["resume_step"])]
-    assert all([(x["rank"], x["reference"]) for x in v] == [(3, "parked")]
-               for v in while_parked), while_parked
+    out = [[(x["rank"], x["reference"]) for x in seen[s]]
+           for s in range(parked["resume_step"] + 1, rejoined["resume_step"])]
+    n_parked = out.count([(3, "parked")])
+    assert n_parked > 0 and out == [[(3, "parked")]] * n_parked + [[(3, "rejoining")]] * (
+        len(out) - n_parked), out
     assert seen[44] == []
     text = summarize(report)
     assert "park" in text and "probe" in text
@@ -111,11 +114,14 @@ def test_a_far_slower_rank_is_parked_and_rejoins(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_real_compute_trajectory_is_exact_through_park_and_rejoin(tmp_path):
-    # real compute, dp 2 x pp 2: rank 2 sleeps 19x its op time for steps 3..13 (60
-    # steps: its probes need a few after that to clear it)
+    # real compute, dp 2 x pp 2: rank 2 sleeps 59x its op time for steps 3..13 (60
+    # steps: its probes need a few after that to clear it). 60x, not 20x: parking's
+    # predicted step does not depend on the factor, working around it in place does, and
+    # at 20x the threads' noisy profile put repartition+rebalance within 5% of park and
+    # ahead once in about ten runs here
     cfg = job_config(dp=2, pp=2, steps=60, num_microbatches=4, microbatch_size=2,
                      log_every=100, progress="off", run_dir=str(tmp_path),
-                     inject=("slow:rank=2,step=3,factor=20,until=14",))
+                     inject=("slow:rank=2,step=3,factor=60,until=14",))
     cfg = dataclasses.replace(cfg, straggler=FAST)
 
     def worker(w):
