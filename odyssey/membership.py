@@ -68,11 +68,15 @@ def pending_newcomers(store: dist.Store) -> list[int]:
     return sorted({int(store.get(contract.newcomer_key(i))) for i in range(n)})
 
 
+def ever_parked(store: dist.Store) -> set[int]:
+    """Every rank straggler mitigation parked in this job (contract.parked_note_key)."""
+    n = store.add(contract.PARKED_COUNT, 0)
+    return {int(store.get(contract.parked_note_key(k))) for k in range(1, n + 1)}
+
+
 def parked_ranks(store: dist.Store) -> set[int]:
     """Ranks straggler mitigation parked that have not rejoined (contract.parked_key)."""
-    n = store.add(contract.PARKED_COUNT, 0)
-    ranks = {int(store.get(contract.parked_note_key(k))) for k in range(1, n + 1)}
-    return {r for r in ranks if store.check([contract.parked_key(r)])}
+    return {r for r in ever_parked(store) if store.check([contract.parked_key(r)])}
 
 
 def agree(store: dist.Store, monitor: FailureMonitor, generation: int, me: int,

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from odyssey import contract
 from odyssey.engine import Engine
 from odyssey.inject import FaultInjector
+from odyssey.membership import ever_parked
 from planner.program import Op
 from planner.straggler import StragglerConfig, StragglerDetector
 
@@ -50,10 +51,15 @@ def announce(store: dist.Store, rank: int, record: dict) -> None:
     store.set(contract.parked_note_key(k), str(rank))
 
 
+def _json_at(store: dist.Store, key: str) -> dict | None:
+    """The record at `key`, None when there is none (checked first: a get of a missing
+    key waits for the store's timeout)."""
+    return json.loads(store.get(key)) if store.check([key]) else None
+
+
 def record_of(store: dist.Store, rank: int) -> dict | None:
     """`rank`'s park record, None when it is not parked."""
-    key = contract.parked_key(rank)
-    return json.loads(store.get(key)) if store.check([key]) else None
+    return _json_at(store, contract.parked_key(rank))
 
 
 def unpark(store: dist.Store, rank: int, record: dict, factor: float, probes: int) -> None:
@@ -70,17 +76,14 @@ def parked_now(store: dist.Store) -> list[dict]:
     the leader has not taken back yet (the join's generation is still to come) has
     ``rejoining: True``. The store is the one record of them: a leader that took over
     from one that parked a rank reads them too."""
-    n = store.add(contract.PARKED_COUNT, 0)
-    ever = sorted({int(store.get(contract.parked_note_key(k))) for k in range(1, n + 1)})
     out = []
-    for r in ever:
+    for r in sorted(ever_parked(store)):
         if store.check([contract.exit_key(r)]):
             continue  # a parked rank that died (its launcher's exit record) is gone
         # the rejoin request first: `unpark` writes it before deleting the park record,
         # and only the leader (the caller) deletes it
-        if store.check([contract.unparked_key(r)]):
-            out.append({**json.loads(store.get(contract.unparked_key(r)))["park"],
-                        "rejoining": True})
+        if (back := _json_at(store, contract.unparked_key(r))) is not None:
+            out.append({**back["park"], "rejoining": True})
         elif (rec := record_of(store, r)) is not None:
             out.append(rec)
     return out
@@ -91,10 +94,8 @@ def take_back_record(store: dist.Store, rank: int) -> dict | None:
     (the key is deleted: a later replacement of that rank is no parked rank); None when
     `rank` is no parked rank back."""
     key = contract.unparked_key(rank)
-    if not store.check([key]):
-        return None
-    back = json.loads(store.get(key))
-    store.delete_key(key)
+    if (back := _json_at(store, key)) is not None:
+        store.delete_key(key)
     return back
 
 
